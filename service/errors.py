@@ -70,3 +70,38 @@ class StoreUnavailable(MergelineError):
 class JobCancelled(MergelineError):
     type = "cancelled"
     status_code = 409
+
+
+class BadRequest(MergelineError):
+    """The request itself is malformed (not JSON, a bad query parameter or header)."""
+
+    type = "invalid_request"
+    status_code = 400
+
+
+class Unauthorized(MergelineError):
+    type = "unauthorized"
+    status_code = 401
+
+
+class RequestTooLarge(MergelineError):
+    type = "request_too_large"
+    status_code = 413
+
+
+class MethodNotAllowed(MergelineError):
+    type = "method_not_allowed"
+    status_code = 405
+
+
+class BrokerUnavailable(MergelineError):
+    """Redis (job records and the Celery broker) could not be reached."""
+
+    type = "broker_unavailable"
+    status_code = 503
+
+
+class WorkerLost(MergelineError):
+    """The job's worker died more often than MERGELINE_MAX_ATTEMPTS allows."""
+
+    type = "worker_lost"

@@ -23,12 +23,52 @@ class Settings(BaseSettings):
     max_download_bytes: int = 64 * 2**30
     claim_ttl_s: float = 900.0
 
+    # --- the service (API, job records, workers) ---
+    redis_url: str | None = Field(default=None, description="job records; default: the broker when it is redis://")
+    key_prefix: str = Field(default="mergeline", pattern=r"^[A-Za-z0-9:._-]{1,64}$")
+    queue: str = Field(default="mergeline", pattern=r"^[A-Za-z0-9._-]{1,64}$", description="Celery queue name")
+    data_dir: str = "./mergeline-data"
+    max_body_bytes: int = Field(default=1 * 2**20, ge=1024)
+    job_ttl_s: int = Field(default=30 * 86400, ge=60, description="how long a finished job's record is kept")
+    lease_ttl_s: float = Field(default=30.0, gt=0.5, description="a lineage lock lapses this long after its worker")
+    reconcile_interval_s: float = Field(default=10.0, gt=0.05)
+    max_attempts: int = Field(default=3, ge=1, description="deliveries of one job before it fails with worker_lost")
+    visibility_timeout_s: int = Field(default=6 * 3600, ge=1, description="Redis broker: unacked message redelivery")
+    worker_concurrency: int = Field(default=1, ge=1)
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_max_attempts: int = Field(default=8, ge=1)
+    webhook_backoff_s: float = Field(default=2.0, gt=0, description="first retry delay; doubles per attempt")
+    webhook_allow_private: bool = Field(default=False, description="let webhooks reach private/loopback addresses")
+    engine: str = Field(default="worker.engine.job:run_job", description="import path of the run_job callable")
+    log_level: str = "INFO"
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
         if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
             return v
         raise ValueError("device must be auto, cpu, cuda or cuda:N")
+
+    def tenants_by_token(self) -> dict[str, str]:
+        """`MERGELINE_API_TOKENS` (`token=tenant,...`) as a mapping; malformed pairs are configuration errors."""
+        out: dict[str, str] = {}
+        for pair in (self.api_tokens or "").split(","):
+            pair = pair.strip()
+            if not pair:
+                continue
+            token, sep, tenant = pair.partition("=")
+            if not sep or not token.strip() or not tenant.strip():
+                raise ValueError("MERGELINE_API_TOKENS must be comma-separated token=tenant pairs")
+            out[token.strip()] = tenant.strip()
+        return out
+
+    def job_redis_url(self) -> str | None:
+        """Where job records live: MERGELINE_REDIS_URL, else the broker when it is Redis."""
+        if self.redis_url:
+            return self.redis_url
+        if self.broker_url and self.broker_url.startswith(("redis://", "rediss://", "unix://")):
+            return self.broker_url
+        return None
 
     def allowed_root_paths(self) -> list[Path]:
         """The roots `file://` URIs may read from, resolved (symlinks followed) once here."""
