@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
 from service.errors import AccessDenied, FetchFailed
 from service.objects import s3_store_for_bucket
@@ -129,7 +129,8 @@ class UriReader:
             raise FetchFailed(f"{uri}: {type(exc).__name__}: {exc}".splitlines()[0], param=field) from None
 
     @retry(
-        retry=retry_if_exception_type(OSError) & ~retry_if_exception_type(FileNotFoundError),
+        # A cut-off or failed transfer is tried again; a missing object or a refusal is final.
+        retry=retry_if_exception(lambda e: not isinstance(e, FileNotFoundError | AccessDenied)),
         stop=stop_after_attempt(3),
         wait=wait_exponential(multiplier=0.2, max=2),
         reraise=True,
