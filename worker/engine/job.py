@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-import service
+from service import __version__ as code_version
 from service.errors import Conflict, InvalidInput
 from service.ids import new_job_id
 from service.progress import NullProgress, Progress
@@ -161,7 +161,7 @@ def run_job(
             "params": params.model_dump(),
             "tasks": [_task_record(t, position - len(tasks) + i + 1) for i, t in enumerate(tasks)],
             "metrics": metrics,
-            "code_version": service.__version__,
+            "code_version": code_version,
             "device": str(device),
         }
         progress.event("committing", f"writing v{parent + 1}")
