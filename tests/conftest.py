@@ -8,6 +8,9 @@ import uuid
 
 import pytest
 
+# One compute thread per process: the suite runs servers, workers and tests side by side on few cores, and
+# oversubscribed OpenMP threads make small models ten times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -111,10 +111,10 @@ def run_job(
             for t in tasks if method.data_driven
         }
         evals = _lineage_evals(store, tenant, spec, family, loaded, history, work)
-        for t in tasks:
+        for i, t in enumerate(tasks):
             if t.eval is not None:
                 evals[t.spec.name] = EvalTask(
-                    t.spec.name, len(_task_names(history)) + 1,
+                    t.spec.name, len(_task_names(history)) + i + 1,
                     family.load_inputs(t.eval, loaded, labelled=True, field=f"{t.field}.eval"),
                     load_state_dict(t.head.path, field=f"{t.field}.head"), f"{t.field}.head")
         # Every input is read and checked; from here on only a cancellation or the store can stop the job.
