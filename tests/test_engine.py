@@ -232,3 +232,32 @@ def test_lineage_store_copy_is_independent_of_input_files(env, tmp_path):
     shutil.rmtree(copy)
     result = run_job(job(data, ["shapes"], method="task_arithmetic", params={}, base=False), store, settings=settings)
     assert set(result["metrics"]["tasks"]) == {"mnist", "shapes"}
+
+
+def test_hf_job_merges_two_minilm_finetunes_with_jsonl_calibration(tmp_path):
+    """Two fine-tuned copies of the real all-MiniLM-L6-v2, merged with OTMF on .jsonl text; the version loads
+    with AutoModel.from_pretrained and differs from both inputs."""
+    from helpers_models import copy_minilm, write_hf_task, write_text_jsonl
+    from transformers import AutoModel
+
+    base = copy_minilm(tmp_path / "base")
+    for i in (1, 2):
+        write_hf_task(base, tmp_path / f"task{i}", seed=i)
+        write_text_jsonl(tmp_path / f"calib{i}.jsonl", n=16, seed=i)
+    settings = Settings(store=(tmp_path / "store").as_uri(), allowed_roots=str(tmp_path))
+    store = LineageStore(settings.store)
+    spec = parse_job_spec({
+        "lineage": "text", "base": {"family": "hf", "uri": base.as_uri() + "/"},
+        "tasks": [{"name": f"t{i}", "checkpoint": (tmp_path / f"task{i}").as_uri() + "/",
+                   "calibration": (tmp_path / f"calib{i}.jsonl").as_uri()} for i in (1, 2)],
+        "method": "otmf", "params": {"steps": 4, "batch_size": 4, "eval_every": 2},
+    })
+    result = run_job(spec, store, settings=settings)
+    assert result["version"] == 1
+    store.download_version("default", "text", 1, tmp_path / "pulled")
+    merged = AutoModel.from_pretrained(tmp_path / "pulled")
+    task2 = AutoModel.from_pretrained(tmp_path / "task2")
+    key = "encoder.layer.0.attention.self.query.weight"
+    merged_w, task_w = merged.state_dict()[key], task2.state_dict()[key]
+    assert merged_w.shape == task_w.shape and not torch.equal(merged_w, task_w)
+    assert torch.isfinite(merged_w).all()
