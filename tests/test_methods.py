@@ -1,0 +1,482 @@
+"""The fusion methods on a tiny real model: closed forms of the data-free baselines, OPCM's invariant and state,
+OTMF's composition, optimisation, determinism and reservoir. No engine part is mocked; the family is a small MLP
+defined here so these tests depend only on the method interface."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from service.errors import InvalidInput
+from service.spec import (
+    DATA_DRIVEN_METHODS,
+    METHOD_PARAMS,
+    CommonParams,
+    OPCMParams,
+    OTMFParams,
+    TaskArithmeticParams,
+    TiesParams,
+    WeightAverageParams,
+)
+from service.uris import Fetched
+from worker.engine.families.base import Family, LoadedBase, Tensors
+from worker.engine.inputs import Inputs
+from worker.engine.methods import METHODS, get_method
+from worker.engine.methods.base import MethodState, StepInput, StepOutput
+from worker.engine.methods.opcm import project_out
+from worker.engine.methods.otmf import compose, merge_from_masks
+from worker.engine.methods.reservoir import Reservoir
+from worker.engine.methods.ties import kept_count, kth_largest_magnitude
+from worker.engine.sinkhorn import sinkhorn_divergence
+
+CPU = torch.device("cpu")
+IN_DIM = 8
+
+
+# --- a tiny family -------------------------------------------------------------------------------------------
+def tiny_module() -> nn.Module:
+    # Linear weights (projected by OPCM), biases and a LayerNorm (the "every other tensor" path).
+    return nn.Sequential(
+        nn.Linear(IN_DIM, 32), nn.Tanh(), nn.Linear(32, 32), nn.LayerNorm(32), nn.Tanh(), nn.Linear(32, 16)
+    )
+
+
+class TinyFamily(Family):
+    """An MLP whose whole state dict is the merged tower; inputs are {"x": float32 [N, 8]}."""
+
+    name = "tiny"
+
+    def load_base(self, base: Fetched, arch: str | dict | None) -> LoadedBase:
+        return LoadedBase(tower=load_file(base.path), module=tiny_module())
+
+    def load_checkpoint(self, checkpoint: Fetched, base: LoadedBase, *, field: str) -> Tensors:
+        return load_file(checkpoint.path)
+
+    def load_version(self, folder: Path, base: LoadedBase) -> Tensors:
+        return load_file(folder / "model.safetensors")
+
+    def save_version(self, base: LoadedBase, tower: Tensors, folder: Path) -> list[Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tower, folder / "model.safetensors")
+        return [folder / "model.safetensors"]
+
+    def features(self, base: LoadedBase, tower: Tensors, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        assert base.module is not None
+        x = batch["x"].to(next(iter(tower.values())).dtype)
+        out = torch.func.functional_call(base.module, tower, (x,))  # [B, 16]
+        return F.normalize(out.float(), dim=-1)
+
+
+@dataclass
+class World:
+    """θ0, task checkpoints θ_t = θ0 + τ_t, and per task a calibration and an eval sample from its own input
+    distribution (a Gaussian around a task-specific mean)."""
+
+    family: TinyFamily
+    loaded: LoadedBase
+    base: Tensors
+    tasks: list[Tensors]
+    calibration: list[torch.Tensor]  # [96, 8] each
+    eval: list[torch.Tensor]  # [128, 8] each
+
+
+def make_world(n_tasks: int, seed: int = 0) -> World:
+    torch.manual_seed(seed)
+    module = tiny_module()
+    base = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    tasks = [
+        {k: v + 0.5 * v.std().clamp_min(0.1) * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        for _ in range(n_tasks)
+    ]
+    means = [torch.randn(IN_DIM, generator=g) for _ in range(n_tasks)]
+    calibration = [m + 0.7 * torch.randn(96, IN_DIM, generator=g) for m in means]
+    evals = [m + 0.7 * torch.randn(128, IN_DIM, generator=g) for m in means]
+    return World(TinyFamily(), LoadedBase(tower=base, module=module), base, tasks, calibration, evals)
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return make_world(5)
+
+
+def step(
+    name: str,
+    world: World,
+    merged: Tensors,
+    index: int,
+    state: MethodState,
+    params: CommonParams,
+    progress: Callable[[int, int, float | None], None] | None = None,
+) -> StepOutput:
+    return get_method(name).step(
+        StepInput(
+            base=world.base, merged=merged, task=world.tasks[index], index=index, state=state, params=params,
+            device=CPU, family=world.family, loaded=world.loaded, calibration=Inputs({"x": world.calibration[index]}),
+            progress=progress or (lambda s, total, loss: None),
+        )
+    )  # fmt: skip
+
+
+def run(name: str, world: World, params: CommonParams, n: int) -> list[StepOutput]:
+    """n continual steps from θ0, each step's state carried to the next."""
+    outs: list[StepOutput] = []
+    merged, state = world.base, MethodState()
+    for i in range(n):
+        outs.append(step(name, world, merged, i, state, params))
+        merged, state = outs[-1].merged, outs[-1].state
+    return outs
+
+
+def flat(t: Tensors, keys: list[str]) -> np.ndarray:
+    """The tower as one float64 vector, in `keys` order."""
+    return np.concatenate([t[k].double().numpy().ravel() for k in keys])
+
+
+def max_abs_diff(t: Tensors, ref: np.ndarray, keys: list[str]) -> float:
+    return float(np.abs(flat(t, keys) - ref).max())
+
+
+def assert_float32_cpu(t: Tensors, like: Tensors) -> None:
+    assert t.keys() == like.keys()
+    for k, v in t.items():
+        assert v.dtype == torch.float32 and v.device.type == "cpu" and v.shape == like[k].shape
+
+
+def sinkhorn_to_teacher(world: World, tower: Tensors, task: int) -> float:
+    """S_ε between the tower's and θ_task's features on the task's eval sample."""
+    with torch.no_grad():
+        batch = {"x": world.eval[task]}
+        student = world.family.features(world.loaded, tower, batch)
+        teacher = world.family.features(world.loaded, world.tasks[task], batch)
+        return sinkhorn_divergence(student, teacher, 0.05).item()
+
+
+# --- registry ------------------------------------------------------------------------------------------------
+def test_registry_covers_every_method_of_the_spec():
+    assert set(METHODS) == set(METHOD_PARAMS)
+    for name in METHODS:
+        method = get_method(name)
+        assert method.name == name
+        assert method.data_driven == (name in DATA_DRIVEN_METHODS)
+    with pytest.raises(InvalidInput) as exc:
+        get_method("model_soup")
+    assert exc.value.param == "method"
+
+
+# --- data-free baselines: closed forms over three continual steps ---------------------------------------------
+def test_task_arithmetic_is_theta0_plus_lambda_times_the_sum_of_task_vectors(world: World):
+    keys = list(world.base)
+    theta0 = flat(world.base, keys)
+    calls: list[tuple] = []
+    outs = []
+    merged, state = world.base, MethodState()
+    for i in range(3):
+        params = TaskArithmeticParams()
+        outs.append(step("task_arithmetic", world, merged, i, state, params, lambda *a: calls.append(a)))
+        merged, state = outs[-1].merged, outs[-1].state
+    for t, out in enumerate(outs, start=1):
+        expected = theta0 + 0.3 * sum(flat(world.tasks[i], keys) - theta0 for i in range(t))
+        assert max_abs_diff(out.merged, expected, keys) < 1e-6
+        assert_float32_cpu(out.merged, world.base)
+    assert calls == [(1, 1, None)] * 3
+
+
+def test_weight_average_is_the_mean_of_the_checkpoints(world: World):
+    keys = list(world.base)
+    outs = run("weight_average", world, WeightAverageParams(), 3)
+    for t, out in enumerate(outs, start=1):
+        expected = np.mean([flat(world.tasks[i], keys) for i in range(t)], axis=0)
+        assert max_abs_diff(out.merged, expected, keys) < 1e-6
+        assert_float32_cpu(out.merged, world.base)
+
+
+def numpy_ties(world: World, n: int, lam: float, top_k: float) -> list[np.ndarray]:
+    """Continual TIES written directly on flat float64 vectors: sort for the trim, sign of the sum, agreeing sum."""
+    keys = list(world.base)
+    theta0 = flat(world.base, keys)
+    taus = [flat(world.tasks[i], keys) - theta0 for i in range(n)]
+
+    def trim(v: np.ndarray) -> np.ndarray:
+        keep = max(1, math.floor(v.size * top_k / 100 + 1e-9))
+        threshold = np.sort(np.abs(v))[::-1][keep - 1]
+        return np.where(np.abs(v) >= threshold, v, 0.0)
+
+    theta = theta0 + lam * taus[0]
+    out = [theta]
+    for tau in taus[1:]:
+        a, b = trim(theta - theta0), trim(tau)
+        sign = np.sign(a + b)
+        delta = np.where(np.sign(a) == sign, a, 0.0) + np.where(np.sign(b) == sign, b, 0.0)
+        theta = theta + lam * delta
+        out.append(theta)
+    return out
+
+
+@pytest.mark.parametrize("top_k", [20.0, 55.0])
+def test_ties_matches_a_direct_implementation(world: World, top_k: float):
+    keys = list(world.base)
+    outs = run("ties", world, TiesParams(top_k=top_k), 3)
+    for out, expected in zip(outs, numpy_ties(world, 3, 0.3, top_k), strict=True):
+        assert max_abs_diff(out.merged, expected, keys) < 1e-6
+        assert_float32_cpu(out.merged, world.base)
+    assert outs[1].metrics["kept_per_vector"] == kept_count(len(flat(world.base, keys)), top_k)
+
+
+def test_kth_largest_magnitude_is_exact_across_pieces():
+    g = torch.Generator().manual_seed(3)
+    pieces = [torch.randn(37, 5, generator=g), torch.randn(300, generator=g) * 1e-3, torch.randn(4, 4, 4, generator=g)]
+    pieces[1][:20] = 0.0
+    pieces[1][20:25] = -0.0
+    pieces[0][0, :3] = torch.tensor([1e-40, -1e30, 7.0])  # a subnormal, a huge value
+    pieces[2][0] = pieces[0][1, 0]  # ties
+    magnitudes = np.sort(np.abs(np.concatenate([p.numpy().ravel() for p in pieces])))[::-1]
+    for k in (1, 2, 3, 17, 100, 300, len(magnitudes) - 1, len(magnitudes)):
+        assert kth_largest_magnitude(lambda: iter(pieces), k) == magnitudes[k - 1]
+    assert kept_count(100, 20.0) == 20 and kept_count(3, 1.0) == 1 and kept_count(7, 100.0) == 7
+
+
+# --- OPCM ----------------------------------------------------------------------------------------------------
+def test_opcm_projection_equals_the_full_svd_form():
+    g = torch.Generator().manual_seed(4)
+    for m, n in ((12, 7), (6, 10)):
+        p, d = torch.randn(m, n, generator=g), torch.randn(m, n, generator=g)
+        u, s, vt = np.linalg.svd(p.double().numpy(), full_matrices=True)  # u [m, m], vt [n, n]
+        r = int(np.argmax(np.cumsum(s) / s.sum() > 0.5))
+        z = u.T @ d.double().numpy() @ vt.T
+        np.fill_diagonal(z, 0.0)
+        z[:r, :r] = 0.0
+        np.testing.assert_allclose(project_out(p, d, 0.5).double().numpy(), u @ z @ vt, atol=1e-5)
+    zero = torch.zeros(5, 3)
+    assert torch.equal(project_out(zero, d[:5, :3], 0.5), d[:5, :3])
+
+
+def test_opcm_keeps_the_mean_task_vector_norm_and_its_state_round_trips(world: World):
+    keys = list(world.base)
+    theta0 = flat(world.base, keys)
+    tau_norms = [float(np.linalg.norm(flat(t, keys) - theta0)) for t in world.tasks]
+    outs = run("opcm", world, OPCMParams(), 4)
+    for t, out in enumerate(outs, start=1):
+        assert out.state.meta["norms"] == pytest.approx(tau_norms[:t], rel=1e-6)
+        norm = float(np.linalg.norm(flat(out.merged, keys) - theta0))
+        assert norm == pytest.approx(np.mean(tau_norms[:t]), rel=1e-5)
+        assert_float32_cpu(out.merged, world.base)
+    assert outs[0].state.meta["lambda_prev"] == 1.0
+    assert all(o.state.meta["lambda_prev"] > 0 for o in outs) and not outs[2].state.tensors
+
+    # The state as the store keeps it (JSON meta, no tensors) continues exactly like the in-memory one.
+    stored = MethodState(meta=json.loads(json.dumps(outs[2].state.meta)))
+    again = step("opcm", world, outs[2].merged, 3, stored, OPCMParams())
+    assert all(torch.equal(again.merged[k], outs[3].merged[k]) for k in keys)
+    assert again.state.meta == outs[3].state.meta
+
+
+def test_opcm_starts_from_a_head_written_by_another_method(world: World):
+    keys = list(world.base)
+    theta0 = flat(world.base, keys)
+    head = run("task_arithmetic", world, TaskArithmeticParams(), 2)[-1]
+    out = step("opcm", world, head.merged, 2, head.state, OPCMParams())
+    head_norm = float(np.linalg.norm(flat(head.merged, keys) - theta0))
+    tau_norm = float(np.linalg.norm(flat(world.tasks[2], keys) - theta0))
+    assert out.metrics["state_initialised_from_head"] is True
+    assert out.state.meta["norms"] == pytest.approx([head_norm, head_norm, tau_norm], rel=1e-6)
+    assert float(np.linalg.norm(flat(out.merged, keys) - theta0)) == pytest.approx((2 * head_norm + tau_norm) / 3, 1e-5)
+
+
+# --- Sinkhorn ------------------------------------------------------------------------------------------------
+def test_sinkhorn_divergence_is_zero_on_equal_clouds_and_its_gradient_is_the_derivative():
+    g = torch.Generator().manual_seed(5)
+    x = F.normalize(torch.randn(16, 6, generator=g), dim=1)
+    y = F.normalize(torch.randn(16, 6, generator=g) + 0.5, dim=1)
+    assert sinkhorn_divergence(x, x, 0.05).item() == pytest.approx(0.0, abs=1e-6)
+    x.requires_grad_(True)
+    loss = sinkhorn_divergence(x, y, 0.05)
+    assert loss.item() > 0.05
+    (grad,) = torch.autograd.grad(loss, x)
+    direction = F.normalize(torch.randn(16, 6, generator=g), dim=None)
+    h = 1e-3
+    with torch.no_grad():
+        up, down = sinkhorn_divergence(x + h * direction, y, 0.05), sinkhorn_divergence(x - h * direction, y, 0.05)
+        numeric = (up - down) / (2 * h)
+    assert (grad * direction).sum().item() == pytest.approx(numeric.item(), rel=0.05, abs=1e-3)
+
+
+# --- OTMF ----------------------------------------------------------------------------------------------------
+def test_otmf_composition_with_unit_masks_is_the_alpha_blend(world: World):
+    alpha = 0.8
+    head, task = world.tasks[0], world.tasks[1]
+    ones = {k: torch.ones_like(v) for k, v in world.base.items()}
+    a = {k: alpha * (head[k] - world.base[k]) for k in world.base}
+    b = {k: (1 - alpha) * (task[k] - world.base[k]) for k in world.base}
+    composed = compose(world.base, a, b, ones, ones, torch.float32)
+    merged = merge_from_masks(world.base, head, task, ones, ones, alpha)
+    for k, theta0 in world.base.items():
+        expected = theta0 + alpha * (head[k] - theta0) + (1 - alpha) * (task[k] - theta0)
+        torch.testing.assert_close(composed[k], expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(merged[k], expected, rtol=0, atol=1e-6)
+
+
+def test_otmf_first_step_is_the_first_checkpoint(world: World):
+    calls: list[tuple] = []
+    params = OTMFParams(reservoir_per_task=10)
+    out = step("otmf", world, world.base, 0, MethodState(), params, lambda *a: calls.append(a))
+    assert all(torch.equal(out.merged[k], world.tasks[0][k]) for k in world.base)
+    assert calls == [(1, 1, None)] and out.metrics["iterations"] == 0
+    assert out.state.tensors["reservoir.task_index"].tolist() == [0] * 10
+
+
+TWO_TASK = OTMFParams(alpha=0.5, steps=60, seed=0)
+
+
+@dataclass
+class OTMFRun:
+    first: StepOutput
+    second: StepOutput
+    progress: list[tuple[int, int, float | None]]
+
+
+@pytest.fixture(scope="module")
+def two_task(world: World) -> OTMFRun:
+    first = step("otmf", world, world.base, 0, MethodState(), TWO_TASK)
+    progress: list[tuple[int, int, float | None]] = []
+    second = step("otmf", world, first.merged, 1, first.state, TWO_TASK, lambda *a: progress.append(a))
+    return OTMFRun(first, second, progress)
+
+
+def test_otmf_loss_falls_during_a_step(two_task: OTMFRun):
+    m = two_task.second.metrics
+    print("OTMF held-out loss:", {k: round(m[k], 4) for k in ("loss_initial", "loss_best", "loss_final")})
+    assert m["pre_data"] == "reservoir" and "pre_data_fallback" not in m
+    assert m["iterations"] == 60 and m["loss_best"] <= m["loss_final"]
+    assert m["loss_best"] < 0.7 * m["loss_initial"]
+    assert [p[:2] for p in two_task.progress] == [(s, 60) for s in range(1, 61)]
+    losses = [p[2] for p in two_task.progress]
+    assert all(isinstance(v, float) and math.isfinite(v) for v in losses)
+    pre, post = losses[0::2], losses[1::2]  # each side against its own teacher
+    assert np.mean(pre[-5:]) < np.mean(pre[:5]) or np.mean(post[-5:]) < np.mean(post[:5])
+    assert np.mean(pre[-5:]) + np.mean(post[-5:]) < np.mean(pre[:5]) + np.mean(post[:5])
+    assert_float32_cpu(two_task.second.merged, two_task.first.merged)
+
+
+def test_otmf_features_are_closer_to_both_teachers_than_task_arithmetic(world: World, two_task: OTMFRun):
+    ta = run("task_arithmetic", world, TaskArithmeticParams(), 2)[-1].merged
+    otmf = two_task.second.merged
+    distances = {
+        name: (sinkhorn_to_teacher(world, tower, 0), sinkhorn_to_teacher(world, tower, 1))
+        for name, tower in (("otmf", otmf), ("task_arithmetic", ta))
+    }
+    print("Sinkhorn divergence to (θ1 on task-1 data, θ2 on task-2 data):", distances)
+    assert distances["otmf"][0] < distances["task_arithmetic"][0]
+    assert distances["otmf"][1] < distances["task_arithmetic"][1]
+
+
+def test_otmf_is_bit_identical_for_the_same_seed(world: World, two_task: OTMFRun):
+    again = step("otmf", world, two_task.first.merged, 1, two_task.first.state, TWO_TASK)
+    assert all(torch.equal(again.merged[k], two_task.second.merged[k]) for k in world.base)
+    assert again.metrics == two_task.second.metrics
+    other = step("otmf", world, two_task.first.merged, 1, two_task.first.state, TWO_TASK.model_copy(update={"seed": 1}))
+    assert any(not torch.equal(other.merged[k], two_task.second.merged[k]) for k in world.base)
+
+
+def test_otmf_reservoir_stays_bounded_samples_every_task_and_persists(world: World, tmp_path: Path):
+    params = OTMFParams(steps=2, eval_every=1, reservoir_per_task=16, reservoir_size=40)
+    merged, state = world.base, MethodState()
+    for i in range(len(world.tasks)):
+        out = step("otmf", world, merged, i, state, params)
+        held = out.state.tensors["reservoir.task_index"]
+        assert len(held) == min(16 * (i + 1), 40) == out.metrics["reservoir_items"]
+        assert out.state.meta["reservoir"]["seen"] == 16 * (i + 1)
+        assert out.state.tensors["reservoir.inputs.x"].dtype == torch.float16
+        if i > 0:
+            assert out.metrics["pre_data"] == "reservoir"
+        # Through a real safetensors file and JSON, as the lineage store keeps it.
+        save_file(out.state.tensors, tmp_path / "state.safetensors")
+        merged = out.merged
+        state = MethodState(load_file(tmp_path / "state.safetensors"), json.loads(json.dumps(out.state.meta)))
+    counts = torch.bincount(held.long(), minlength=len(world.tasks))
+    print("reservoir inputs per task after 5 tasks:", counts.tolist())
+    assert (counts > 0).all() and counts.sum() == 40
+
+
+def test_reservoir_stores_compactly_and_pads_token_inputs():
+    g = torch.Generator().manual_seed(6)
+    res = Reservoir(capacity=12)
+
+    def tokens(n: int, length: int) -> Inputs:  # hf-like inputs: ids and a full attention mask
+        ids = torch.randint(5, 1000, (n, length), generator=g)
+        return Inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+    res.add(tokens(10, 5), 0, 8, g)
+    res.add(tokens(10, 7), 1, 8, g)
+    assert len(res) == 12 and res.seen == 16
+    assert res.inputs["input_ids"].dtype == torch.int32 and res.inputs["input_ids"].shape == (12, 7)
+    batch = res.source().batch(torch.arange(12), CPU, torch.float32)
+    assert batch["input_ids"].dtype == torch.int64
+    from_first = (res.task_index == 0).nonzero().flatten()
+    assert (batch["attention_mask"][from_first, 5:] == 0).all() and (batch["attention_mask"][from_first, :5] == 1).all()
+    with pytest.raises(InvalidInput):
+        res.add(Inputs({"input_ids": torch.zeros(3, 5).long()}), 2, 3, g)
+
+    pixels = Reservoir(capacity=4)
+    pixels.add(Inputs({"pixels": torch.randn(6, 3, 4, 4, generator=g)}), 0, 6, g)
+    assert pixels.inputs["pixels"].dtype == torch.float16
+    assert pixels.source().batch(torch.arange(4), CPU, torch.float32)["pixels"].dtype == torch.float32
+
+
+def test_otmf_falls_back_to_current_data_when_the_reservoir_is_empty(world: World):
+    head = run("task_arithmetic", world, TaskArithmeticParams(), 1)[-1]
+    out = step("otmf", world, head.merged, 1, head.state, OTMFParams(steps=2))
+    assert out.metrics["pre_data"] == "current" and "pre_data_fallback" in out.metrics
+    assert out.state.tensors["reservoir.task_index"].tolist() == [1] * 64
+
+    current = step("otmf", world, head.merged, 1, MethodState(), OTMFParams(steps=2, pre_data="current"))
+    assert current.metrics["pre_data"] == "current" and "pre_data_fallback" not in current.metrics
+    assert current.state.tensors == {} and "reservoir" not in current.state.meta
+
+
+def test_otmf_in_bfloat16_returns_float32(world: World):
+    out = step("otmf", world, world.tasks[0], 1, MethodState(), OTMFParams(steps=4, eval_every=2, dtype="bfloat16"))
+    assert_float32_cpu(out.merged, world.base)
+    assert all(torch.isfinite(v).all() for v in out.merged.values())
+    assert math.isfinite(out.metrics["loss_best"]) and out.metrics["loss_best"] <= out.metrics["loss_initial"]
+
+
+def test_otmf_needs_calibration_data(world: World):
+    inp = StepInput(
+        base=world.base, merged=world.tasks[0], task=world.tasks[1], index=1, state=MethodState(),
+        params=OTMFParams(), device=CPU, family=world.family, loaded=world.loaded, calibration=None,
+    )  # fmt: skip
+    with pytest.raises(InvalidInput):
+        get_method("otmf").step(inp)
+
+
+def test_otmf_pre_iterations_train_only_the_pre_mask(world: World):
+    # τ_pre lives only in the first layer and τ_post only in the last, so each mask shows in its own tensors. A small
+    # α leaves the student far from the head on D_pre, so one pre iteration visibly improves the held-out loss.
+    base = world.base
+    head = {k: world.tasks[0][k] if k == "0.weight" else v for k, v in base.items()}
+    task = {k: world.tasks[1][k] if k == "5.weight" else v for k, v in base.items()}
+    params = OTMFParams(steps=1, eval_every=1, alpha=0.05, lr=0.05)
+    reservoir = step("otmf", world, base, 0, MethodState(), params).state  # D_pre: task 0's inputs
+    out = get_method("otmf").step(
+        StepInput(
+            base=base, merged=head, task=task, index=1, state=reservoir, params=params, device=CPU,
+            family=world.family, loaded=world.loaded, calibration=Inputs({"x": world.calibration[1]}),
+        )
+    )  # fmt: skip
+    assert out.metrics["best_iteration"] == 1  # the one (pre) iteration improved the held-out loss
+    alpha = params.alpha
+    untouched_post = base["5.weight"] + (1 - alpha) * (task["5.weight"] - base["5.weight"])
+    torch.testing.assert_close(out.merged["5.weight"], untouched_post, rtol=0, atol=1e-7)
+    untouched_pre = base["0.weight"] + alpha * (head["0.weight"] - base["0.weight"])
+    assert (out.merged["0.weight"] - untouched_pre).abs().max() > 1e-4
