@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from service import cli_remote
 from service.errors import InvalidInput, MergelineError
 from service.settings import get_settings
 
@@ -25,6 +26,9 @@ err = Console(stderr=True)
 StoreOpt = typer.Option(None, "--store", help="lineage store root (default: MERGELINE_STORE)")
 TenantOpt = typer.Option("default", "--tenant", help="tenant whose lineages to use")
 JsonOpt = typer.Option(False, "--json", help="print machine-readable JSON")
+# lineage show / pull read the store directly, or the API when a URL is given (and no --store).
+ApiUrlOpt = typer.Option(None, "--url", envvar="MERGELINE_URL", help="read through the API at this URL")
+ApiTokenOpt = typer.Option(None, "--token", envvar="MERGELINE_TOKEN", help="bearer token for --url")
 
 
 def _store(root: str | None):
@@ -123,17 +127,32 @@ def merge(
                                      list(metrics["tasks"])))
 
 
+def _api_error(exc) -> MergelineError:
+    error = MergelineError(exc.message, param=exc.param)
+    error.type = exc.type
+    return error
+
+
 @lineage_app.command("show")
-def lineage_show(name: str, store: str | None = StoreOpt, tenant: str = TenantOpt, as_json: bool = JsonOpt) -> None:
+def lineage_show(name: str, store: str | None = StoreOpt, tenant: str = TenantOpt, as_json: bool = JsonOpt,
+                 url: str | None = ApiUrlOpt, token: str | None = ApiTokenOpt) -> None:
     """A lineage's head, base and versions."""
+    from service.client import ApiError, MergelineClient
+
     try:
-        s = _store(store)
-        doc = s.require_lineage(tenant, name)
-        versions = s.manifests(tenant, name)
+        if url and not store:
+            with MergelineClient(url, token) as client:
+                doc = client.lineage(name)
+        else:
+            s = _store(store)
+            doc = {**s.require_lineage(tenant, name), "versions": s.manifests(tenant, name)}
+    except ApiError as exc:
+        fail(_api_error(exc))
     except MergelineError as exc:
         fail(exc)
+    versions = doc["versions"]
     if as_json:
-        _print_json({**doc, "versions": versions})
+        _print_json(doc)
         return
     console.print(f"[bold]{name}[/bold]  head v{doc['head']}  base {doc['base']['family']} {doc['base']['uri']}")
     table = Table()
@@ -153,17 +172,30 @@ def pull(
     store: str | None = StoreOpt,
     tenant: str = TenantOpt,
     as_json: bool = JsonOpt,
+    url: str | None = ApiUrlOpt,
+    token: str | None = ApiTokenOpt,
 ) -> None:
     """Download a version's files, verified against its manifest."""
+    from service.client import ApiError, MergelineClient
+
     name, _, version = ref.partition("@")
     try:
         if version and not version.isdigit():
             raise InvalidInput(f"bad version {version!r} in {ref!r}: use NAME@N", param="version")
-        s = _store(store)
-        v = int(version) if version else s.require_lineage(tenant, name)["head"]
-        if v == 0:
-            raise InvalidInput(f"{name}@0 is the base model: pull its URI directly", param="version")
-        manifest = s.download_version(tenant, name, v, dest)
+        if url and not store:
+            with MergelineClient(url, token) as client:
+                v = int(version) if version else client.lineage(name)["head"]
+                if v == 0:
+                    raise InvalidInput(f"{name}@0 is the base model: pull its URI directly", param="version")
+                manifest = client.download_version(name, v, dest)
+        else:
+            s = _store(store)
+            v = int(version) if version else s.require_lineage(tenant, name)["head"]
+            if v == 0:
+                raise InvalidInput(f"{name}@0 is the base model: pull its URI directly", param="version")
+            manifest = s.download_version(tenant, name, v, dest)
+    except ApiError as exc:
+        fail(_api_error(exc))
     except MergelineError as exc:
         fail(exc)
     if as_json:
@@ -194,15 +226,7 @@ def demo(
     console.print(accuracy_table(f"continual merging of {tasks} tasks (accuracy %)", columns, report["tasks"]))
 
 
-def _register_remote() -> None:
-    try:
-        from service import cli_remote
-    except ImportError:
-        return
-    cli_remote.register(app)
-
-
-_register_remote()
+cli_remote.register(app)
 
 
 def main() -> None:
