@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from service.ids import new_job_id
 from service.settings import Settings
 from service.spec import JobSpec
 from service.store import utc_now
+
+log = logging.getLogger("mergeline.jobs")
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -93,8 +96,10 @@ def public_job(record: dict) -> dict:
 
 class JobStore:
     def __init__(self, client: redis.Redis, prefix: str = "mergeline", *, job_ttl_s: int = 30 * 86400,
-                 lease_ttl_s: float = 30.0, max_attempts: int = 3, send: Send | None = None):
+                 lease_ttl_s: float = 30.0, max_attempts: int = 3, send: Send | None = None,
+                 on_final: Callable[[dict], None] | None = None):
         self.r = client
+        self.on_final = on_final
         self.p = prefix
         self.job_ttl_s = job_ttl_s
         self.lease_ms = int(lease_ttl_s * 1000)
@@ -102,12 +107,14 @@ class JobStore:
         self.send = send
 
     @classmethod
-    def from_settings(cls, settings: Settings, send: Send | None = None) -> JobStore:
+    def from_settings(cls, settings: Settings, send: Send | None = None,
+                      on_final: Callable[[dict], None] | None = None) -> JobStore:
         url = settings.job_redis_url()
         if not url:
             raise BrokerUnavailable("no job store: set MERGELINE_BROKER_URL (redis://...) or MERGELINE_REDIS_URL")
         return cls(connect(url), settings.key_prefix, job_ttl_s=settings.job_ttl_s,
-                   lease_ttl_s=settings.lease_ttl_s, max_attempts=settings.max_attempts, send=send)
+                   lease_ttl_s=settings.lease_ttl_s, max_attempts=settings.max_attempts, send=send,
+                   on_final=on_final)
 
     # -- keys ------------------------------------------------------------------------------------------------
     def _job(self, job_id: str) -> str:
@@ -138,7 +145,8 @@ class JobStore:
             self.r.ping()
 
     # -- API side --------------------------------------------------------------------------------------------
-    def create(self, tenant: str, spec: JobSpec, body: dict, *, idempotency_key: str | None = None) -> tuple[dict, bool]:
+    def create(self, tenant: str, spec: JobSpec, body: dict, *,
+               idempotency_key: str | None = None) -> tuple[dict, bool]:
         """Record a queued job and send it if nothing is ahead of it. Returns (record, created): with an
         Idempotency-Key already used for the same body, the first job and False; for another body, Conflict."""
         digest = body_hash(body)
@@ -183,7 +191,12 @@ class JobStore:
                         break
                     except WatchError:
                         continue  # the same key arrived concurrently: read what it created
-            self.kick(tenant, spec.lineage)
+        try:
+            self.kick(tenant, spec.lineage, only=job_id)
+        except BrokerUnavailable:
+            # The job is recorded and first in its lineage queue: the workers' reconciler sends it once the broker
+            # answers again, so the submission still succeeds.
+            log.warning("job recorded but not yet sent: broker unavailable", extra={"job_id": job_id})
         return record, True
 
     def load(self, job_id: str) -> dict | None:
@@ -277,17 +290,19 @@ class JobStore:
                     attempts = int(record.get("attempts", 0)) + 1
                     if record.get("cancel") == "1":
                         pipe.multi()
-                        self._finish_in(pipe, record, "cancelled",
-                                        error={"type": "cancelled", "message": "cancelled before it started"})
+                        final = self._finish_in(pipe, record, "cancelled", error={
+                            "type": "cancelled", "message": "cancelled before it started"})
                         pipe.execute()
-                        return Acquired("cancelled", record)
+                        self._notify(final)
+                        return Acquired("cancelled", final)
                     if attempts > self.max_attempts:
                         pipe.multi()
-                        self._finish_in(pipe, record, "failed", error={
+                        final = self._finish_in(pipe, record, "failed", error={
                             "type": "worker_lost",
                             "message": f"the worker running this job was lost {attempts - 1} times"})
                         pipe.execute()
-                        return Acquired("worker_lost", record)
+                        self._notify(final)
+                        return Acquired("worker_lost", final)
                     pipe.multi()
                     pipe.set(lease, f"{job_id}:{token}", px=self.lease_ms)
                     changes = {"status": "running", "attempts": str(attempts)}
@@ -365,9 +380,20 @@ class JobStore:
                     if token is not None:
                         pipe.delete(lease)
                     pipe.execute()
-                    return final
+                    break
                 except WatchError:
                     continue
+        self._notify(final)
+        return final
+
+    def _notify(self, final: dict) -> None:
+        """The final-state hook (webhooks) runs once, by whoever made the job final; it never fails the caller."""
+        if self.on_final is None:
+            return
+        try:
+            self.on_final(final)
+        except Exception:
+            log.exception("final-job hook failed", extra={"job_id": final["id"]})
 
     def _finish_in(self, pipe, record: dict, status: str, *, result: dict | None = None,
                    error: dict | None = None) -> dict:
@@ -388,13 +414,14 @@ class JobStore:
         pipe.expire(self._events(job_id), self.job_ttl_s)
         return {**record, **changes}
 
-    def kick(self, tenant: str, lineage: str, *, throttle_ms: int | None = None) -> str | None:
-        """Send the lineage's first job when no attempt holds the lease; returns the job id sent, if any."""
+    def kick(self, tenant: str, lineage: str, *, throttle_ms: int | None = None, only: str | None = None) -> str | None:
+        """Send the lineage's first job (if it is `only`, when given) unless an attempt holds the lease; returns
+        the job id sent, if any."""
         if self.send is None:
             return None
         with redis_errors():
             first = self.r.zrange(self._queue(tenant, lineage), 0, 0)
-            if not first or self.r.exists(self._lease(tenant, lineage)):
+            if not first or (only is not None and first[0] != only) or self.r.exists(self._lease(tenant, lineage)):
                 return None
             if throttle_ms and not self.r.set(f"{self.p}:kick:{tenant}:{lineage}", "1", nx=True, px=throttle_ms):
                 return None

@@ -3,6 +3,7 @@ job durations, bytes written) is aggregated in Redis and exposed by the API's `/
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 
@@ -57,10 +58,8 @@ class RedisMetrics:
 
     def safe_inc(self, name: str, amount: float) -> None:
         """Counting must never fail the thing counted."""
-        try:
+        with contextlib.suppress(RedisError):
             self.inc(name, amount)
-        except RedisError:
-            pass
 
 
 class ServiceCollector:

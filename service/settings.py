@@ -39,7 +39,6 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(default=8, ge=1)
     webhook_backoff_s: float = Field(default=2.0, gt=0, description="first retry delay; doubles per attempt")
     webhook_allow_private: bool = Field(default=False, description="let webhooks reach private/loopback addresses")
-    engine: str = Field(default="worker.engine.job:run_job", description="import path of the run_job callable")
     log_level: str = "INFO"
 
     @field_validator("device")

@@ -165,7 +165,8 @@ class JobSpec(Strict):
         except ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(["params", *map(str, first["loc"])])
-            message = "unknown parameter for method " + self.method if first["type"] == "extra_forbidden" else first["msg"]
+            unknown = first["type"] == "extra_forbidden"
+            message = f"unknown parameter for method {self.method}" if unknown else first["msg"]
             raise _FieldError(field, message) from None
         if self.method in DATA_DRIVEN_METHODS:
             if self.base is not None and self.base.family == "state_dict":

@@ -8,6 +8,7 @@ delivery outlives the worker that enqueued it (a claimed delivery whose sender d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -24,6 +25,7 @@ import redis
 from redis.exceptions import RedisError, WatchError
 
 from service.errors import MergelineError
+from service.jobs import public_job
 from service.settings import Settings
 from service.uris import check_public_host
 
@@ -32,6 +34,17 @@ SIGNATURE_HEADER = "X-Mergeline-Signature"
 MAX_BACKOFF_S = 3600.0
 
 OnOutcome = Callable[[str, str, str, dict], None]  # (job_id, event type, message, data)
+
+
+def notify_on_final(queue: WebhookQueue) -> Callable[[dict], None]:
+    """The JobStore hook that enqueues a final job's webhook, if its spec has one."""
+
+    def hook(record: dict) -> None:
+        webhook = json.loads(record.get("spec") or "{}").get("webhook")
+        if webhook:
+            queue.enqueue(webhook["url"], webhook["secret"], public_job(record))
+
+    return hook
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -155,10 +168,8 @@ class WebhookQueue:
 
     def _report(self, item: dict, type: str, message: str, data: dict) -> None:
         if self.on_outcome is not None:
-            try:
+            with contextlib.suppress(RedisError, MergelineError):
                 self.on_outcome(item["job_id"], type, message, data)
-            except (RedisError, MergelineError):
-                pass
 
     def run(self, stop: threading.Event, interval_s: float = 0.5) -> None:
         """The delivery loop (a daemon thread in each worker): survives Redis outages by waiting them out."""

@@ -1,0 +1,167 @@
+"""The FastAPI application factory: routes, auth, and the error mapping that keeps every answer in the contract's
+`{"error": {"type", "message", "param"}}` shape, whatever the client sends."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import service
+from service import logs
+from service.api.deps import Services, TokenTable
+from service.api.routes import jobs, lineages, ops
+from service.errors import BrokerUnavailable, MergelineError, RequestTooLarge
+from service.jobs import JobStore, connect
+from service.metrics import RedisMetrics, ServiceCollector
+from service.settings import Settings, get_settings
+from service.spec import JobSpec
+from service.store import LineageStore
+from service.webhooks import WebhookQueue, notify_on_final
+
+log = logging.getLogger("mergeline.api")
+
+
+def error_response(status: int, type: str, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": type, "message": message, "param": param}}, status_code=status,
+                        headers=headers)
+
+
+class BodyLimit:
+    """Refuse bodies over `max_bytes` with 413: by Content-Length up front, and by counting for chunked bodies."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            response = error_response(413 if length.isdigit() else 400,
+                                      "request_too_large" if length.isdigit() else "invalid_request",
+                                      f"request bodies are limited to {self.max_bytes} bytes"
+                                      if length.isdigit() else "bad Content-Length header")
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise RequestTooLarge(f"request bodies are limited to {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _validation_param(loc: tuple | list) -> tuple[str, str | None]:
+    """(where, param) from a FastAPI error location such as ("query", "limit") or ("header", "idempotency-key")."""
+    where = str(loc[0]) if loc else "body"
+    rest = [str(p) for p in loc[1:]]
+    return where, ".".join(rest) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(MergelineError)
+    async def mergeline_error(_: Request, exc: MergelineError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        if exc.status_code >= 500 and not isinstance(exc, BrokerUnavailable):
+            log.warning("request failed", extra={"type": exc.type, "reason": exc.message})
+        return error_response(exc.status_code, exc.type, exc.message, exc.param, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where, param = _validation_param(first.get("loc", ()))
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        if where == "path":  # a path that cannot name anything (a version that is not a number) names nothing
+            return error_response(404, "not_found", message, param)
+        return error_response(422 if where == "body" else 400, "invalid_request", message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kinds = {404: ("not_found", "no such route"), 405: ("method_not_allowed", "method not allowed on this route")}
+        type, message = kinds.get(exc.status_code, ("invalid_request", str(exc.detail)))
+        return error_response(exc.status_code, type, message, None, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error in a request")
+        return error_response(500, "internal", "internal error; see the service log")
+
+
+def build_services(settings: Settings, send: Callable[[str], None] | None = None) -> Services:
+    """Connections for one app. `send` enqueues a job id (default: a Celery producer from the settings)."""
+    url = settings.job_redis_url()
+    if not url:
+        raise BrokerUnavailable("the API needs Redis: set MERGELINE_BROKER_URL=redis://... or MERGELINE_REDIS_URL")
+    broker_check = None
+    broker_depth: Callable[[], int | None] = lambda: None  # noqa: E731
+    if send is None:
+        from worker.celery_app import make_celery, send_job
+
+        celery = make_celery(settings)
+        send = lambda job_id: send_job(celery, settings, job_id)  # noqa: E731
+        if settings.broker_url != url:
+            def broker_check() -> None:
+                with celery.connection_for_write() as conn:
+                    conn.ensure_connection(max_retries=1, timeout=3)
+    client = connect(url)
+    if settings.broker_url == url:
+        broker_depth = lambda: client.llen(settings.queue)  # noqa: E731 (kombu's Redis queue is a list)
+    jobs = JobStore(client, settings.key_prefix, job_ttl_s=settings.job_ttl_s, lease_ttl_s=settings.lease_ttl_s,
+                    max_attempts=settings.max_attempts, send=send)
+    jobs.on_final = notify_on_final(WebhookQueue.from_settings(client, settings, on_outcome=jobs.add_event))
+    metrics = RedisMetrics(client, settings.key_prefix)
+
+    def depth() -> int | None:
+        try:
+            return broker_depth()
+        except Exception:
+            return None
+
+    return Services(settings=settings, jobs=jobs, store=LineageStore(settings.store, claim_ttl_s=settings.claim_ttl_s),
+                    tokens=TokenTable(settings.tenants_by_token()), metrics=metrics,
+                    collector=ServiceCollector(jobs, metrics, depth), broker_check=broker_check)
+
+
+def create_app(settings: Settings | None = None, *, services: Services | None = None) -> FastAPI:
+    """The API. Without arguments it reads every MERGELINE_* setting (`uvicorn --factory service.api:create_app`)."""
+    settings = settings or get_settings()
+    logs.configure(settings.log_level)
+    app = FastAPI(title="Mergeline", version=service.__version__,
+                  description="Continual model merging as a service: submit merge jobs, follow them, read lineages.")
+    app.state.services = services or build_services(settings)
+    for router in (jobs.router, lineages.router, ops.router):
+        app.include_router(router)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the JobSpec model (the submit route reads its body itself to map errors exactly)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    spec_schema = JobSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(spec_schema.pop("$defs", {}))
+    components["JobSpec"] = spec_schema
+    app.openapi_schema = schema
+    return schema

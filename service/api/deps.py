@@ -1,0 +1,81 @@
+"""What routes depend on: the per-app services (settings, job store, lineage store) and the caller's tenant."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.errors import Unauthorized
+from service.jobs import JobStore
+from service.metrics import RedisMetrics, ServiceCollector
+from service.settings import Settings
+from service.store import LineageStore
+
+_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class TokenTable:
+    """Bearer tokens to tenants. Every lookup compares the presented token with every known token through
+    fixed-length digests, so neither the match position nor the token lengths show in the timing."""
+
+    def __init__(self, tokens: dict[str, str]):
+        for tenant in tokens.values():
+            if not _TENANT.match(tenant):
+                raise ValueError(f"MERGELINE_API_TOKENS: bad tenant name {tenant!r}")
+        self._digests = [(hashlib.sha256(t.encode()).digest(), tenant) for t, tenant in tokens.items()]
+
+    def tenant_for(self, token: str) -> str | None:
+        presented = hashlib.sha256(token.encode()).digest()
+        found = None
+        for digest, tenant in self._digests:
+            if hmac.compare_digest(digest, presented):
+                found = tenant
+        return found
+
+
+@dataclass
+class Services:
+    settings: Settings
+    jobs: JobStore
+    store: LineageStore
+    tokens: TokenTable
+    metrics: RedisMetrics
+    collector: ServiceCollector
+    broker_check: Callable[[], None] | None = None  # when the Celery broker is not the job store's Redis
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def get_jobs(services: Annotated[Services, Depends(get_services)]) -> JobStore:
+    return services.jobs
+
+
+def get_store(services: Annotated[Services, Depends(get_services)]) -> LineageStore:
+    return services.store
+
+
+bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <token>`; a token belongs to one tenant")
+
+
+def get_tenant(services: Annotated[Services, Depends(get_services)],
+               credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+    if credentials is None or not credentials.credentials:
+        raise Unauthorized("missing bearer token: send `Authorization: Bearer <token>`", param="Authorization")
+    tenant = services.tokens.tenant_for(credentials.credentials)
+    if tenant is None:
+        raise Unauthorized("unknown bearer token", param="Authorization")
+    return tenant
+
+
+Tenant = Annotated[str, Depends(get_tenant)]
+Jobs = Annotated[JobStore, Depends(get_jobs)]
+Store = Annotated[LineageStore, Depends(get_store)]

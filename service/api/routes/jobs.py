@@ -1,0 +1,107 @@
+"""`/v1/jobs`: submit, read, list, cancel, and follow a job's events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from sse_starlette.sse import EventSourceResponse
+
+from service.api.deps import Jobs, Tenant
+from service.api.models import ERROR_RESPONSES, EventList, Job, JobList, JobStatus
+from service.errors import AccessDenied, BadRequest, MergelineError
+from service.jobs import FINAL, public_job
+from service.settings import Settings
+from service.spec import NAME_PATTERN, JobSpec, parse_job_spec
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
+STREAM_POLL_S = 0.25
+
+SUBMIT_BODY = {"requestBody": {"required": True, "description": "the job spec (contract §2)",
+                               "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}}}}}
+
+
+def check_uri_policy(spec: JobSpec, settings: Settings) -> None:
+    """Refuse at submission what every worker would refuse: http(s) inputs while they are disabled."""
+    if settings.allow_http:
+        return
+    fields: list[tuple[str, str | None]] = [("base.uri", spec.base.uri if spec.base else None)]
+    for i, task in enumerate(spec.tasks):
+        fields += [(f"tasks.{i}.{k}", getattr(task, k)) for k in ("checkpoint", "calibration", "eval", "head")]
+    for field, uri in fields:
+        if uri and uri.startswith(("http://", "https://")):
+            raise AccessDenied(f"{field}: http(s) URIs are disabled on this service (MERGELINE_ALLOW_HTTP)",
+                               param=field)
+
+
+@router.post("", status_code=202, response_model=Job, openapi_extra=SUBMIT_BODY,
+             responses={200: {"model": Job, "description": "the job first created with this Idempotency-Key"},
+                        409: ERROR_RESPONSES[400] | {"description": "Idempotency-Key reused with another body"}})
+async def submit_job(request: Request, response: Response, tenant: Tenant, jobs: Jobs,
+                     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
+                                                                   max_length=255)] = None) -> Any:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    spec = parse_job_spec(body)
+    check_uri_policy(spec, request.app.state.services.settings)
+    record, created = await run_in_threadpool(jobs.create, tenant, spec, body, idempotency_key=idempotency_key)
+    if not created:
+        response.status_code = 200
+    return public_job(record)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(tenant: Tenant, jobs: Jobs,
+              lineage: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+              status: JobStatus | None = None,
+              limit: Annotated[int, Query(ge=1, le=100)] = 20,
+              after: Annotated[str | None, Query(min_length=1, max_length=64, description="a job id")] = None) -> Any:
+    records, has_more = jobs.list(tenant, lineage=lineage, status=status, limit=limit, after=after)
+    return {"data": [public_job(r) for r in records], "has_more": has_more}
+
+
+@router.get("/{job_id}", response_model=Job)
+def get_job(job_id: str, tenant: Tenant, jobs: Jobs) -> Any:
+    return public_job(jobs.get(tenant, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=Job)
+def cancel_job(job_id: str, tenant: Tenant, jobs: Jobs) -> Any:
+    return public_job(jobs.request_cancel(tenant, job_id))
+
+
+@router.get("/{job_id}/events", response_model=EventList,
+            responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                             "description": "with `Accept: text/event-stream`: a live stream ending with the job"}})
+async def job_events(job_id: str, request: Request, tenant: Tenant, jobs: Jobs,
+                     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=32)] = None) -> Any:
+    events = await run_in_threadpool(jobs.events, tenant, job_id)  # 404 before any stream starts
+    if "text/event-stream" not in request.headers.get("accept", ""):
+        return {"data": events}
+    start = int(last_event_id) + 1 if last_event_id and last_event_id.isdigit() else 0
+    return EventSourceResponse(_stream(request, jobs, tenant, job_id, start), ping=15)
+
+
+async def _stream(request: Request, jobs: Jobs, tenant: str, job_id: str, index: int):
+    """Every event from `index` on, as it is recorded; ends once the job is final and its events are sent."""
+    while True:
+        try:
+            record = await run_in_threadpool(jobs.get, tenant, job_id)
+            events = await run_in_threadpool(jobs.events, tenant, job_id, index)
+        except MergelineError as exc:
+            yield {"event": "error", "data": json.dumps({"error": exc.to_dict()})}
+            return
+        for event in events:
+            yield {"event": event["type"], "id": str(index), "data": json.dumps(event)}
+            index += 1
+        if record["status"] in FINAL:
+            return
+        if await request.is_disconnected():
+            return
+        await asyncio.sleep(STREAM_POLL_S)

@@ -1,0 +1,53 @@
+"""Operations: liveness, readiness (job store, broker and lineage store reachable), Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+
+from service.api.deps import Services, get_services
+from service.api.models import ERROR_RESPONSES, Health
+from service.errors import BrokerUnavailable, MergelineError
+from service.metrics import render
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", response_model=Health)
+def healthz() -> Any:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=Health, responses={503: ERROR_RESPONSES[503]})
+def readyz(services: Annotated[Services, Depends(get_services)]) -> Any:
+    checks: dict[str, str] = {}
+    failure: MergelineError | None = None
+    probes = [("broker", services.jobs.ping), ("store", services.store.ping)]
+    if services.broker_check is not None:
+        probes.insert(1, ("celery_broker", services.broker_check))
+    for name, probe in probes:
+        try:
+            probe()
+            checks[name] = "ok"
+        except MergelineError as exc:
+            checks[name] = exc.message
+            failure = failure or exc
+        except Exception as exc:  # a probe must report, not crash the probe endpoint
+            checks[name] = f"{type(exc).__name__}: {exc}"
+            failure = failure or BrokerUnavailable(checks[name])
+    if failure is not None:
+        message = "; ".join(f"{k}: {v}" for k, v in checks.items() if v != "ok")
+        body = {"error": {"type": failure.type, "message": message, "param": None}}
+        return JSONResponse(body, status_code=503)
+    return {"status": "ready", "checks": checks}
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus text exposition"}})
+async def metrics(services: Annotated[Services, Depends(get_services)]) -> Response:
+    body = await run_in_threadpool(render, services.collector)
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")

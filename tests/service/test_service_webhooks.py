@@ -1,0 +1,111 @@
+"""Webhook signing, delivery with retries to a real loopback HTTP receiver, and the Redis-kept metrics."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from service.jobs import connect
+from service.metrics import RedisMetrics, ServiceCollector, render
+from service.webhooks import SIGNATURE_HEADER, WebhookQueue, sign, verify
+
+JOB = {"id": "job_01TEST", "lineage": "vision", "status": "succeeded", "method": "otmf", "created_at": "t",
+       "started_at": "t", "finished_at": "t", "progress": None, "result": {"version": 1}, "error": None}
+
+
+@pytest.fixture
+def receiver():
+    """A loopback HTTP server that fails its first `fail` requests with 500, then answers 204."""
+    state = {"fail": 2, "received": []}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            state["received"].append((dict(self.headers), body))
+            status = 500 if state["fail"] > 0 else 204
+            state["fail"] -= 1
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    state["url"] = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    yield state
+    server.shutdown()
+
+
+def test_sign_and_verify():
+    body = b'{"id":"job_1"}'
+    signature = sign("s3cr3t", body)
+    assert signature.startswith("sha256=") and len(signature) == 7 + 64
+    assert verify("s3cr3t", body, signature)
+    assert not verify("other", body, signature) and not verify("s3cr3t", body + b" ", signature)
+
+
+def test_delivery_is_signed_and_retried_with_backoff(redis_db, prefix, receiver):
+    outcomes = []
+    queue = WebhookQueue(connect(redis_db), prefix, backoff_s=0.1, max_attempts=5, allow_private=True,
+                         on_outcome=lambda *a: outcomes.append(a))
+    queue.enqueue(receiver["url"], "s3cr3t", JOB)
+    stop = threading.Event()
+    thread = threading.Thread(target=queue.run, args=(stop, 0.02), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not outcomes and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    thread.join(5)
+    assert [o[1] for o in outcomes] == ["webhook_delivered"] and outcomes[0][3] == {"attempts": 3}
+    assert len(receiver["received"]) == 3
+    headers, body = receiver["received"][-1]
+    assert json.loads(body) == JOB and verify("s3cr3t", body, headers[SIGNATURE_HEADER])
+    assert queue.r.zcard(queue.due_key) == 0
+
+
+def test_private_receivers_are_refused_unless_allowed(redis_db, prefix, receiver):
+    outcomes = []
+    queue = WebhookQueue(connect(redis_db), prefix, allow_private=False, on_outcome=lambda *a: outcomes.append(a))
+    queue.enqueue(receiver["url"], "s", JOB)
+    assert queue.deliver_due() == 1
+    assert receiver["received"] == [] and outcomes[0][1] == "webhook_failed" and "non-public" in outcomes[0][2]
+
+
+def test_give_up_after_max_attempts(redis_db, prefix, receiver):
+    receiver["fail"] = 100
+    outcomes = []
+    queue = WebhookQueue(connect(redis_db), prefix, backoff_s=0.01, max_attempts=2, allow_private=True,
+                         on_outcome=lambda *a: outcomes.append(a))
+    queue.enqueue(receiver["url"], "s", JOB)
+    for _ in range(50):
+        queue.deliver_due()
+        if outcomes:
+            break
+        time.sleep(0.02)
+    assert len(receiver["received"]) == 2 and outcomes[0][1] == "webhook_failed"
+
+
+def test_metrics_from_several_processes_add_up(redis_db, prefix):
+    client = connect(redis_db)
+    for value in (0.02, 0.2, 3.0):
+        RedisMetrics(client, prefix).observe("step_duration_seconds", value)
+    RedisMetrics(client, prefix).observe("job_duration_seconds", 12.0, status="succeeded")
+    RedisMetrics(client, prefix).inc("store_bytes_written", 2048)
+
+    class Jobs:
+        def counts(self):
+            return {"queued": 2, "running": 1, "succeeded": 5, "failed": 0, "cancelled": 1}
+
+    text = render(ServiceCollector(Jobs(), RedisMetrics(client, prefix), lambda: 7)).decode()
+    assert 'mergeline_step_duration_seconds_bucket{le="0.25"} 2.0' in text
+    assert "mergeline_step_duration_seconds_count 3.0" in text
+    assert 'mergeline_job_duration_seconds_count{status="succeeded"} 1.0' in text
+    assert "mergeline_store_bytes_written_total 2048.0" in text
+    assert "mergeline_queue_depth 2.0" in text and "mergeline_broker_messages 7.0" in text

@@ -1,0 +1,305 @@
+"""The Celery task (thin): take the lineage lease, run the engine, record the outcome, start the next job.
+
+Every worker process also runs two daemon threads (started when the worker is ready): `reconcile`, which re-sends
+the first job of a lineage whose lease lapsed (its worker died), and the webhook delivery loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from celery.signals import worker_ready, worker_shutdown
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from service import logs
+from service.errors import BrokerUnavailable, JobCancelled, MergelineError
+from service.jobs import JobStore, public_job
+from service.metrics import RedisMetrics
+from service.settings import Settings, get_settings
+from service.spec import parse_job_spec
+from service.store import LineageStore
+from service.webhooks import WebhookQueue, notify_on_final
+from worker.celery_app import TASK_NAME, app, send_job
+
+log = logging.getLogger("mergeline.worker")
+
+
+class LeaseLost(JobCancelled):
+    """This attempt can no longer prove it holds the lineage lease: another attempt may own the job now."""
+
+    type = "lease_lost"
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    jobs: JobStore
+    store: LineageStore
+    metrics: RedisMetrics
+    webhooks: WebhookQueue
+
+    @property
+    def engine(self) -> Callable[..., dict]:
+        """Imported on first use, in the pool process that runs jobs: the worker's main process never loads
+        torch, so it starts fast and forks small children."""
+        from worker.engine.job import run_job
+
+        return run_job
+
+
+@cache
+def _context(pid: int) -> WorkerContext:
+    """Per process (a forked pool process must not share its parent's sockets)."""
+    settings = get_settings()
+    logs.configure(settings.log_level)
+    jobs = JobStore.from_settings(settings, send=lambda job_id: send_job(app, settings, job_id))
+    webhooks = WebhookQueue.from_settings(jobs.r, settings, on_outcome=jobs.add_event)
+    jobs.on_final = notify_on_final(webhooks)
+    return WorkerContext(
+        settings=settings,
+        jobs=jobs,
+        store=LineageStore(settings.store, claim_ttl_s=settings.claim_ttl_s),
+        metrics=RedisMetrics(jobs.r, settings.key_prefix),
+        webhooks=webhooks,
+    )
+
+
+def context() -> WorkerContext:
+    return _context(os.getpid())
+
+
+class LeaseKeeper:
+    """Renews the lineage lease every third of its TTL. If renewal fails (lease taken, or Redis unreachable for
+    longer than the TTL) the attempt is `lost` and stops at its next step, before it can commit anything."""
+
+    def __init__(self, jobs: JobStore, record: dict, token: str, ttl_s: float):
+        self.jobs, self.record, self.token, self.ttl_s = jobs, record, token, ttl_s
+        self._last_ok = time.monotonic()
+        self._lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mergeline-lease", daemon=True)
+
+    @property
+    def lost(self) -> bool:
+        return self._lost or time.monotonic() - self._last_ok > self.ttl_s
+
+    def start(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def confirm(self) -> None:
+        """A synchronous check before an irreversible step (the commit)."""
+        try:
+            held = self.jobs.holds_lease(self.record, self.token)
+        except BrokerUnavailable:
+            held = False
+        if not held or self.lost:
+            self._lost = True
+            raise LeaseLost("lost the lineage lease; another attempt owns the job")
+        self._last_ok = time.monotonic()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                if self.jobs.holds_lease(self.record, self.token):
+                    self._last_ok = time.monotonic()
+                else:
+                    self._lost = True
+                    return
+            except BrokerUnavailable:
+                log.warning("lease renewal failed: Redis unavailable", extra={"job_id": self.record["id"]})
+
+
+class RecordProgress:
+    """The engine's Progress, written into the job record; raises JobCancelled at a step boundary when asked."""
+
+    NEVER_STOP = frozenset({"committed"})  # after the commit nothing may be undone
+
+    def __init__(self, ctx: WorkerContext, job_id: str, keeper: LeaseKeeper):
+        self.ctx, self.job_id, self.keeper = ctx, job_id, keeper
+        self._last_step: float | None = None
+
+    def update(self, *, task_index: int, tasks_total: int, step: int, steps_total: int,
+               loss: float | None) -> None:
+        if self.keeper.lost:
+            raise LeaseLost("lost the lineage lease; another attempt owns the job")
+        now = time.monotonic()
+        if self._last_step is not None:
+            with contextlib.suppress(Exception):  # metrics never stop a merge
+                self.ctx.metrics.observe("step_duration_seconds", now - self._last_step)
+        self._last_step = now
+        progress = {"task_index": task_index, "tasks_total": tasks_total, "step": step, "steps_total": steps_total,
+                    "loss": float(loss) if loss is not None and math.isfinite(loss) else None}
+        try:
+            cancelled = self.ctx.jobs.update_progress(self.job_id, progress)
+        except BrokerUnavailable:
+            return  # progress is advisory: a Redis blip must not kill a long merge
+        if cancelled:
+            raise JobCancelled("cancelled at a step boundary")
+
+    def event(self, type: str, message: str, data: dict[str, Any] | None = None) -> None:
+        if type == "committing":
+            self.keeper.confirm()
+        try:
+            self.ctx.jobs.add_event(self.job_id, type, message, strict_json(data or {}))
+            cancelled = type not in self.NEVER_STOP and self.ctx.jobs.cancel_requested(self.job_id)
+        except BrokerUnavailable:
+            return
+        if cancelled:
+            raise JobCancelled("cancelled at a step boundary")
+
+
+def strict_json(value: Any) -> Any:
+    """Engine results may hold NaN, tuples or numpy/torch scalars; records and responses hold strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    if isinstance(value, bool | int | str) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "item"):
+        return strict_json(value.item())
+    return str(value)
+
+
+def _committed_by(store: LineageStore, tenant: str, lineage: str, job_id: str) -> dict | None:
+    """The version this job committed, if the lineage head is it (a cancel that raced the commit)."""
+    try:
+        doc = store.get_lineage(tenant, lineage)
+        if doc and doc["head"] > 0:
+            manifest = store.manifest(tenant, lineage, doc["head"])
+            if manifest.get("job_id") == job_id:
+                return {"version": manifest["version"], "manifest": manifest, "metrics": manifest.get("metrics", {})}
+    except MergelineError:
+        pass
+    return None
+
+
+@retry(retry=retry_if_exception_type(BrokerUnavailable), stop=stop_after_attempt(6),
+       wait=wait_exponential(multiplier=0.5, max=10), reraise=True)
+def _finish(jobs: JobStore, job_id: str, token: str, status: str, **outcome) -> dict | None:
+    return jobs.finish(job_id, token, status, **outcome)
+
+
+def execute_job(job_id: str) -> str:
+    """Run one job if it is its turn. Returns what happened (for logs and tests)."""
+    ctx = context()
+    token = uuid.uuid4().hex
+    with logs.job_context(job_id):
+        acquired = ctx.jobs.acquire(job_id, token)
+        if acquired.state != "acquired":
+            log.info("job not run", extra={"state": acquired.state})
+            if acquired.state in ("cancelled", "worker_lost"):
+                _after(ctx, acquired.record, time.monotonic())
+            return acquired.state
+        record = acquired.record
+        started = time.monotonic()
+        log.info("job started", extra={"attempt": int(record["attempts"]), "lineage": record["lineage"]})
+        keeper = LeaseKeeper(ctx.jobs, record, token, ctx.settings.lease_ttl_s).start()
+        outcome: dict[str, Any] = {}
+        try:
+            spec = parse_job_spec(record["spec"])
+            result = ctx.engine(spec, ctx.store, RecordProgress(ctx, job_id, keeper), tenant=record["tenant"],
+                                job_id=job_id, settings=ctx.settings)
+            status, outcome = "succeeded", {"result": strict_json(result)}
+        except LeaseLost:
+            log.warning("job abandoned: lease lost")
+            return "lease_lost"
+        except JobCancelled:
+            committed = _committed_by(ctx.store, record["tenant"], record["lineage"], job_id)
+            if committed is not None:
+                status, outcome = "succeeded", {"result": committed}
+            else:
+                status, outcome = "cancelled", {"error": {"type": "cancelled", "message": "cancelled by request"}}
+        except MergelineError as exc:
+            status, outcome = "failed", {"error": {"type": exc.type, "message": exc.message}}
+        except Exception as exc:
+            log.exception("job failed with an unexpected error")
+            message = f"internal error ({type(exc).__name__}); see the worker log"
+            status, outcome = "failed", {"error": {"type": "internal", "message": message}}
+        finally:
+            keeper.stop()
+        final = _finish(ctx.jobs, job_id, token, status, **outcome)
+        if final is None:
+            log.warning("job outcome not recorded: lease lost", extra={"status": status})
+            return "lease_lost"
+        log.info("job finished", extra={"status": final["status"], "seconds": round(time.monotonic() - started, 3)})
+        _after(ctx, final, started, measured=True)
+        return final["status"]
+
+
+def _after(ctx: WorkerContext, record: dict, started: float, *, measured: bool = False) -> None:
+    """Side effects of a final job, none of which may fail it: metrics and the lineage's next job (the webhook is
+    enqueued by the JobStore's final hook)."""
+    try:
+        if measured:
+            ctx.metrics.observe("job_duration_seconds", time.monotonic() - started, status=record["status"])
+            result = public_job(record)["result"]
+            if result:
+                ctx.metrics.safe_inc("store_bytes_written", sum(f["bytes"] for f in result["manifest"]["files"]))
+                parent = result["manifest"].get("parent") or 0
+                if parent:  # the engine reads the parent version back from the store
+                    parent_files = ctx.store.manifest(record["tenant"], record["lineage"], parent)["files"]
+                    ctx.metrics.safe_inc("store_bytes_read", sum(f["bytes"] for f in parent_files))
+    except Exception:
+        log.exception("post-job bookkeeping failed")
+    try:
+        ctx.jobs.kick(record["tenant"], record["lineage"])
+    except BrokerUnavailable:
+        log.warning("could not send the lineage's next job; the reconciler will")
+
+
+@app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def run_merge_job(self, job_id: str) -> str:
+    return execute_job(job_id)
+
+
+# -- housekeeping threads, one set per worker (main) process ----------------------------------------------------
+_stop = threading.Event()
+
+
+def _reconcile_loop(stop: threading.Event) -> None:
+    while not stop.wait(context().settings.reconcile_interval_s):
+        try:
+            ctx = context()
+            sent = ctx.jobs.reconcile(throttle_ms=int(max(ctx.settings.reconcile_interval_s, 1.0) * 2000))
+            if sent:
+                log.info("reconciler re-sent jobs", extra={"jobs": ",".join(sent)})
+        except Exception:
+            log.exception("reconciler pass failed")
+
+
+def start_housekeeping() -> list[threading.Thread]:
+    _stop.clear()
+    threads = [threading.Thread(target=_reconcile_loop, args=(_stop,), name="mergeline-reconcile", daemon=True),
+               threading.Thread(target=context().webhooks.run, args=(_stop,), name="mergeline-webhooks",
+                                daemon=True)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+@worker_ready.connect
+def _on_ready(**_: Any) -> None:
+    start_housekeeping()
+
+
+@worker_shutdown.connect
+def _on_shutdown(**_: Any) -> None:
+    _stop.set()
