@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -90,7 +91,7 @@ def _run(spec, store, *, tenant: str, quiet: bool) -> dict:
 
 
 def fail(exc: MergelineError) -> None:
-    err.print(f"[red]error[/red] [{exc.type}] {exc.message}", highlight=False)
+    err.print(f"[red]error[/red] ({exc.type}): {escape(exc.message)}", highlight=False)
     raise typer.Exit(1)
 
 

@@ -154,6 +154,21 @@ def test_job_runs_with_progress_downloads_and_makes_v2(cluster, acme, receiver, 
     lineage = acme.lineage("vision")
     assert lineage["head"] == 2 and [v["job_id"] for v in lineage["versions"]] == [job["id"], second["id"]]
 
+    # The CLI reads lineages and pulls versions through the API when given a URL.
+    from typer.testing import CliRunner
+
+    from service.cli import app as cli
+
+    api = ["--url", cluster["url"], "--token", "tok-acme", "--json"]
+    shown = CliRunner().invoke(cli, ["lineage", "show", "vision", *api])
+    assert shown.exit_code == 0, shown.output
+    assert [v["parent"] for v in json.loads(shown.output)["versions"]] == [0, 1]
+    pulled = CliRunner().invoke(cli, ["pull", "vision", str(tmp_path / "head"), *api])
+    assert pulled.exit_code == 0, pulled.output
+    assert json.loads(pulled.output)["version"] == 2 and (tmp_path / "head" / "model.safetensors").exists()
+    hidden = CliRunner().invoke(cli, ["lineage", "show", "vision", "--url", cluster["url"], "--token", "tok-globex"])
+    assert hidden.exit_code == 1 and "not_found" in hidden.output
+
     stale = wait_final(acme, acme.submit(spec(inputs, "vision", [task(inputs, 2, name="again")],
                                               parent_version=1, with_base=False))["id"])
     assert stale["status"] == "failed" and stale["error"]["type"] == "conflict"
