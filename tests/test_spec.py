@@ -24,7 +24,7 @@ def test_contract_example_parses_with_defaults():
                           "batch_size": 16, "seed": 0}, "parent_version": None,
                           "webhook": {"url": "https://ci.example/hooks/merge", "secret": "s3cr3t"}})
     assert job.method == "otmf"
-    assert job.params["blur"] == 0.05 and job.params["alpha"] == 0.8
+    assert job.params["blur"] == 0.01 and job.params["alpha"] == 0.8 and job.params["pre_data"] == "reservoir"
     assert job.method_params().steps == 100
 
 
