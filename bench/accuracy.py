@@ -1,0 +1,187 @@
+"""Continual-merging accuracy on the bench suite: every method, all 8 tasks, 3 task orders, through `run_job`.
+
+For each task order and method, one job per task is posted onto a fresh lineage (worker.demo.merge_continually,
+the path a pipeline takes); each job's metrics hold the accuracy of every merged task on the new version.
+From them:
+  average accuracy   mean over the 8 tasks of the final version's accuracy
+  normalized         mean over tasks of (merged accuracy ÷ that task's individual fine-tuned accuracy)
+  BWT                mean over tasks 1..T−1 of (final accuracy − accuracy right after the task was merged)
+reported as mean ± half-range (spread) over the orders, with the curve of average accuracy against the number of
+merged tasks plotted to docs/benchmarks-accuracy.png.
+
+    .venv/bin/python -m bench.accuracy [--orders 3] [--methods otmf-current,ties] [--otmf-steps 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+import traceback
+
+from bench.common import CACHE, DOCS, apply_patches, write_result
+from bench.suite import TASKS, get_suite, task_orders
+
+# label: (method, params). Everything else is the method's defaults (service/spec.py).
+METHODS: dict[str, tuple[str, dict]] = {
+    "otmf-current": ("otmf", {"pre_data": "current"}),
+    "otmf-reservoir": ("otmf", {"pre_data": "reservoir"}),
+    "task_arithmetic": ("task_arithmetic", {}),
+    "ties": ("ties", {}),
+    "opcm": ("opcm", {}),
+    "weight_average": ("weight_average", {}),
+}
+DATA_FREE = ("task_arithmetic", "ties", "opcm", "weight_average")
+PLOT = DOCS / "benchmarks-accuracy.png"
+
+
+def run_lineage(suite: dict, order: list[str], method: str, params: dict, *, lineage: str, store, settings) -> dict:
+    from worker.demo import merge_continually
+
+    started = time.monotonic()
+    results = merge_continually(suite, order, method, params, store=store, settings=settings, lineage=lineage)
+    seconds = time.monotonic() - started
+    per_step = [{n: m["accuracy"] for n, m in r["metrics"]["tasks"].items()} for r in results]
+    return {"order": order, "curve": [r["metrics"]["avg_accuracy"] for r in results], "per_step": per_step,
+            "seconds": round(seconds, 2), "job_seconds": [r["metrics"].get("seconds") for r in results]}
+
+
+def summarise(run: dict, individual: dict[str, float]) -> dict:
+    """Average accuracy, normalized accuracy and BWT of one lineage (all fractions in [0, 1])."""
+    order, final = run["order"], run["per_step"][-1]
+    just_merged = {name: run["per_step"][i][name] for i, name in enumerate(order)}
+    bwt = [final[n] - just_merged[n] for n in order[:-1]]
+    return {
+        "avg_accuracy": statistics.fmean(final[n] for n in order),
+        "normalized": statistics.fmean(final[n] / individual[n] for n in order),
+        "bwt": statistics.fmean(bwt) if bwt else 0.0,
+        "final": final,
+    }
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "spread": (max(values) - min(values)) / 2, "values": values}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--orders", type=int, default=3)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--otmf-steps", type=int, default=None, help="override OTMF's `steps` (default: its own)")
+    parser.add_argument("--otmf-params", default="{}", help="extra OTMF params as JSON, e.g. '{\"lr\": 0.02}'")
+    parser.add_argument("--name", default="accuracy", help="result file name under bench/.cache/results")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    patches = apply_patches()
+
+    from service.settings import Settings
+    from service.store import LineageStore
+
+    suite = get_suite(log=lambda m: print(m, flush=True))
+    individual = {n: suite["tasks"][n]["individual_accuracy"] for n in TASKS}
+    store_root = CACHE / "stores" / args.name
+    shutil.rmtree(store_root, ignore_errors=True)
+    settings = Settings(store=store_root.as_uri(), allowed_roots=str(CACHE), device="cpu")
+    store = LineageStore(settings.store)
+    orders = task_orders(args.orders)
+    otmf_extra = json.loads(args.otmf_params)
+    if args.otmf_steps:
+        otmf_extra["steps"] = args.otmf_steps
+
+    methods: dict[str, dict] = {}
+    for label in args.methods.split(","):
+        method, params = METHODS[label]
+        params = {**params, **(otmf_extra if method == "otmf" else {})}
+        runs, error = [], None
+        for k, order in enumerate(orders):
+            lineage = f"{label.replace('_', '-')}-o{k}"
+            print(f"[accuracy] {label} order {k}: {' → '.join(order)}", flush=True)
+            try:
+                run = run_lineage(suite, order, method, params, lineage=lineage, store=store, settings=settings)
+            except Exception as exc:  # a method that has not landed yet, or fails: report it, keep the others
+                error = f"{type(exc).__name__}: {exc}"
+                traceback.print_exc()
+                break
+            run.update(summarise(run, individual))
+            print(f"[accuracy] {label} order {k}: avg {run['avg_accuracy']:.4f} norm {run['normalized']:.4f} "
+                  f"bwt {run['bwt']:+.4f} ({run['seconds']:.0f} s)", flush=True)
+            runs.append(run)
+        entry: dict = {"method": method, "params": params, "runs": runs}
+        if error:
+            entry["error"] = error
+        if runs and not error:
+            for key in ("avg_accuracy", "normalized", "bwt"):
+                entry[key] = spread([r[key] for r in runs])
+            curves = [r["curve"] for r in runs]
+            entry["curve"] = [statistics.fmean(c[i] for c in curves) for i in range(len(curves[0]))]
+            entry["seconds"] = spread([r["seconds"] for r in runs])
+        methods[label] = entry
+
+    result = {
+        "suite": {"tasks": TASKS, "build": suite["config"] | {"arch": "TINY_CLIP"},
+                  "individual": individual, "base": suite["base_accuracy"],
+                  "individual_avg": statistics.fmean(individual.values()),
+                  "base_avg": statistics.fmean(suite["base_accuracy"].values())},
+        "orders": orders,
+        "methods": methods,
+        "patches": patches,
+        "command": "python -m bench.accuracy " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    result["targets"] = targets(result)
+    write_result(args.name, result)
+    if not args.no_plot:
+        plot(result, PLOT if args.name == "accuracy" else DOCS / f"benchmarks-{args.name}.png")
+    return result
+
+
+def targets(result: dict) -> dict:
+    """OTMF ≥ best data-free + 5 points, and ≥ 0.90 normalized (the better OTMF variant)."""
+    ok = {k: v for k, v in result["methods"].items() if "avg_accuracy" in v}
+    otmf = {k: v for k, v in ok.items() if v["method"] == "otmf"}
+    free = {k: v for k, v in ok.items() if k in DATA_FREE}
+    if not otmf or not free:
+        return {}
+    best_otmf = max(otmf, key=lambda k: otmf[k]["avg_accuracy"]["mean"])
+    best_free = max(free, key=lambda k: free[k]["avg_accuracy"]["mean"])
+    margin = 100 * (otmf[best_otmf]["avg_accuracy"]["mean"] - free[best_free]["avg_accuracy"]["mean"])
+    norm = otmf[best_otmf]["normalized"]["mean"]
+    return {"best_otmf": best_otmf, "best_data_free": best_free, "margin_points": margin,
+            "margin_met": margin >= 5.0, "normalized": norm, "normalized_met": norm >= 0.90}
+
+
+def plot(result: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    n = len(result["suite"]["tasks"])
+    xs = list(range(1, n + 1))
+    for label, entry in result["methods"].items():
+        if "curve" not in entry:
+            continue
+        runs = entry["runs"]
+        lo = [min(r["curve"][i] for r in runs) * 100 for i in range(n)]
+        hi = [max(r["curve"][i] for r in runs) * 100 for i in range(n)]
+        (line,) = ax.plot(xs, [c * 100 for c in entry["curve"]], marker="o", label=label)
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12)
+    ax.axhline(result["suite"]["individual_avg"] * 100, color="k", ls="--", lw=1, label="individual (avg)")
+    ax.axhline(result["suite"]["base_avg"] * 100, color="gray", ls=":", lw=1, label="base + heads (avg)")
+    ax.set_xlabel("tasks merged")
+    ax.set_ylabel("average accuracy over merged tasks (%)")
+    ax.set_title(f"Continual merging on the bench suite (mean over {len(result['orders'])} task orders)")
+    ax.set_xticks(xs)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right", ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

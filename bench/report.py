@@ -1,0 +1,273 @@
+"""Writes docs/benchmarks.md from the result files of the bench scripts (bench/.cache/results/*.json).
+
+    .venv/bin/python -m bench.report [--command "bench/run_all"] [--seconds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from bench.common import DOCS, machine, now, read_result
+
+DOC = DOCS / "benchmarks.md"
+
+
+def pct(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}"
+
+
+def pm(entry: dict | None, scale: float = 100, digits: int = 1, sign: bool = False) -> str:
+    if not entry:
+        return "–"
+    fmt = f"{{:{'+' if sign else ''}.{digits}f}}"
+    return f"{fmt.format(scale * entry['mean'])} ± {scale * entry['spread']:.{digits}f}"
+
+
+def met(flag: bool | None) -> str:
+    return "–" if flag is None else ("**met**" if flag else "**missed**")
+
+
+def machine_line(m: dict) -> str:
+    return (f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB RAM, GPU: {m.get('gpu')}; "
+            f"Python {m.get('python')}, torch {m.get('torch', '?')} ({m.get('torch_threads', '?')} threads); "
+            f"1-min load average when the result was written: {m.get('load_avg_1m')}")
+
+
+def accuracy_section(r: dict | None) -> list[str]:
+    out = ["## 1. Continual-merging accuracy on the bench suite", ""]
+    if r is None:
+        return [*out, "_Not run._", ""]
+    s = r["suite"]
+    b = s["build"]
+    out += [
+        f"Suite (`bench/suite`, built by `worker.demo.build_suite`): tiny OpenCLIP ViT (`TINY_CLIP`: 28×28 input, "
+        f"7×7 patches, width 64, 4 layers), pretrained {b['pretrain_steps']} steps on rotation prediction, "
+        f"fine-tuned {b['finetune_steps']} steps per task (tower + linear head); calibration {b['calib_size']} "
+        f"unlabelled training images per task, eval {b['eval_size']} test images per task; seed {b['seed']}.",
+        "",
+        "| task | base + task head | individual fine-tuned |",
+        "| --- | ---: | ---: |",
+    ]
+    for t in s["tasks"]:
+        out.append(f"| {t} | {pct(s['base'][t])} | {pct(s['individual'][t])} |")
+    out += [f"| **average** | **{pct(s['base_avg'])}** | **{pct(s['individual_avg'])}** |", ""]
+    out += [
+        f"Every method merges all {len(s['tasks'])} tasks continually (one `run_job` per task onto a fresh lineage), "
+        f"over {len(r['orders'])} task orders; mean ± spread (half the range) over the orders. Accuracies in %; "
+        "normalized = mean over tasks of merged ÷ individual accuracy; BWT = mean over tasks 1..T−1 of "
+        "(final accuracy − accuracy right after the task was merged), in points.",
+        "",
+        "| method | params | average accuracy | normalized | BWT | seconds per lineage |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for label, e in r["methods"].items():
+        params = ", ".join(f"{k}={v}" for k, v in e.get("params", {}).items()) or "defaults"
+        if "error" in e:
+            out.append(f"| {label} | {params} | failed: {e['error'][:120]} | | | |")
+            continue
+        out.append(f"| {label} | {params} | {pm(e['avg_accuracy'])} | {pm(e['normalized'], 1, 3)} | "
+                   f"{pm(e['bwt'], sign=True)} | {pm(e['seconds'], 1, 0)} |")
+    out += ["", "Task orders:", ""]
+    for k, order in enumerate(r["orders"]):
+        out.append(f"{k}. {' → '.join(order)}")
+    out += ["", "![average accuracy against tasks merged](benchmarks-accuracy.png)", ""]
+    # Per-task final accuracies, order 0.
+    out += ["Final per-task accuracy (%), task order 0:", "",
+            "| task | " + " | ".join(label for label, e in r["methods"].items() if e.get("runs")) + " |",
+            "| --- |" + " ---: |" * sum(1 for e in r["methods"].values() if e.get("runs"))]
+    for t in s["tasks"]:
+        cells = [pct(e["runs"][0]["final"][t]) for e in r["methods"].values() if e.get("runs")]
+        out.append(f"| {t} | " + " | ".join(cells) + " |")
+    out.append("")
+    if r.get("patches"):
+        out += [f"_Engine patches applied for this run: {', '.join(r['patches'])}._", ""]
+    return out
+
+
+def peers_section(r: dict | None) -> list[str]:
+    out = ["## 2. Peers on the same checkpoints (same run)", ""]
+    if r is None:
+        return [*out, "_Not run._", ""]
+    out += ["Each side runs in a fresh process; time is the process's wall time (imports, reading and writing files "
+            "included; ours is a whole `run_job`, with its sha256 of every input and its commit to the store), "
+            "memory its peak RSS (ru_maxrss). Ratios are ours ÷ theirs (below 1: ours is faster or smaller).", "",
+            "| peer | comparison | max abs diff | ours s | theirs s | time ratio | ours MiB | theirs MiB | "
+            "memory ratio |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def row(peer: str, name: str, e: dict) -> str:
+        return (f"| {peer} | {name} ({e.get('what', '')}) | {e['max_abs_diff']:.2e} | {e['ours']['wall_s']:.1f} | "
+                f"{e['theirs']['wall_s']:.1f} | {e['time_ratio']:.2f} | {e['ours']['peak_rss_mib']:.0f} | "
+                f"{e['theirs']['peak_rss_mib']:.0f} | {e['memory_ratio']:.2f} |")
+
+    notes = []
+    fb = r.get("fusion_bench", {})
+    if "error" in fb:
+        notes.append(f"- FusionBench could not run here: `{fb['error'][:600]}`")
+    else:
+        for label, e in fb.items():
+            if isinstance(e, dict) and "max_abs_diff" in e:
+                out.append(row(f"FusionBench {fb['versions'].get('fusion-bench', '')}", label, e))
+                notes.append(f"- FusionBench {label}: `{e.get('fusion_bench_function')}`; largest difference in "
+                             f"`{e.get('worst_tensor')}`; FusionBench's own merge loop took "
+                             f"{e['theirs'].get('merge_s', 0):.2f} s "
+                             f"of its {e['theirs']['wall_s']:.1f} s.")
+    mk = r.get("mergekit", {})
+    if "error" in mk:
+        notes.append(f"- mergekit could not run here: `{mk['error'][:600]}`")
+    else:
+        name = f"mergekit {mk['versions'].get('mergekit', '')}"
+        if "task_arithmetic" in mk:
+            out.append(row(name, "task_arithmetic", mk["task_arithmetic"]))
+        for k, e in mk.get("ties", {}).items():
+            out.append(row(name, f"ties {k}", e))
+            notes.append(f"- mergekit ties {k}: {e.get('differing_fraction', 0):.2%} of entries differ at all; "
+                         f"{e.get('sign_ties', 0)} entries are exact sign ties (head + task = 0: mergekit elects +, "
+                         f"we elect no sign); max abs diff off those ties {e.get('max_abs_diff_off_ties', 0):.2e}.")
+        cli = (mk.get("task_arithmetic") or {}).get("cli")
+        if cli:
+            notes.append(f"- mergekit ran as: {cli}.")
+    if "versions" in fb:
+        notes.append(f"- FusionBench venv: {fb['versions']}; mergekit venv: {mk.get('versions', {})}.")
+    return [*out, "", *notes, ""]
+
+
+def cost_section(r: dict | None) -> list[str]:
+    out = ["## 3. Engine cost (OpenCLIP ViT-B-32 image tower, random weights)", ""]
+    if r is None:
+        return [*out, "_Not run._", ""]
+    f = r["files"]
+    out += [f"Tower: {f['numel'] / 1e6:.1f} M parameters, {f['tower_mib']:.0f} MiB in float32. CPU only "
+            "(no GPU was lent to this session: no GPU figures).", ""]
+    for dtype, it in r.get("iteration", {}).items():
+        out += [
+            f"**One OTMF iteration ({dtype}), batch {it['batch']}, {it['steps']} iterations measured:**", "",
+            "| figure | value |", "| --- | ---: |",
+            f"| plain forward+backward of the tower (median) | {it['plain_fwd_bwd_s']:.2f} s |",
+            f"| OTMF iteration (median interval between iterations) | {it['otmf_iteration_s']:.2f} s |",
+            f"| **overhead ratio** (target ≤ 1.5×) | **{it['overhead_ratio']:.2f}×** |",
+            f"| whole OTMF step ({it['steps']} iterations, teachers' features, held-out checks) | "
+            f"{it['otmf_step_s']:.1f} s |",
+            f"| OTMF step's peak memory above the process before it | {it['otmf_peak_increment_mib']:.0f} MiB = "
+            f"**{it['otmf_peak_increment_x_tower']:.1f}× the tower** (target < 10×) |",
+            f"| whole process peak (torch, θ0, head, task, inputs and the step) | {it['process_peak_mib']:.0f} MiB = "
+            f"{it['process_peak_x_tower']:.1f}× the tower |",
+            f"| plain forward+backward's own peak above its baseline | {it['plain_peak_increment_mib']:.0f} MiB |",
+            "",
+        ]
+    lin = r.get("lineage")
+    if lin:
+        out += [f"**A 10-task OTMF lineage** (pre_data {lin['pre_data']}, {lin['steps']} iterations per step, batch "
+                f"{lin['batch']}), each job a fresh process; peak RSS of the job's process:", "",
+                "| step | " + " | ".join(str(j["step"]) for j in lin["jobs"]) + " |",
+                "| --- |" + " ---: |" * len(lin["jobs"]),
+                "| peak MiB | " + " | ".join(f"{j['peak_rss_mib']:.0f}" for j in lin["jobs"]) + " |",
+                "| × tower | " + " | ".join(f"{j['peak_rss_mib'] / lin['tower_mib']:.1f}" for j in lin["jobs"]) + " |",
+                "| reservoir items | " + " | ".join(str(j.get("reservoir_items", "–")) for j in lin["jobs"]) + " |",
+                "", f"Growth from step 2 to step 10: **{100 * lin['growth_step2_to_10']:+.1f}%** (target < 5%: "
+                f"{met(lin['flat_met'])}).", ""]
+    tp = r.get("throughput")
+    if tp:
+        out += [f"**Data-free merge throughput**: {tp['files']} safetensors files of the tower (base + "
+                f"{tp['files'] - 1} tasks, {tp['bytes_processed'] / 1e9:.2f} GB read), ours (`run_job`, state_dict "
+                f"family, one job of {tp['files'] - 1} tasks) against `mergekit-pytorch` "
+                f"({tp['mergekit'].get('mergekit', '')}) on the same files; whole-process wall time:", "",
+                "| method | ours s | ours GB/s | mergekit s | mergekit GB/s | ours ÷ mergekit speed | ours MiB | "
+                "mergekit MiB | target |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for m in ("task_arithmetic", "ties"):
+            e = tp.get(m)
+            if e:
+                out.append(f"| {m} | {e['ours']['wall_s']:.1f} | {e['ours']['gb_per_s']:.3f} | "
+                           f"{e['mergekit']['wall_s']:.1f} | {e['mergekit']['gb_per_s']:.3f} | "
+                           f"{e['speed_ratio']:.2f}× | "
+                           f"{e['ours']['peak_rss_mib']:.0f} | {e['mergekit']['peak_rss_mib']:.0f} | {met(e['met'])} |")
+        out.append("")
+    return out
+
+
+def service_section(r: dict | None) -> list[str]:
+    out = ["## 4. Service cost", ""]
+    if r is None:
+        return [*out, "_Not run._", ""]
+    if "error" in r:
+        return [*out, f"_Failed: {r['error']}_", ""]
+    out += [f"{r['setup']}. {r['jobs']} submissions and {r['polls']} status polls at most, {r['concurrency']} "
+            f"concurrent clients, each phase bounded to {r['seconds_bound']:.0f} s.", "",
+            "| operation | requests | throughput (req/s) | p50 ms | p99 ms | status codes |",
+            "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for name, key in (("POST /v1/jobs", "submit"), ("GET /v1/jobs/{id}", "poll")):
+        e = r[key]
+        out.append(f"| {name} | {e['requests']} | {e['per_s']:.0f} | {e['p50_ms']:.1f} | {e['p99_ms']:.1f} | "
+                   f"{e['status_codes']} |")
+    out += ["", f"Submitted jobs' status at the end (one worker, bounded wait): {r['jobs_outcome']}.", ""]
+    return out
+
+
+def targets_section(acc: dict | None, cost: dict | None) -> list[str]:
+    out = ["## Targets", "", "| target | measured | status |", "| --- | --- | --- |"]
+    t = (acc or {}).get("targets") or {}
+    if t:
+        out.append(f"| OTMF ≥ best data-free + 5 points | {t['best_otmf']} − {t['best_data_free']} = "
+                   f"{t['margin_points']:+.1f} points | {met(t['margin_met'])} |")
+        out.append(f"| OTMF ≥ 0.90 normalized | {t['normalized']:.3f} ({t['best_otmf']}) | "
+                   f"{met(t['normalized_met'])} |")
+    else:
+        out.append("| OTMF accuracy targets | not measured | – |")
+    if cost:
+        for dtype, it in cost.get("iteration", {}).items():
+            out.append(f"| OTMF iteration ≤ 1.5× forward+backward ({dtype}) | {it['overhead_ratio']:.2f}× | "
+                       f"{met(it['overhead_ratio'] <= 1.5)} |")
+            out.append(f"| OTMF step peak < 10× tower ({dtype}) | {it['otmf_peak_increment_x_tower']:.1f}× "
+                       f"(whole process {it['process_peak_x_tower']:.1f}×) | "
+                       f"{met(it['otmf_peak_increment_x_tower'] < 10)} |")
+        lin = cost.get("lineage")
+        if lin:
+            out.append(f"| lineage peak grows < 5% from step 2 to 10 | {100 * lin['growth_step2_to_10']:+.1f}% | "
+                       f"{met(lin['flat_met'])} |")
+        for m, e in (cost.get("throughput") or {}).items():
+            if isinstance(e, dict) and "speed_ratio" in e:
+                out.append(f"| {m} at least as fast as mergekit | {e['ours']['gb_per_s']:.3f} vs "
+                           f"{e['mergekit']['gb_per_s']:.3f} GB/s ({e['speed_ratio']:.2f}×) | {met(e['met'])} |")
+    return [*out, ""]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--command", default="bench/run_all")
+    parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument("--notes", default=None, help="a markdown file whose text is inserted after the header")
+    args = parser.parse_args(argv)
+    acc, peers, cost, svc = (read_result(n) for n in ("accuracy", "peers", "engine_cost", "service_load"))
+    m = machine()
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `{args.command}` on {now()}"
+        + (f" in {args.seconds / 60:.0f} min" if args.seconds else "") + ".",
+        "",
+        f"Machine: {machine_line(m)}. **No GPU was lent to the session that produced these figures: every figure is "
+        "CPU-only; there are no GPU figures.**",
+        "",
+    ]
+    if args.notes and Path(args.notes).exists():
+        lines += [Path(args.notes).read_text().strip(), ""]
+    lines += targets_section(acc, cost)
+    for section in (accuracy_section(acc), peers_section(peers), cost_section(cost), service_section(svc)):
+        lines += section
+    results = [(n, x) for n, x in (("accuracy", acc), ("peers", peers), ("engine_cost", cost),
+                                   ("service_load", svc)) if x]
+    lines += ["## When and where each part was measured", "", "| part | written | machine load (1-min avg) |",
+              "| --- | --- | ---: |"]
+    for name, x in results:
+        lines.append(f"| {name} | {x.get('generated_at')} | {x.get('machine', {}).get('load_avg_1m')} |")
+        for part, info in (x.get("parts_measured") or {}).items():
+            lines.append(f"| {name}: {part} | {info.get('generated_at')} | {info.get('load_avg_1m')} |")
+    lines.append("")
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text("\n".join(lines))
+    print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""Service cost: job submission and status-poll throughput and latency (p50/p99) against the real service.
+
+Starts, on loopback only, a real `redis-server` (no persistence), the API (`mergeline serve`, uvicorn) with that
+Redis as broker and job store, and one Celery worker (`mergeline worker`); then an asyncio load generator (httpx,
+bounded in count and in time) posts tiny data-free jobs (state_dict family, a 4 KiB checkpoint, task arithmetic)
+and polls their status. Everything it started is stopped at the end, by process id.
+
+    .venv/bin/python -m bench.service_load [--jobs 300] [--polls 2000] [--concurrency 16] [--seconds 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import CACHE, ROOT, write_result
+
+WORK = CACHE / "service"
+TOKEN = "bench-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def make_files() -> tuple[Path, Path]:
+    import torch
+    from safetensors.torch import save_file
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    base, task = WORK / "base.safetensors", WORK / "task.safetensors"
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 32, generator=g)
+    save_file({"w": w}, base)
+    save_file({"w": w + 0.01 * torch.randn(32, 32, generator=g)}, task)
+    return base, task
+
+
+class Services:
+    """redis-server, the API and one worker, started here and stopped by pid."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> str:
+        redis_port, api_port = free_port(), free_port()
+        shutil.rmtree(WORK / "data", ignore_errors=True)
+        (WORK / "data").mkdir(parents=True)
+        logs = WORK / "logs"
+        logs.mkdir(exist_ok=True)
+        redis = shutil.which("redis-server")
+        if not redis:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        self._spawn([redis, "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "", "--appendonly", "no",
+                     "--dir", str(WORK / "data")], logs / "redis.log")
+        wait_port(redis_port)
+        url = f"redis://127.0.0.1:{redis_port}/0"
+        env = {**os.environ, "MERGELINE_BROKER_URL": url, "MERGELINE_REDIS_URL": url,
+               "MERGELINE_API_TOKENS": f"{TOKEN}=bench", "MERGELINE_STORE": (WORK / "data" / "store").as_uri(),
+               "MERGELINE_ALLOWED_ROOTS": str(WORK), "MERGELINE_DATA_DIR": str(WORK / "data"),
+               "MERGELINE_DEVICE": "cpu", "MERGELINE_LOG_LEVEL": "WARNING",
+               "PYTHONPATH": str(ROOT)}
+        cli = [sys.executable, "-c", "from service.cli import main; main()"]
+        self._spawn([*cli, "serve", "--host", "127.0.0.1", "--port", str(api_port)], logs / "api.log", env)
+        self._spawn([*cli, "worker"], logs / "worker.log", env)
+        wait_port(api_port, timeout=60)
+        return f"http://127.0.0.1:{api_port}"
+
+    def _spawn(self, cmd: list[str], log: Path, env: dict | None = None) -> None:
+        with open(log, "w") as f:
+            self.procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=WORK,
+                                               start_new_session=True))
+
+    def stop(self) -> None:
+        """Worker, then API, then Redis: each gets SIGTERM (to its own session, pool children included) and 15 s."""
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+async def load(url: str, base: Path, task: Path, *, jobs: int, polls: int, concurrency: int, seconds: float) -> dict:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=30) as client:
+        ready = await client.get("/readyz")
+        submit_lat: list[float] = []
+        statuses: dict[int, int] = {}
+        ids: list[str] = []
+        counter = iter(range(jobs))
+        deadline = time.monotonic() + seconds
+
+        async def submitter() -> None:
+            for i in counter:
+                if time.monotonic() > deadline:
+                    return
+                spec = {"lineage": f"load-{i}", "method": "task_arithmetic",
+                        "base": {"family": "state_dict", "uri": base.as_uri()},
+                        "tasks": [{"name": "t", "checkpoint": task.as_uri()}]}
+                t0 = time.perf_counter()
+                r = await client.post("/v1/jobs", json=spec)
+                submit_lat.append(time.perf_counter() - t0)
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                if r.status_code in (200, 201, 202):
+                    ids.append(r.json()["id"])
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(submitter() for _ in range(concurrency)))
+        submit_elapsed = time.perf_counter() - t0
+
+        poll_lat: list[float] = []
+        poll_status: dict[int, int] = {}
+        job_status: dict[str, str] = {}
+        poll_counter = iter(range(polls))
+        deadline = time.monotonic() + seconds
+
+        async def poller() -> None:
+            for i in poll_counter:
+                if time.monotonic() > deadline or not ids:
+                    return
+                job_id = ids[i % len(ids)]
+                t0 = time.perf_counter()
+                r = await client.get(f"/v1/jobs/{job_id}")
+                poll_lat.append(time.perf_counter() - t0)
+                poll_status[r.status_code] = poll_status.get(r.status_code, 0) + 1
+                if r.status_code == 200:
+                    job_status[job_id] = r.json()["status"]
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(poller() for _ in range(concurrency)))
+        poll_elapsed = time.perf_counter() - t0
+
+        # How far the single worker got: wait (bounded) for the submitted jobs to finish.
+        drain_deadline = time.monotonic() + seconds
+        final: dict[str, str] = {}
+        while time.monotonic() < drain_deadline:
+            pending = [j for j in ids if final.get(j) not in ("succeeded", "failed", "cancelled")]
+            if not pending:
+                break
+            for job_id in pending[:50]:
+                r = await client.get(f"/v1/jobs/{job_id}")
+                if r.status_code == 200:
+                    final[job_id] = r.json()["status"]
+            await asyncio.sleep(0.5)
+        outcome: dict[str, int] = {}
+        for job_id in ids:
+            outcome[final.get(job_id, "unknown")] = outcome.get(final.get(job_id, "unknown"), 0) + 1
+
+    def stats(lat: list[float], elapsed: float, codes: dict[int, int]) -> dict:
+        ms = [x * 1000 for x in lat]
+        return {"requests": len(lat), "seconds": elapsed, "per_s": len(lat) / elapsed if elapsed else 0.0,
+                "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99),
+                "mean_ms": statistics.fmean(ms) if ms else float("nan"), "status_codes": codes}
+
+    return {"readyz": ready.status_code, "submit": stats(submit_lat, submit_elapsed, statuses),
+            "poll": stats(poll_lat, poll_elapsed, poll_status), "jobs_outcome": outcome}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=300)
+    parser.add_argument("--polls", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=60.0, help="time bound of each phase")
+    args = parser.parse_args(argv)
+    base, task = make_files()
+    services = Services()
+    try:
+        url = services.start()
+        result = asyncio.run(load(url, base, task, jobs=args.jobs, polls=args.polls, concurrency=args.concurrency,
+                                  seconds=args.seconds))
+    finally:
+        services.stop()
+    result.update({"jobs": args.jobs, "polls": args.polls, "concurrency": args.concurrency,
+                   "seconds_bound": args.seconds, "setup": "redis-server + `mergeline serve` (uvicorn) + one "
+                   "`mergeline worker`, all on 127.0.0.1; load generator in the same machine (httpx, asyncio)"})
+    print(f"[service_load] submit {result['submit']['per_s']:.0f}/s p50 {result['submit']['p50_ms']:.1f} ms "
+          f"p99 {result['submit']['p99_ms']:.1f} ms; poll {result['poll']['per_s']:.0f}/s p50 "
+          f"{result['poll']['p50_ms']:.1f} ms p99 {result['poll']['p99_ms']:.1f} ms; jobs {result['jobs_outcome']}")
+    write_result("service_load", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
