@@ -7,6 +7,7 @@ link-local addresses unless that too is configured. Every input's sha256 is reco
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import os
@@ -42,11 +43,31 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def dir_sha256(path: Path) -> tuple[str, int]:
+def cached_file_sha256(path: Path, cache_dir: Path) -> str:
+    """`file_sha256`, remembered per file identity and change times: every job of a lineage names the same base,
+    and hashing it again each time dominated data-free jobs. ctime cannot be set by users (unlike mtime), so a
+    rewritten file always misses the cache."""
+    st = path.stat()
+    identity = f"{path}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+    entry = cache_dir / "sha256" / hashlib.sha256(identity.encode()).hexdigest()
+    with contextlib.suppress(OSError):
+        known = entry.read_text()
+        if len(known) == 64:
+            return known
+    digest = file_sha256(path)
+    with contextlib.suppress(OSError):  # a cache that cannot be written only costs time
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")
+        tmp.write_text(digest)
+        os.replace(tmp, entry)
+    return digest
+
+
+def dir_sha256(path: Path, file_digest=file_sha256) -> tuple[str, int]:
     """One digest for a folder: its files' relative paths and digests, in order."""
     digest, total = hashlib.sha256(), 0
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n".encode())
+        digest.update(f"{file.relative_to(path).as_posix()}\0{file_digest(file)}\n".encode())
         total += file.stat().st_size
     return digest.hexdigest(), total
 
@@ -95,9 +116,12 @@ class UriReader:
                 target = inner.resolve()
                 if not any(target.is_relative_to(root) for root in self._roots):
                     raise AccessDenied(f"{uri}: {inner.name} links outside the allowed roots", param=field)
-            digest, size = dir_sha256(path)
+            digest, size = dir_sha256(path, self._local_sha256)
             return Fetched(uri, path, digest, size)
-        return Fetched(uri, path, file_sha256(path), path.stat().st_size)
+        return Fetched(uri, path, self._local_sha256(path), path.stat().st_size)
+
+    def _local_sha256(self, path: Path) -> str:
+        return cached_file_sha256(path, Path(self.settings.cache_dir).expanduser())
 
     # -- s3:// ---------------------------------------------------------------------------------------------
     def _fetch_s3(self, uri: str, field: str | None) -> Fetched:

@@ -118,3 +118,19 @@ def test_http_download_when_allowed_and_cut_off_download_fails(tmp_path, roots, 
         r.fetch(f"{http_server}/cut.bin")
     with pytest.raises(FetchFailed, match="404"):
         r.fetch(f"{http_server}/missing.bin")
+
+
+def test_local_sha256_is_cached_and_a_rewritten_file_is_hashed_again(tmp_path, roots):
+    allowed, _ = roots
+    cache = tmp_path / "cache"
+    r = UriReader(Settings(allowed_roots=allowed.as_uri(), cache_dir=str(cache)), tmp_path / "work")
+    target = allowed / "a.bin"
+    first = r.fetch(target.as_uri())
+    assert len(list((cache / "sha256").iterdir())) == 1
+    assert r.fetch(target.as_uri()).sha256 == first.sha256
+    stat = target.stat()
+    target.write_bytes(b"omega")  # same size, and its mtime forged back: ctime still moves
+    import os
+
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert r.fetch(target.as_uri()).sha256 == hashlib.sha256(b"omega").hexdigest()

@@ -1,24 +1,33 @@
-"""Fusion methods by name. Adding a method is one module and one entry here; its params live in service.spec."""
+"""Fusion methods by name. Adding a method is one module and one entry here; its params live in service.spec.
+
+Each method is imported on first use: a data-free job never loads OTMF's optimal-transport dependencies."""
 
 from __future__ import annotations
 
+import importlib
+
 from service.errors import InvalidInput
 from worker.engine.methods.base import Method, MethodState, StepInput, StepOutput
-from worker.engine.methods.opcm import OPCM
-from worker.engine.methods.otmf import OTMF
-from worker.engine.methods.task_arithmetic import TaskArithmetic
-from worker.engine.methods.ties import Ties
-from worker.engine.methods.weight_average import WeightAverage
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (OTMF, TaskArithmetic, Ties, OPCM, WeightAverage)}
+METHODS: dict[str, str] = {
+    "otmf": "worker.engine.methods.otmf:OTMF",
+    "task_arithmetic": "worker.engine.methods.task_arithmetic:TaskArithmetic",
+    "ties": "worker.engine.methods.ties:Ties",
+    "opcm": "worker.engine.methods.opcm:OPCM",
+    "weight_average": "worker.engine.methods.weight_average:WeightAverage",
+}
 
 
 def get_method(name: str) -> Method:
     """A new instance of the method registered as `name`; InvalidInput (naming `method`) for an unknown one."""
     try:
-        return METHODS[name]()
+        target = METHODS[name]
     except KeyError:
         raise InvalidInput(f"unknown method {name!r}; choose one of {', '.join(METHODS)}", param="method") from None
+    module_name, _, class_name = target.partition(":")
+    method = getattr(importlib.import_module(module_name), class_name)()
+    assert method.name == name, f"{target} is registered as {name!r} but calls itself {method.name!r}"
+    return method
 
 
 __all__ = ["METHODS", "Method", "MethodState", "StepInput", "StepOutput", "get_method"]
