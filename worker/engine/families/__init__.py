@@ -3,10 +3,8 @@ libraries of the others (transformers, open_clip)."""
 
 from __future__ import annotations
 
-import importlib
-
-from service.errors import InvalidInput
 from worker.engine.families.base import Family
+from worker.engine.registry import instantiate
 
 FAMILIES: dict[str, str] = {
     "open_clip": "worker.engine.families.open_clip:OpenClipFamily",
@@ -17,11 +15,4 @@ FAMILIES: dict[str, str] = {
 
 def get_family(name: str) -> Family:
     """A new instance of the family called `name`; InvalidInput for an unknown name."""
-    try:
-        target = FAMILIES[name]
-    except KeyError:
-        raise InvalidInput(
-            f"unknown model family {name!r}: use one of {', '.join(sorted(FAMILIES))}", param="base.family"
-        ) from None
-    module_name, _, class_name = target.partition(":")
-    return getattr(importlib.import_module(module_name), class_name)()
+    return instantiate(FAMILIES, name, kind="model family", param="base.family")

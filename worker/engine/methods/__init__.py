@@ -4,10 +4,8 @@ Each method is imported on first use: a data-free job never loads OTMF's optimal
 
 from __future__ import annotations
 
-import importlib
-
-from service.errors import InvalidInput
 from worker.engine.methods.base import Method, MethodState, StepInput, StepOutput
+from worker.engine.registry import instantiate
 
 METHODS: dict[str, str] = {
     "otmf": "worker.engine.methods.otmf:OTMF",
@@ -20,14 +18,7 @@ METHODS: dict[str, str] = {
 
 def get_method(name: str) -> Method:
     """A new instance of the method registered as `name`; InvalidInput (naming `method`) for an unknown one."""
-    try:
-        target = METHODS[name]
-    except KeyError:
-        raise InvalidInput(f"unknown method {name!r}; choose one of {', '.join(METHODS)}", param="method") from None
-    module_name, _, class_name = target.partition(":")
-    method = getattr(importlib.import_module(module_name), class_name)()
-    assert method.name == name, f"{target} is registered as {name!r} but calls itself {method.name!r}"
-    return method
+    return instantiate(METHODS, name, kind="method", param="method")
 
 
 __all__ = ["METHODS", "Method", "MethodState", "StepInput", "StepOutput", "get_method"]
