@@ -320,10 +320,12 @@ def test_otmf_composition_with_unit_masks_is_the_alpha_blend(world: World):
     b = {k: (1 - alpha) * (task[k] - world.base[k]) for k in world.base}
     composed = compose(world.base, a, b, ones, ones, torch.float32)
     merged = merge_from_masks(world.base, head, task, ones, ones, alpha)
+    implicit = merge_from_masks(world.base, head, task, None, None, alpha)  # None: all-ones, never allocated
     for k, theta0 in world.base.items():
         expected = theta0 + alpha * (head[k] - theta0) + (1 - alpha) * (task[k] - theta0)
         torch.testing.assert_close(composed[k], expected, rtol=0, atol=1e-6)
         torch.testing.assert_close(merged[k], expected, rtol=0, atol=1e-6)
+        assert torch.equal(implicit[k], merged[k])
 
 
 def test_otmf_first_step_is_the_first_checkpoint(world: World):
