@@ -209,7 +209,7 @@ def pull(
 def demo(
     workdir: Path = typer.Option(Path("mergeline-data/demo"), help="where the demo's models, data and store go"),
     tasks: int = typer.Option(4, min=2, max=8, help="how many tasks to merge continually"),
-    steps: int = typer.Option(60, min=1, help="OTMF iterations per task"),
+    steps: int = typer.Option(100, min=1, help="OTMF iterations per task"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Build a small OpenCLIP base and fine-tuned task models from offline data, merge them continually with

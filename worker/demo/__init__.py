@@ -122,7 +122,7 @@ def merge_continually(suite: dict, task_names: list[str], method: str, params: d
     return results
 
 
-def run_demo(workdir: Path, *, n_tasks: int = 4, otmf_steps: int = 60, console=None,
+def run_demo(workdir: Path, *, n_tasks: int = 4, otmf_steps: int = 100, console=None,
              progress: Progress | None = None) -> dict:
     workdir = workdir.resolve()
     names = TASK_NAMES[:n_tasks]
