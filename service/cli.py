@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from service import cli_remote
+from service.client import ApiError
 from service.errors import InvalidInput, MergelineError
 from service.settings import get_settings
 
@@ -90,7 +91,8 @@ def _run(spec, store, *, tenant: str, quiet: bool) -> dict:
         return run_job(spec, store, BarProgress(bar, len(spec.tasks)), tenant=tenant)
 
 
-def fail(exc: MergelineError) -> None:
+def fail(exc: MergelineError | ApiError) -> None:
+    """Print a typed error (from the engine, the store or the API) and exit 1."""
     err.print(f"[red]error[/red] ({exc.type}): {escape(exc.message)}", highlight=False)
     raise typer.Exit(1)
 
@@ -128,17 +130,11 @@ def merge(
                                      list(metrics["tasks"])))
 
 
-def _api_error(exc) -> MergelineError:
-    error = MergelineError(exc.message, param=exc.param)
-    error.type = exc.type
-    return error
-
-
 @lineage_app.command("show")
 def lineage_show(name: str, store: str | None = StoreOpt, tenant: str = TenantOpt, as_json: bool = JsonOpt,
                  url: str | None = ApiUrlOpt, token: str | None = ApiTokenOpt) -> None:
     """A lineage's head, base and versions."""
-    from service.client import ApiError, MergelineClient
+    from service.client import MergelineClient
 
     try:
         if url and not store:
@@ -147,9 +143,7 @@ def lineage_show(name: str, store: str | None = StoreOpt, tenant: str = TenantOp
         else:
             s = _store(store)
             doc = {**s.require_lineage(tenant, name), "versions": s.manifests(tenant, name)}
-    except ApiError as exc:
-        fail(_api_error(exc))
-    except MergelineError as exc:
+    except (ApiError, MergelineError) as exc:
         fail(exc)
     versions = doc["versions"]
     if as_json:
@@ -177,7 +171,7 @@ def pull(
     token: str | None = ApiTokenOpt,
 ) -> None:
     """Download a version's files, verified against its manifest."""
-    from service.client import ApiError, MergelineClient
+    from service.client import MergelineClient
 
     name, _, version = ref.partition("@")
     try:
@@ -195,9 +189,7 @@ def pull(
             if v == 0:
                 raise InvalidInput(f"{name}@0 is the base model: pull its URI directly", param="version")
             manifest = s.download_version(tenant, name, v, dest)
-    except ApiError as exc:
-        fail(_api_error(exc))
-    except MergelineError as exc:
+    except (ApiError, MergelineError) as exc:
         fail(exc)
     if as_json:
         _print_json({"version": v, "dir": str(dest), "files": manifest["files"]})

@@ -83,7 +83,8 @@ def run_job(
         raise Conflict(f"lineage head is v{parent}, the job names parent_version {spec.parent_version}",
                        param="parent_version")
     base_ref = _base_ref(spec, lineage)
-    _check_task_names(spec, history)
+    merged_before = _task_names(history)
+    _check_task_names(spec, merged_before)
 
     family = get_family(base_ref["family"])
     method = get_method(spec.method)
@@ -114,12 +115,12 @@ def run_job(
         for i, t in enumerate(tasks):
             if t.eval is not None:
                 evals[t.spec.name] = EvalTask(
-                    t.spec.name, len(_task_names(history)) + i + 1,
+                    t.spec.name, len(merged_before) + i + 1,
                     family.load_inputs(t.eval, loaded, labelled=True, field=f"{t.field}.eval"),
                     load_state_dict(t.head.path, field=f"{t.field}.head"), f"{t.field}.head")
         # Every input is read and checked; from here on only a cancellation or the store can stop the job.
 
-        position = len(_task_names(history))
+        position = len(merged_before)
         step_metrics = []
         for i, task in enumerate(tasks):
             progress.event("task_started", f"merging {task.spec.name}", {"task_index": i, "name": task.spec.name})
@@ -135,7 +136,7 @@ def run_job(
             step_metrics.append({"task": task.spec.name, **out.metrics})
             data = {"task_index": i, "name": task.spec.name, **out.metrics}
             if task.spec.name in evals:
-                data["accuracy"] = _accuracy(family, loaded, merged, evals[task.spec.name], device)
+                data["accuracy"] = _accuracies(family, loaded, merged, [evals[task.spec.name]], device)[task.spec.name]
             progress.event("task_merged", f"merged {task.spec.name}", data)
 
         metrics = _evaluate_all(family, loaded, merged, evals, device)
@@ -191,8 +192,8 @@ def _task_names(history: list[dict]) -> list[str]:
     return [t["name"] for m in history for t in m["tasks"]]
 
 
-def _check_task_names(spec: JobSpec, history: list[dict]) -> None:
-    merged = set(_task_names(history))
+def _check_task_names(spec: JobSpec, merged_before: list[str]) -> None:
+    merged = set(merged_before)
     for i, task in enumerate(spec.tasks):
         if task.name in merged and not task.replace:
             raise InvalidInput(f"task {task.name!r} is already in lineage {spec.lineage!r}; "
@@ -276,18 +277,18 @@ def _lineage_evals(store: LineageStore, tenant: str, spec: JobSpec, family: Fami
     return evals
 
 
-def _accuracy(family: Family, loaded: LoadedBase, tower: Tensors, task: EvalTask, device: torch.device) -> float:
+def _accuracies(family: Family, loaded: LoadedBase, tower: Tensors, tasks: list[EvalTask],
+                device: torch.device) -> dict[str, float]:
+    """Each task's accuracy under `tower`, moved to the device once for all of them."""
     on_device = {k: v.to(device) for k, v in tower.items()}
-    return accuracy(family, loaded, on_device, task.data, task.head, device=device, field=task.field)
+    return {t.name: round(accuracy(family, loaded, on_device, t.data, t.head, device=device, field=t.field), 6)
+            for t in tasks}
 
 
 def _evaluate_all(family: Family, loaded: LoadedBase, tower: Tensors, evals: dict[str, EvalTask],
                   device: torch.device) -> dict:
-    on_device = {k: v.to(device) for k, v in tower.items()}
-    per_task = {
-        name: {"accuracy": round(accuracy(family, loaded, on_device, t.data, t.head, device=device, field=t.field),
-                                 6), "step": t.index}
-        for name, t in sorted(evals.items(), key=lambda item: item[1].index)
-    }
-    values = [m["accuracy"] for m in per_task.values()]
+    ordered = sorted(evals.values(), key=lambda t: t.index)
+    measured = _accuracies(family, loaded, tower, ordered, device)
+    per_task = {t.name: {"accuracy": measured[t.name], "step": t.index} for t in ordered}
+    values = list(measured.values())
     return {"tasks": per_task, "avg_accuracy": round(sum(values) / len(values), 6) if values else None}
