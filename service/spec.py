@@ -41,6 +41,8 @@ class CommonParams(Strict):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: str | None = Field(None, description="overrides MERGELINE_DEVICE: auto, cpu, cuda, cuda:N")
+    head_steps: int = Field(100, ge=1, le=100_000, description="Adam steps of head tuning (tasks with head_data)")
+    head_lr: float = Field(0.01, gt=0.0, le=10.0, description="learning rate of head tuning")
 
     @field_validator("device")
     @classmethod
@@ -123,9 +125,10 @@ class TaskSpec(Strict):
     calibration: Uri | None = None
     eval: Uri | None = None
     head: Uri | None = None
+    head_data: Uri | None = Field(None, description="labelled inputs to re-fit `head` on the merged tower")
     replace: bool = False
 
-    _uris = field_validator("checkpoint", "calibration", "eval", "head")(
+    _uris = field_validator("checkpoint", "calibration", "eval", "head", "head_data")(
         classmethod(lambda cls, v: _check_uri(v))
     )
 
@@ -133,6 +136,8 @@ class TaskSpec(Strict):
     def _eval_needs_head(self) -> TaskSpec:
         if (self.eval is None) != (self.head is None):
             raise ValueError("`eval` and `head` go together: accuracy needs both the labelled set and the head")
+        if self.head_data is not None and self.head is None:
+            raise ValueError("`head_data` tunes the task's `head`: give `head` and `eval` with it")
         return self
 
 

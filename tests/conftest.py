@@ -57,3 +57,26 @@ def settings(tmp_path):
     from service.settings import Settings
 
     return Settings(store=(tmp_path / "store").as_uri(), allowed_roots=str(tmp_path))
+
+
+DEMO_TASKS = ["mnist", "shapes", "gratings"]
+
+
+@pytest.fixture(scope="session")
+def suite(tmp_path_factory):
+    """A small demo suite (base, fine-tunes, calibration, eval and head data) built once per session."""
+    from worker.demo import build_suite
+
+    root = tmp_path_factory.mktemp("suite")
+    return build_suite(root, DEMO_TASKS, pretrain_steps=30, finetune_steps=40, calib_size=48, eval_size=96), root
+
+
+@pytest.fixture
+def env(suite, tmp_path):
+    """The suite with a fresh file store and settings that may read both."""
+    from service.settings import Settings
+    from service.store import LineageStore
+
+    data, root = suite
+    settings = Settings(store=(tmp_path / "store").as_uri(), allowed_roots=f"{root},{tmp_path}")
+    return data, root, settings, LineageStore(settings.store)

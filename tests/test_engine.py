@@ -16,23 +16,9 @@ from service.errors import Conflict, FetchFailed, IncompatibleCheckpoint, Invali
 from service.settings import Settings
 from service.spec import parse_job_spec
 from service.store import LineageStore
-from worker.demo import build_suite, task_entry
+from tests.conftest import DEMO_TASKS as TASKS
+from worker.demo import task_entry
 from worker.engine.job import run_job
-
-TASKS = ["mnist", "shapes", "gratings"]
-
-
-@pytest.fixture(scope="session")
-def suite(tmp_path_factory):
-    root = tmp_path_factory.mktemp("suite")
-    return build_suite(root, TASKS, pretrain_steps=30, finetune_steps=40, calib_size=48, eval_size=96), root
-
-
-@pytest.fixture
-def env(suite, tmp_path):
-    data, root = suite
-    settings = Settings(store=(tmp_path / "store").as_uri(), allowed_roots=f"{root},{tmp_path}")
-    return data, root, settings, LineageStore(settings.store)
 
 
 def job(data, names, method="otmf", params=None, lineage="vision", base=True, **extra):

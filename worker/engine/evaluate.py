@@ -6,6 +6,7 @@ import torch
 
 from service.errors import InvalidInput
 from worker.engine.families.base import Family, LoadedBase, Tensors
+from worker.engine.heads import check_head
 from worker.engine.inputs import Inputs
 
 
@@ -23,12 +24,7 @@ def accuracy(
 ) -> float:
     """Top-1 accuracy of `head` (weight [C, D], optional bias [C]) on the family's features of `data`.
     `tower` must already be on `device`."""
-    weight = head.get("weight")
-    if weight is None or weight.ndim != 2:
-        raise InvalidInput(f"{field}: a head needs a 2-D `weight` tensor [classes, embed_dim]", param=field)
-    bias = head.get("bias")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise InvalidInput(f"{field}: `bias` must have shape [{weight.shape[0]}]", param=field)
+    weight, bias = check_head(head, field=field)
     weight = weight.to(device, torch.float32)
     bias = None if bias is None else bias.to(device, torch.float32)
     correct = 0

@@ -27,12 +27,14 @@ from service.uris import Fetched, UriReader
 from worker.engine.evaluate import accuracy
 from worker.engine.families import get_family
 from worker.engine.families.base import Family, LoadedBase, Tensors
+from worker.engine.heads import check_head_data, tune_head
 from worker.engine.inputs import Inputs
 from worker.engine.methods import get_method
 from worker.engine.methods.base import MethodState, StepInput
 from worker.engine.tensors import load_state_dict, resolve_device, save_safetensors
 
 STATE_FILE = "state.safetensors"
+TUNED_HEAD = Path("head.safetensors")
 
 
 @dataclass
@@ -45,6 +47,7 @@ class TaskInputs:
     calibration: Fetched | None
     eval: Fetched | None
     head: Fetched | None
+    head_data: Fetched | None
 
 
 @dataclass
@@ -118,6 +121,11 @@ def run_job(
                     t.spec.name, len(merged_before) + i + 1,
                     family.load_inputs(t.eval, loaded, labelled=True, field=f"{t.field}.eval"),
                     load_state_dict(t.head.path, field=f"{t.field}.head"), f"{t.field}.head")
+        head_data = {t.spec.name: family.load_inputs(t.head_data, loaded, labelled=True, field=f"{t.field}.head_data")
+                     for t in tasks if t.head_data is not None}
+        for t in tasks:
+            if t.spec.name in head_data:
+                check_head_data(head_data[t.spec.name], evals[t.spec.name].head, field=t.field)
         # Every input is read and checked; from here on only a cancellation or the store can stop the job.
 
         position = len(merged_before)
@@ -135,6 +143,13 @@ def run_job(
             merged, state, position = out.merged, out.state, position + 1
             step_metrics.append({"task": task.spec.name, **out.metrics})
             data = {"task_index": i, "name": task.spec.name, **out.metrics}
+            if task.spec.name in head_data:
+                evals[task.spec.name].head = tune_head(
+                    family, loaded, {k: v.to(device) for k, v in merged.items()}, head_data[task.spec.name],
+                    evals[task.spec.name].head, steps=params.head_steps, lr=params.head_lr, seed=params.seed,
+                    device=device, field=task.field)
+                progress.event("head_tuned", f"tuned the head of {task.spec.name}", {"task_index": i})
+                step_metrics[-1]["head_tuned"] = True
             if task.spec.name in evals:
                 data["accuracy"] = _accuracies(family, loaded, merged, [evals[task.spec.name]], device)[task.spec.name]
             progress.event("task_merged", f"merged {task.spec.name}", data)
@@ -153,7 +168,12 @@ def run_job(
         for t in tasks:
             if t.eval is not None:
                 files.append(FileToCommit(_eval_path(t.spec.name, t.eval.path), t.eval.path))
-                files.append(FileToCommit(_head_path(t.spec.name, t.head.path), t.head.path))
+                head_file = t.head.path
+                if t.head_data is not None:  # the version keeps the tuned head, which later versions measure with
+                    head_file = out_dir / _head_path(t.spec.name, TUNED_HEAD)
+                    head_file.parent.mkdir(parents=True, exist_ok=True)
+                    save_safetensors(evals[t.spec.name].head, head_file)
+                files.append(FileToCommit(_head_path(t.spec.name, head_file), head_file))
 
         manifest = {
             "lineage": spec.lineage,
@@ -210,6 +230,7 @@ def _fetch_task(reader: UriReader, task: TaskSpec, i: int, needs_calibration: bo
         if needs_calibration and task.calibration else None,
         eval=reader.fetch(task.eval, field=f"{field}.eval") if task.eval else None,
         head=reader.fetch(task.head, field=f"{field}.head") if task.head else None,
+        head_data=reader.fetch(task.head_data, field=f"{field}.head_data") if task.head_data else None,
     )
 
 
@@ -239,14 +260,14 @@ def _head_path(name: str, source: Path) -> str:
 
 def _task_record(t: TaskInputs, index: int) -> dict:
     record = {"name": t.spec.name, "index": index, "checkpoint": t.checkpoint.uri, "sha256": t.checkpoint.sha256}
-    for kind in ("calibration", "eval", "head"):
+    for kind in ("calibration", "eval", "head", "head_data"):
         fetched: Fetched | None = getattr(t, kind)
         if fetched is not None:
             record[kind] = {"uri": fetched.uri, "sha256": fetched.sha256}
     if t.eval is not None:
-        # Kept in the version so that later versions can still measure this task.
+        # Kept in the version so that later versions can still measure this task (with its tuned head, if tuned).
         record["eval_files"] = {"eval": _eval_path(t.spec.name, t.eval.path),
-                                "head": _head_path(t.spec.name, t.head.path)}
+                                "head": _head_path(t.spec.name, TUNED_HEAD if t.head_data else t.head.path)}
     return record
 
 
