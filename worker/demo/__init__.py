@@ -20,14 +20,14 @@ from service.settings import Settings
 from service.spec import JobSpec
 from service.store import LineageStore
 from service.uris import Fetched
-from worker.demo.tasks import TASK_NAMES, build_task
+from worker.demo.tasks import TASK_NAMES, build_task, glyphs
 from worker.demo.train import TINY_CLIP, as_uint8_npz, finetune, pretrain
 from worker.engine.evaluate import accuracy
 from worker.engine.families import get_family
 from worker.engine.job import run_job
 from worker.engine.tensors import save_safetensors
 
-SUITE_VERSION = 1
+SUITE_VERSION = 2
 
 
 def local(path: Path) -> Fetched:
@@ -35,12 +35,17 @@ def local(path: Path) -> Fetched:
 
 
 def build_suite(root: Path, task_names: list[str], *, seed: int = 0, pretrain_steps: int = 300,
-                finetune_steps: int = 150, calib_size: int = 256, eval_size: int = 500,
-                log: Callable[[str], None] = lambda _: None) -> dict:
+                proxy: str = "rotation", proxy_sources: tuple[str, ...] = ("mnist", "digits", "shapes"),
+                proxy_size: int = 20000, finetune_steps: int = 150, finetune_lr: float = 1e-3, calib_size: int = 256,
+                eval_size: int = 500, head_fraction: float = 0.25,
+                arch: dict | None = None, log: Callable[[str], None] = lambda _: None) -> dict:
     """Write the base, every task's checkpoint, head, calibration and eval set under `root`; reuse them when
     `root/suite.json` says they were built with the same settings. Returns that description."""
-    config = {"version": SUITE_VERSION, "arch": TINY_CLIP, "seed": seed, "pretrain_steps": pretrain_steps,
-              "finetune_steps": finetune_steps, "calib_size": calib_size, "eval_size": eval_size}
+    arch = arch or TINY_CLIP
+    config = {"version": SUITE_VERSION, "arch": arch, "seed": seed, "pretrain_steps": pretrain_steps,
+              "proxy": proxy, "proxy_sources": list(proxy_sources), "proxy_size": proxy_size,
+              "finetune_steps": finetune_steps, "finetune_lr": finetune_lr, "calib_size": calib_size,
+              "eval_size": eval_size, "head_fraction": head_fraction}
     described = root / "suite.json"
     if described.exists():
         suite = json.loads(described.read_text())
@@ -54,15 +59,20 @@ def build_suite(root: Path, task_names: list[str], *, seed: int = 0, pretrain_st
     import open_clip
 
     init = root / "base-init.safetensors"
-    save_safetensors(open_clip.CLIP(**TINY_CLIP).state_dict(), init)
-    loaded = family.load_base(local(init), TINY_CLIP)
-    proxy = np.concatenate([build_task(n, seed=seed).x_train[:1000] for n in ("mnist", "digits", "shapes")])
-    np.savez(root / "proxy.npz", **as_uint8_npz(proxy))
-    pixels = family.load_inputs(local(root / "proxy.npz"), loaded, labelled=False, field="proxy").tensors["pixels"]
-    log(f"pretraining the base ({pretrain_steps} steps)")
-    tower = pretrain(family, loaded, pixels, steps=pretrain_steps, seed=seed)
+    save_safetensors(open_clip.CLIP(**arch).state_dict(), init)
+    loaded = family.load_base(local(init), arch)
+    if proxy == "glyphs":
+        proxy_images, proxy_labels = glyphs(np.random.default_rng([seed, 999]), proxy_size)
+    else:
+        proxy_images = np.concatenate([build_task(n, seed=seed).x_train[:1000] for n in proxy_sources])
+        proxy_labels = np.zeros(len(proxy_images), np.int64)  # unused: the proxy needs no labels
+    np.savez(root / "proxy.npz", **as_uint8_npz(proxy_images, proxy_labels))
+    proxy_data = family.load_inputs(local(root / "proxy.npz"), loaded, labelled=True, field="proxy")
+    log(f"pretraining the base ({pretrain_steps} steps, {proxy} proxy)")
+    tower = pretrain(family, loaded, proxy_data.tensors["pixels"], labels=proxy_data.labels, steps=pretrain_steps,
+                     seed=seed, proxy=proxy)
     base_file = family.save_version(loaded, tower, root / "base")[0]
-    loaded = family.load_base(local(base_file), TINY_CLIP)
+    loaded = family.load_base(local(base_file), arch)
     init.unlink()
     (root / "proxy.npz").unlink()
 
@@ -73,11 +83,14 @@ def build_suite(root: Path, task_names: list[str], *, seed: int = 0, pretrain_st
         np.savez(folder / "train.npz", **as_uint8_npz(data.x_train, data.y_train))
         np.savez(folder / "calibration.npz", **as_uint8_npz(data.x_train[:calib_size]))
         np.savez(folder / "eval.npz", **as_uint8_npz(data.x_test[:eval_size], data.y_test[:eval_size]))
+        # Labelled data for the optional head tuning: a share of the training split, as the paper uses.
+        n_head = int(len(data.x_train) * head_fraction)
+        np.savez(folder / "head_data.npz", **as_uint8_npz(data.x_train[:n_head], data.y_train[:n_head]))
         train = family.load_inputs(local(folder / "train.npz"), loaded, labelled=True, field="train")
         (folder / "train.npz").unlink()
         log(f"fine-tuning {name} ({finetune_steps} steps)")
         tuned = finetune(family, loaded, train.tensors["pixels"], train.labels, data.classes,
-                         steps=finetune_steps, seed=seed * 1000 + i)
+                         steps=finetune_steps, lr=finetune_lr, seed=seed * 1000 + i)
         # Task checkpoints hold only the image tower, as many users ship them.
         save_safetensors({f"visual.{k}": v for k, v in tuned.tower.items()}, folder / "checkpoint.safetensors")
         save_safetensors(tuned.head, folder / "head.safetensors")
@@ -85,34 +98,38 @@ def build_suite(root: Path, task_names: list[str], *, seed: int = 0, pretrain_st
         acc = accuracy(family, loaded, tuned.tower, evaluation, tuned.head, device=torch.device("cpu"))
         tasks[name] = {"classes": data.classes, "individual_accuracy": round(acc, 6),
                        **{k: (folder / f).as_uri() for k, f in (("checkpoint", "checkpoint.safetensors"),
-                          ("calibration", "calibration.npz"), ("eval", "eval.npz"), ("head", "head.safetensors"))}}
+                          ("calibration", "calibration.npz"), ("eval", "eval.npz"), ("head", "head.safetensors"),
+                          ("head_data", "head_data.npz"))}}
     base_acc = {}
     for name in tasks:
         # The base with each task's fine-tuned head shows how much of the task the head alone carries.
         evaluation = family.load_inputs(local(root / "tasks" / name / "eval.npz"), loaded, labelled=True, field="e")
         head = load_file(root / "tasks" / name / "head.safetensors")
         base_acc[name] = round(accuracy(family, loaded, loaded.tower, evaluation, head, device=torch.device("cpu")), 6)
-    suite = {"config": config, "base": {"family": "open_clip", "arch": TINY_CLIP, "uri": base_file.as_uri()},
+    suite = {"config": config, "base": {"family": "open_clip", "arch": arch, "uri": base_file.as_uri()},
              "tasks": tasks, "base_accuracy": base_acc}
     described.write_text(json.dumps(suite, indent=2))
     return suite
 
 
-def task_entry(suite: dict, name: str, *, with_calibration: bool = True) -> dict:
+def task_entry(suite: dict, name: str, *, with_calibration: bool = True, tune_head: bool = False) -> dict:
     t = suite["tasks"][name]
     entry = {"name": name, "checkpoint": t["checkpoint"], "eval": t["eval"], "head": t["head"]}
     if with_calibration:
         entry["calibration"] = t["calibration"]
+    if tune_head:
+        entry["head_data"] = t["head_data"]
     return entry
 
 
 def merge_continually(suite: dict, task_names: list[str], method: str, params: dict, *, store: LineageStore,
                       settings: Settings, lineage: str, jobs_dir: Path | None = None,
-                      progress: Progress | None = None) -> list[dict]:
+                      progress: Progress | None = None, tune_heads: bool = False) -> list[dict]:
     """One job per task onto `lineage`, as a pipeline would post them; returns each job's result."""
     results = []
     for i, name in enumerate(task_names):
-        spec = {"lineage": lineage, "tasks": [task_entry(suite, name)], "method": method, "params": params}
+        spec = {"lineage": lineage, "tasks": [task_entry(suite, name, tune_head=tune_heads)], "method": method,
+                "params": params}
         if i == 0:
             spec["base"] = suite["base"]
         if jobs_dir is not None:

@@ -5,6 +5,7 @@ Every task is deterministic: the same name and seed give the same images, labels
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -81,6 +82,31 @@ def _texture_bands(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.nda
     proj = np.cos(angles)[:, None, None] * xx + np.sin(angles)[:, None, None] * yy
     images = 127.5 * (1 + np.sin(freq[:, None, None] * proj + phase[:, None, None]))
     return images.astype(np.uint8), labels.astype(np.int64)
+
+
+GLYPHS = string.digits + string.ascii_uppercase + string.ascii_lowercase
+
+
+def glyphs(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Printed characters (62 classes: digits and both cases) in Pillow's own font at random sizes, stroke widths,
+    brightness, small rotations and shifts: a labelled pretraining corpus, like a web corpus's printed text. It
+    is not one of the tasks (they are handwritten, blocky or synthetic), but it teaches strokes and shapes."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    canvas = 2 * SIZE  # drawn large and cropped, so rotations and shifts never clip at the border
+    fonts = {size: ImageFont.load_default(size=size) for size in range(12, 25)}
+    images = np.zeros((n, SIZE, SIZE), np.uint8)
+    labels = rng.integers(0, len(GLYPHS), n)
+    for i, label in enumerate(labels):
+        img = Image.new("L", (canvas, canvas), 0)
+        ink = int(rng.integers(160, 256))
+        ImageDraw.Draw(img).text((canvas / 2, canvas / 2), GLYPHS[label], fill=ink, anchor="mm",
+                                 font=fonts[int(rng.integers(12, 25))], stroke_width=int(rng.integers(0, 3)),
+                                 stroke_fill=ink)
+        img = img.rotate(float(rng.uniform(-20, 20)), resample=Image.BILINEAR,
+                         translate=tuple(float(t) for t in rng.uniform(-5, 5, 2)))
+        images[i] = np.asarray(img)[SIZE // 2 : SIZE // 2 + SIZE, SIZE // 2 : SIZE // 2 + SIZE]
+    return images, labels.astype(np.int64)
 
 
 def _from_mnist(transform: Callable[[np.ndarray], np.ndarray], relabel: Callable[[np.ndarray], np.ndarray] | None,

@@ -32,21 +32,51 @@ def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
         yield torch.randint(0, n, (batch_size,), generator=generator)
 
 
+def _transformed(images: torch.Tensor, labels: torch.Tensor, inverted_offset: torch.Tensor) -> torch.Tensor:
+    """Transform `labels[i]` of image i, out of 16: quarter turn (label % 4), mirror (bit 2), inversion (bit 3)."""
+    out = []
+    for img, label in zip(images, labels.tolist(), strict=True):
+        img = torch.rot90(img, label % 4, dims=(1, 2))
+        if label // 4 % 2:
+            img = torch.flip(img, dims=(2,))
+        if label // 8:
+            img = inverted_offset - img  # 1 − p in pixel space, after the model's mean/std
+        out.append(img)
+    return torch.stack(out)
+
+
+# Proxy objectives: how many of the 16 transforms are predicted, and whether the images' own labels are too.
+PROXIES = {"rotation": (4, False), "transforms": (16, False), "glyphs": (16, True)}
+
+
 def pretrain(family: Family, loaded: LoadedBase, pixels: torch.Tensor, *, steps: int, seed: int,
-             lr: float = 2e-3, batch_size: int = 128) -> Tensors:
-    """Rotation prediction (0/90/180/270°): generic features without any task's labels."""
+             labels: torch.Tensor | None = None, proxy: str = "rotation", lr: float = 2e-3,
+             batch_size: int = 128) -> Tensors:
+    """Transform prediction, plus the images' classes for the `glyphs` corpus: generic features without any task's
+    labels."""
+    transforms, supervised = PROXIES[proxy]
+    if supervised and labels is None:
+        raise ValueError(f"the {proxy} proxy needs labelled images")
     g = torch.Generator().manual_seed(seed)
     tower = {k: v.clone().requires_grad_(True) for k, v in loaded.tower.items()}
     dim = family.features(loaded, tower, {"pixels": pixels[:2]}).shape[1]
-    head = torch.nn.Linear(dim, 4)
-    opt = torch.optim.AdamW([*tower.values(), *head.parameters()], lr=lr, weight_decay=0.01)
+    mean, std = (torch.tensor(loaded.info[k]).view(3, 1, 1) for k in ("mean", "std"))
+    inverted_offset = (1 - 2 * mean) / std
+    transform_head = torch.nn.Linear(dim, transforms)
+    class_head = torch.nn.Linear(dim, int(labels.max()) + 1) if supervised else None
+    heads = [h for h in (transform_head, class_head) if h is not None]
+    opt = torch.optim.AdamW([*tower.values(), *(p for h in heads for p in h.parameters())], lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
     for index in _batches(len(pixels), batch_size, steps, g):
-        quarter = torch.randint(0, 4, (batch_size,), generator=g)
-        x = torch.stack([torch.rot90(img, int(k), dims=(1, 2)) for img, k in zip(pixels[index], quarter, strict=True)])
-        loss = F.cross_entropy(HEAD_SCALE * head(family.features(loaded, tower, {"pixels": x})), quarter)
+        target = torch.randint(0, transforms, (batch_size,), generator=g)
+        features = family.features(loaded, tower, {"pixels": _transformed(pixels[index], target, inverted_offset)})
+        loss = F.cross_entropy(HEAD_SCALE * transform_head(features), target)
+        if class_head is not None:
+            loss = loss + F.cross_entropy(HEAD_SCALE * class_head(features), labels[index])
         opt.zero_grad()
         loss.backward()
         opt.step()
+        schedule.step()
     return {k: v.detach() for k, v in tower.items()}
 
 
