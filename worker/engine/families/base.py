@@ -22,7 +22,8 @@ class LoadedBase:
 
     tower: the merged parameters θ0, float32 on the CPU, keyed by the family's tower names.
     carried: every other tensor of the checkpoint, carried unchanged into each version.
-    module: the torch module that `features` runs (None for families without features).
+    module: the torch module that `features` runs (None for families without features). It may sit on the `meta`
+        device (layout only) until `features` first needs it: the hf family builds the real one then.
     info: what the family needs to save and reload (arch config, image size, mean/std, tokenizer dir, ...).
     """
 

@@ -6,12 +6,17 @@ our own loader, so a folder cannot run code. Checkpoints saved from a model with
 tower and the head keys are carried (base) or ignored (task checkpoints). Tied parameters enter the tower once,
 under the name `named_parameters()` gives them; transformers re-ties their aliases on load.
 
+The module is built on the `meta` device: data-free jobs only need its layout (names, shapes, ties, buffers,
+linear layers), and random initialisation costs as much as the model is large. A real module is built once, the
+first time `features` runs.
+
 A version folder is loaded back with `transformers.AutoModel.from_pretrained(folder)` (and with the base's head
 class, e.g. `AutoModelForSequenceClassification`, when the base carried a head); its tokenizer files are the base's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -71,17 +76,14 @@ class HFFamily(Family):
                 f"{field}: the hf family needs a save_pretrained folder (a URI ending in /)", param=field
             )
         config = _load_config(folder, field)
-        module = _build_model(config, field)
+        module = _build_model(config, field, meta=True)
         layout = _Layout(module)
         state = _read_weights(folder, field)
         check_finite(state, field=field)
         inside, prefix, outside = layout.split(state, field=field, what="base checkpoint (for its config.json)")
-        missed = module.load_state_dict(inside, strict=False)
-        if missed.unexpected_keys:
-            raise InvalidInput(f"{field}: unexpected key {missed.unexpected_keys[0]!r}", param=field)
         module.eval().requires_grad_(False)
-        # Shared with the module's parameters: θ0 is held once; `features` always substitutes the tower it gets.
-        tower = {k: p.detach() for k, p in module.named_parameters()}
+        # The file's tensors in the parameters' dtype (float32), as loading them into a real module would give.
+        tower = {k: inside[k].to(p.dtype) for k, p in module.named_parameters()}
         carried = {prefix + k: inside[k] for k in layout.persistent_buffers}
         carried.update(outside)
         info: dict[str, Any] = {
@@ -141,8 +143,7 @@ class HFFamily(Family):
     # -- features -----------------------------------------------------------------------------------------------
     def features(self, base: LoadedBase, tower: Tensors, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean of the last hidden state over the attention mask, L2-normalised in float32."""
-        module = base.module
-        assert module is not None
+        module = _runnable_module(base)
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         if mask is None:
@@ -304,16 +305,38 @@ def _load_config(folder: Path, field: str):
         raise InvalidInput(f"{field}: config.json cannot be used: {message}", param=field) from None
 
 
-def _build_model(config, field: str) -> torch.nn.Module:
-    """A float32, randomly initialised AutoModel for `config`; the global RNG is left as it was."""
+def _build_model(config, field: str, *, meta: bool = False) -> torch.nn.Module:
+    """A float32 AutoModel for `config`: randomly initialised, or on the `meta` device (shapes only, no memory);
+    the global RNG is left as it was."""
     from transformers import AutoModel
 
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), torch.device("meta") if meta else contextlib.nullcontext():
             return AutoModel.from_config(copy.deepcopy(config), trust_remote_code=False, dtype=torch.float32)
     except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InvalidInput(f"{field}: transformers cannot build this model: {message}", param=field) from None
+
+
+def _runnable_module(base: LoadedBase) -> torch.nn.Module:
+    """The module `features` runs: the meta module of `load_base` is replaced, on first use, by a real one.
+
+    Built with from_config rather than materialised from the meta module, so that non-persistent buffers
+    (position ids, rotary frequencies) get the values the model's own code computes. Its parameters then share θ0's
+    storage, so θ0 is held once (`features` substitutes the tower it is given anyway); `.data` keeps tied
+    parameters tied. Persistent buffers are loaded from the base checkpoint.
+    """
+    module = base.module
+    assert module is not None
+    if not any(p.is_meta for p in module.parameters()):
+        return module
+    module = _build_model(base.info["config"], "base.uri")
+    for name, param in module.named_parameters():
+        param.data = base.tower[name]
+    prefix = base.info["prefix"]
+    module.load_state_dict({k: base.carried[prefix + k] for k in base.info["layout"].persistent_buffers}, strict=False)
+    base.module = module.eval().requires_grad_(False)
+    return module
 
 
 def _read_weights(folder: Path, field: str) -> Tensors:
