@@ -35,6 +35,13 @@ def machine_line(m: dict) -> str:
             f"1-min load average when the result was written: {m.get('load_avg_1m')}")
 
 
+PROXY_WORDS = {
+    "rotation": "predicting which quarter turn an image got",
+    "transforms": "predicting which of 16 transforms, quarter turn × mirror × inversion, an image got",
+    "glyphs": "printed characters in Pillow's font, 62 classes, with the 16-transform prediction beside",
+}
+
+
 def accuracy_section(r: dict | None) -> list[str]:
     out = ["## 1. Continual-merging accuracy on the bench suite", ""]
     if r is None:
@@ -43,9 +50,11 @@ def accuracy_section(r: dict | None) -> list[str]:
     b = s["build"]
     out += [
         f"Suite (`bench/suite`, built by `worker.demo.build_suite`): tiny OpenCLIP ViT (`TINY_CLIP`: 28×28 input, "
-        f"7×7 patches, width 64, 4 layers), pretrained {b['pretrain_steps']} steps on rotation prediction, "
-        f"fine-tuned {b['finetune_steps']} steps per task (tower + linear head); calibration {b['calib_size']} "
-        f"unlabelled training images per task, eval {b['eval_size']} test images per task; seed {b['seed']}.",
+        f"7×7 patches, width 64, 4 layers), pretrained {b['pretrain_steps']} steps on the `{b.get('proxy')}` proxy "
+        f"({PROXY_WORDS.get(b.get('proxy'), '')}), fine-tuned {b['finetune_steps']} steps per task at lr "
+        f"{b.get('finetune_lr')} (tower + linear head); calibration {b['calib_size']} unlabelled training images "
+        f"per task, eval {b['eval_size']} test images per task, head-tuning data {b.get('head_fraction', 0):.0%} of "
+        f"each task's labelled training split (used only by the `+heads` rows); seed {b['seed']}.",
         "",
         "| task | base + task head | individual fine-tuned |",
         "| --- | ---: | ---: |",
