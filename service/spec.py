@@ -53,11 +53,11 @@ class CommonParams(Strict):
 
 
 class OTMFParams(CommonParams):
-    """Defaults differ from the paper's (α 0.8, lr 0.01, blur 0.05): with those, the masks move too little in 100
-    steps to give the new task more than a fifth of the merge, and OTMF fell to a moving average of the task
-    vectors. These were measured better over 3 task orders of the 8-task bench suite (docs/benchmarks.md)."""
+    """lr and blur differ from the paper's (0.01, 0.05): with those, the masks move too little in 100 steps and OTMF
+    fell to a moving average of the task vectors. α 0.7 (paper 0.8) was best with a strong base and small task
+    vectors; far-moved fine-tunes of a weak base want α 0.5 (docs/benchmarks.md has both measurements)."""
 
-    alpha: float = Field(0.5, gt=0.0, lt=1.0, description="weight of the previous head's masked task vector")
+    alpha: float = Field(0.7, gt=0.0, lt=1.0, description="weight of the previous head's masked task vector")
     steps: int = Field(100, ge=1, le=100_000)
     lr: float = Field(0.1, gt=0.0, le=10.0)
     batch_size: int = Field(16, ge=2, le=4096)

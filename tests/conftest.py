@@ -68,7 +68,9 @@ def suite(tmp_path_factory):
     from worker.demo import build_suite
 
     root = tmp_path_factory.mktemp("suite")
-    return build_suite(root, DEMO_TASKS, pretrain_steps=30, finetune_steps=40, calib_size=48, eval_size=96), root
+    # The quick label-free proxy and a large fine-tuning step: task vectors that differ clearly after a few steps.
+    return build_suite(root, DEMO_TASKS, proxy="rotation", pretrain_steps=30, finetune_steps=40, finetune_lr=1e-3,
+                       calib_size=48, eval_size=96), root
 
 
 @pytest.fixture

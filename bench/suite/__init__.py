@@ -1,6 +1,6 @@
 """The benchmark's continual-merging suite: the 8 offline tasks of `worker.demo`, built once and cached.
 
-Everything is made by `worker.demo.build_suite` (a tiny OpenCLIP ViT pretrained on a generic proxy, one fine-tune
+Everything is made by `worker.demo.build_suite` (a tiny OpenCLIP ViT pretrained on printed glyphs, one fine-tune
 of tower plus linear head per task, calibration and eval sets in the contract's formats); this module only fixes
 the benchmark's settings, the cache location (bench/.cache/suite, git-ignored) and the task orders.
 """
@@ -20,7 +20,8 @@ CACHE = Path(__file__).resolve().parents[1] / ".cache"
 SUITE_DIR = CACHE / "suite"
 TASKS: list[str] = list(TASK_NAMES)  # all 8 demo tasks
 # Passed to worker.demo.build_suite; changing any of them rebuilds the suite (suite.json records them).
-SETTINGS = {"seed": 0, "pretrain_steps": 300, "finetune_steps": 150, "calib_size": 256, "eval_size": 500}
+SETTINGS = {"seed": 0, "proxy": "glyphs", "pretrain_steps": 3000, "finetune_steps": 600, "finetune_lr": 7e-5,
+            "calib_size": 256, "eval_size": 500, "head_fraction": 0.25}
 ORDER_SEEDS = (0, 1, 2)  # three task orders: the listed order, then two seeded permutations
 
 
