@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from service.errors import InvalidInput
 from worker.engine.families.base import Family, LoadedBase, Tensors
-from worker.engine.heads import check_head
+from worker.engine.heads import check_head, check_width, features_of
 from worker.engine.inputs import Inputs
 
 
@@ -25,16 +25,10 @@ def accuracy(
     """Top-1 accuracy of `head` (weight [C, D], optional bias [C]) on the family's features of `data`.
     `tower` must already be on `device`."""
     weight, bias = check_head(head, field=field)
-    weight = weight.to(device, torch.float32)
+    if len(data) == 0:
+        return 0.0
+    features = features_of(family, loaded, tower, data, device=device, batch_size=batch_size)
+    check_width(features, weight, field=field)
     bias = None if bias is None else bias.to(device, torch.float32)
-    correct = 0
-    for start in range(0, len(data), batch_size):
-        batch = {k: v.to(device) for k, v in data.take(slice(start, start + batch_size)).items()}
-        features = family.features(loaded, tower, batch).float()
-        if features.shape[1] != weight.shape[1]:
-            raise InvalidInput(
-                f"{field}: head expects {weight.shape[1]} features, the model gives {features.shape[1]}", param=field
-            )
-        logits = torch.nn.functional.linear(features, weight, bias)
-        correct += (logits.argmax(dim=1).cpu() == data.labels[start : start + batch_size]).sum().item()
-    return correct / max(len(data), 1)
+    logits = F.linear(features, weight.to(device, torch.float32), bias)
+    return (logits.argmax(dim=1).cpu() == data.labels).sum().item() / len(data)

@@ -23,6 +23,12 @@ def check_head(head: Tensors, *, field: str) -> tuple[torch.Tensor, torch.Tensor
     return weight, bias
 
 
+def check_width(features: torch.Tensor, weight: torch.Tensor, *, field: str) -> None:
+    if features.shape[1] != weight.shape[1]:
+        raise InvalidInput(f"{field}: head expects {weight.shape[1]} features, the model gives {features.shape[1]}",
+                           param=field)
+
+
 @torch.no_grad()
 def features_of(family: Family, loaded: LoadedBase, tower: Tensors, data: Inputs, *, device: torch.device,
                 batch_size: int = 256) -> torch.Tensor:
@@ -49,9 +55,7 @@ def tune_head(family: Family, loaded: LoadedBase, tower: Tensors, data: Inputs, 
     check_head_data(data, head, field=field)
     weight, bias = check_head(head, field=f"{field}.head")
     features = features_of(family, loaded, tower, data, device=device)
-    if features.shape[1] != weight.shape[1]:
-        raise InvalidInput(f"{field}.head: head expects {weight.shape[1]} features, the model gives "
-                           f"{features.shape[1]}", param=f"{field}.head")
+    check_width(features, weight, field=f"{field}.head")
     labels = data.labels.to(device)
     params = [weight.to(device, torch.float32).clone().requires_grad_(True)]
     if bias is not None:
