@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -183,20 +184,21 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def status(job_id: str, url: str = UrlOpt, token: str = TokenOpt, as_json: bool = JsonOpt) -> None:
         """Show a job."""
-        with _client(url, token) as client:
-            try:
-                _print_job(client.get(job_id), as_json)
-            except ApiError as exc:
-                _fail(exc, as_json)
+        _show_job(lambda client: client.get(job_id), url, token, as_json)
 
     @app.command()
     def cancel(job_id: str, url: str = UrlOpt, token: str = TokenOpt, as_json: bool = JsonOpt) -> None:
         """Cancel a job: at once when queued, at its next step when running."""
-        with _client(url, token) as client:
-            try:
-                _print_job(client.cancel(job_id), as_json)
-            except ApiError as exc:
-                _fail(exc, as_json)
+        _show_job(lambda client: client.cancel(job_id), url, token, as_json)
+
+
+def _show_job(call: Callable[[MergelineClient], Job], url: str, token: str | None, as_json: bool) -> None:
+    """Print the job one API call returns, or the API's error."""
+    with _client(url, token) as client:
+        try:
+            _print_job(call(client), as_json)
+        except ApiError as exc:
+            _fail(exc, as_json)
 
 
 def _follow(client: MergelineClient, job: Job, *, quiet: bool) -> Job:

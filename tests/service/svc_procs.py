@@ -8,7 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -111,3 +114,27 @@ def start_moto(log_dir: Path) -> tuple[Proc, str]:
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/moto-api/")
     return proc, url
+
+
+@contextlib.contextmanager
+def hook_receiver(status: Callable[[], int] = lambda: 200) -> Iterator[tuple[str, list[tuple[dict, bytes]]]]:
+    """A loopback HTTP server for webhooks: yields its URL and the (headers, body) of every POST it got, each
+    answered with `status()`."""
+    received: list[tuple[dict, bytes]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            received.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(status())
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
+    finally:
+        server.shutdown()

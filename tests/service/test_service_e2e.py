@@ -9,15 +9,22 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from svc_procs import Proc, free_port, mergeline_cmd, start_api, start_moto, start_worker, wait_http
+from svc_procs import (
+    Proc,
+    free_port,
+    hook_receiver,
+    mergeline_cmd,
+    start_api,
+    start_moto,
+    start_worker,
+    wait_http,
+)
 
 from service.client import ApiError, MergelineClient
 from service.webhooks import SIGNATURE_HEADER, verify
@@ -59,22 +66,8 @@ def spec(inputs: dict, lineage: str, tasks: list[dict], *, steps: int = 4, metho
 
 @pytest.fixture(scope="module")
 def receiver():
-    received: list[tuple[dict, bytes]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            received.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
-    server.shutdown()
+    with hook_receiver() as (url, received):
+        yield url, received
 
 
 @pytest.fixture(scope="module")
@@ -268,16 +261,21 @@ def test_idempotency_and_cancel_queued_and_running(cluster, acme):
     assert [j["id"] for j in acme.list(lineage="cancel")["data"]] == [queued["id"], first["id"]]
 
 
+def worker_stepping(cluster, acme, job):
+    """The worker running `job`, once the job has taken a few steps."""
+    deadline = time.monotonic() + 120
+    while (acme.get(job["id"])["progress"] or {}).get("step", 0) < 3:
+        assert time.monotonic() < deadline, "the job never started stepping"
+        time.sleep(0.1)
+    return next(w for w in cluster["workers"] if f'"job started", "job_id": "{job["id"]}"' in w.log())
+
+
 def test_sigkilled_worker_leaves_a_complete_head_and_the_job_finishes_once(cluster, acme, tmp_path):
     inputs = cluster["inputs"]
     base = acme.submit(spec(inputs, "crash", [task(inputs, 0)], method="task_arithmetic"))
     assert wait_final(acme, base["id"])["status"] == "succeeded"
     job = acme.submit(spec(inputs, "crash", [task(inputs, 1), task(inputs, 2)], steps=40))
-    deadline = time.monotonic() + 120
-    while (acme.get(job["id"])["progress"] or {}).get("step", 0) < 3:
-        assert time.monotonic() < deadline, "the job never started stepping"
-        time.sleep(0.1)
-    victim = next(w for w in cluster["workers"] if f'"job started", "job_id": "{job["id"]}"' in w.log())
+    victim = worker_stepping(cluster, acme, job)
     victim.kill_group()  # the whole worker, pool process included: no chance to requeue anything
     victim.popen.wait(10)
     replacement = start_worker(cluster["env"], cluster["logs"], f"worker-replacement-{uuid.uuid4().hex[:4]}")
@@ -301,11 +299,7 @@ def test_killed_pool_process_is_redelivered_and_the_job_finishes_once(cluster, a
     (reject_on_worker_lost) and the job runs again once its lease lapses."""
     inputs = cluster["inputs"]
     job = acme.submit(spec(inputs, "oom", [task(inputs, 0), task(inputs, 1)], steps=40))
-    deadline = time.monotonic() + 120
-    while (acme.get(job["id"])["progress"] or {}).get("step", 0) < 3:
-        assert time.monotonic() < deadline, "the job never started stepping"
-        time.sleep(0.1)
-    worker = next(w for w in cluster["workers"] if f'"job started", "job_id": "{job["id"]}"' in w.log())
+    worker = worker_stepping(cluster, acme, job)
     children = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
     assert children, "the worker has a pool process"
     for pid in children:

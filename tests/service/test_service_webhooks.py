@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from svc_procs import hook_receiver
 
 from service.jobs import connect
 from service.metrics import RedisMetrics, ServiceCollector, render
@@ -20,26 +20,15 @@ JOB = {"id": "job_01TEST", "lineage": "vision", "status": "succeeded", "method":
 @pytest.fixture
 def receiver():
     """A loopback HTTP server that fails its first `fail` requests with 500, then answers 204."""
-    state = {"fail": 2, "received": []}
+    state = {"fail": 2}
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            state["received"].append((dict(self.headers), body))
-            status = 500 if state["fail"] > 0 else 204
-            state["fail"] -= 1
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+    def status() -> int:
+        state["fail"] -= 1
+        return 500 if state["fail"] >= 0 else 204
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    state["url"] = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    yield state
-    server.shutdown()
+    with hook_receiver(status) as (url, received):
+        state.update(url=url, received=received)
+        yield state
 
 
 def test_sign_and_verify():

@@ -67,11 +67,12 @@ def build_suite(root: Path, task_names: list[str], *, seed: int = 0, pretrain_st
     loaded = family.load_base(local(init), arch)
     if proxy == "glyphs":
         proxy_images, proxy_labels = glyphs(np.random.default_rng([seed, 999]), proxy_size)
-    else:
+    else:  # label-free proxies
         proxy_images = np.concatenate([build_task(n, seed=seed).x_train[:1000] for n in proxy_sources])
-        proxy_labels = np.zeros(len(proxy_images), np.int64)  # unused: the proxy needs no labels
+        proxy_labels = None
     np.savez(root / "proxy.npz", **as_uint8_npz(proxy_images, proxy_labels))
-    proxy_data = family.load_inputs(local(root / "proxy.npz"), loaded, labelled=True, field="proxy")
+    proxy_data = family.load_inputs(local(root / "proxy.npz"), loaded, labelled=proxy_labels is not None,
+                                    field="proxy")
     log(f"pretraining the base ({pretrain_steps} steps, {proxy} proxy)")
     tower = pretrain(family, loaded, proxy_data.tensors["pixels"], labels=proxy_data.labels, steps=pretrain_steps,
                      seed=seed, proxy=proxy)

@@ -38,22 +38,23 @@ def features_of(family: Family, loaded: LoadedBase, tower: Tensors, data: Inputs
                       for batch in batches])
 
 
-def check_head_data(data: Inputs, head: Tensors, *, field: str) -> None:
-    """Refuse head-tuning data the head cannot be fitted on, before any merging starts."""
-    weight, _ = check_head(head, field=f"{field}.head")
+def check_head_data(data: Inputs, head: Tensors, *, field: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Refuse head-tuning data the head cannot be fitted on, before any merging starts; returns the head's
+    weight and bias."""
+    weight, bias = check_head(head, field=f"{field}.head")
     if data.labels is None or len(data) == 0:
         raise InvalidInput(f"{field}.head_data: needs labelled inputs (an `y` array)", param=f"{field}.head_data")
     if int(data.labels.min()) < 0 or int(data.labels.max()) >= weight.shape[0]:
         raise InvalidInput(f"{field}.head_data: labels must lie in [0, {weight.shape[0] - 1}], the head's classes",
                            param=f"{field}.head_data")
+    return weight, bias
 
 
 def tune_head(family: Family, loaded: LoadedBase, tower: Tensors, data: Inputs, head: Tensors, *, steps: int,
               lr: float, seed: int, device: torch.device, field: str, batch_size: int = 256) -> Tensors:
     """`head` after `steps` Adam steps on minibatches of `data` (labelled); float32 tensors on the CPU.
     `tower` must already be on `device`."""
-    check_head_data(data, head, field=field)
-    weight, bias = check_head(head, field=f"{field}.head")
+    weight, bias = check_head_data(data, head, field=field)
     features = features_of(family, loaded, tower, data, device=device)
     check_width(features, weight, field=f"{field}.head")
     labels = data.labels.to(device)
