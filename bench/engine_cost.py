@@ -107,11 +107,11 @@ def measure_iteration(batch: int, steps: int, repeats: int = 3, dtype: str = "fl
     apply_patches()
     import torch
 
-    from service.spec import OTMFParams
-    from service.uris import Fetched
-    from worker.engine.families import get_family
-    from worker.engine.methods import get_method
-    from worker.engine.methods.base import MethodState, StepInput
+    from core.spec import OTMFParams
+    from core.uris import Fetched
+    from engine.families import get_family
+    from engine.methods import get_method
+    from engine.methods.base import MethodState, StepInput
 
     def fetched(name: str) -> Fetched:
         p = WORK / name

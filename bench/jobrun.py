@@ -18,10 +18,10 @@ def main() -> None:
     spec_path, store_uri, allowed = sys.argv[1:4]
     started = time.perf_counter()
     apply_patches()
-    from service.settings import Settings
-    from service.spec import JobSpec
-    from service.store import LineageStore
-    from worker.engine.job import run_job
+    from core.settings import Settings
+    from core.spec import JobSpec
+    from core.store import LineageStore
+    from engine.job import run_job
 
     imported = time.perf_counter()
     settings = Settings(store=store_uri, allowed_roots=allowed, device="cpu")

@@ -173,8 +173,8 @@ def mergekit_comparisons() -> dict:
 def tower_structure(base_ref: dict) -> tuple[list[dict], list[str]]:
     """The image tower's module tree as FusionBench's algorithms see it (every module's name, whether it is an
     nn.Linear, its own parameters' shapes, parents before children), and the keys our family treats as linear."""
-    from service.uris import Fetched
-    from worker.engine.families import get_family
+    from core.uris import Fetched
+    from engine.families import get_family
 
     family = get_family("open_clip")
     path = Path(base_ref["uri"].removeprefix("file://"))
@@ -232,7 +232,7 @@ def warm_up() -> None:
     import subprocess
 
     env = repo_env()
-    subprocess.run([sys.executable, "-c", "import worker.engine.job, transformers, open_clip"], env=env, check=False,
+    subprocess.run([sys.executable, "-c", "import engine.job, transformers, open_clip"], env=env, check=False,
                    capture_output=True)
     env.pop("PYTHONPATH", None)
     for peer, module in (("fusion-bench", "fusion_bench, lightning, transformers"), ("mergekit", "mergekit.merge")):

@@ -89,7 +89,7 @@ class Services:
                "MERGELINE_ALLOWED_ROOTS": str(WORK), "MERGELINE_DATA_DIR": str(WORK / "data"),
                "MERGELINE_DEVICE": "cpu", "MERGELINE_LOG_LEVEL": "WARNING",
                "PYTHONPATH": str(ROOT)}
-        cli = [sys.executable, "-c", "from service.cli import main; main()"]
+        cli = [sys.executable, "-c", "from mergeline.cli import main; main()"]
         self._spawn([*cli, "serve", "--host", "127.0.0.1", "--port", str(api_port)], logs / "api.log", env)
         self._spawn([*cli, "worker"], logs / "worker.log", env)
         wait_port(api_port, timeout=60)

@@ -23,12 +23,12 @@ from bench.suite import get_suite, task_orders
 def run(params: dict, order: list[str], suite: dict, method_name: str = "otmf") -> dict:
     from safetensors.torch import load_file
 
-    from service.spec import METHOD_PARAMS
-    from worker.demo import local
-    from worker.engine.evaluate import accuracy
-    from worker.engine.families import get_family
-    from worker.engine.methods import get_method
-    from worker.engine.methods.base import MethodState, StepInput
+    from core.spec import METHOD_PARAMS
+    from engine.evaluate import accuracy
+    from engine.families import get_family
+    from engine.methods import get_method
+    from engine.methods.base import MethodState, StepInput
+    from mergeline.demo import local
 
     family = get_family("open_clip")
     path = lambda uri: __import__("pathlib").Path(uri.removeprefix("file://"))  # noqa: E731

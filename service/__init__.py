@@ -1,3 +1,1 @@
-"""Mergeline's torch-free side: the job spec, settings, errors, URI access, the lineage store, the API and CLI."""
-
-__version__ = "0.1.0"
+"""The HTTP API (FastAPI, torch-free) and its Python client. Imports only the core."""

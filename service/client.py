@@ -15,11 +15,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Any, TypedDict
 
 import httpx
 
-FINAL = ("succeeded", "failed", "cancelled")
+from core.statuses import FINAL, JobStatus
 
 
 class JobProgress(TypedDict):
@@ -33,7 +33,7 @@ class JobProgress(TypedDict):
 class Job(TypedDict):
     id: str
     lineage: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status: JobStatus
     method: str
     created_at: str
     started_at: str | None

@@ -54,7 +54,7 @@ def s3_bucket(s3_endpoint) -> str:
 
 @pytest.fixture
 def settings(tmp_path):
-    from service.settings import Settings
+    from core.settings import Settings
 
     return Settings(store=(tmp_path / "store").as_uri(), allowed_roots=str(tmp_path))
 
@@ -65,7 +65,7 @@ DEMO_TASKS = ["mnist", "shapes", "gratings"]
 @pytest.fixture(scope="session")
 def suite(tmp_path_factory):
     """A small demo suite (base, fine-tunes, calibration, eval and head data) built once per session."""
-    from worker.demo import build_suite
+    from mergeline.demo import build_suite
 
     root = tmp_path_factory.mktemp("suite")
     # The quick label-free proxy and a large fine-tuning step: task vectors that differ clearly after a few steps.
@@ -76,8 +76,8 @@ def suite(tmp_path_factory):
 @pytest.fixture
 def env(suite, tmp_path):
     """The suite with a fresh file store and settings that may read both."""
-    from service.settings import Settings
-    from service.store import LineageStore
+    from core.settings import Settings
+    from core.store import LineageStore
 
     data, root = suite
     settings = Settings(store=(tmp_path / "store").as_uri(), allowed_roots=f"{root},{tmp_path}")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from service.uris import Fetched
+from core.uris import Fetched
 
 TINY_CLIP_CFG = {
     "embed_dim": 16,

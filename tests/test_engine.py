@@ -11,14 +11,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from service.cli import app
-from service.errors import Conflict, FetchFailed, IncompatibleCheckpoint, InvalidInput
-from service.settings import Settings
-from service.spec import parse_job_spec
-from service.store import LineageStore
+from core.errors import Conflict, FetchFailed, IncompatibleCheckpoint, InvalidInput
+from core.settings import Settings
+from core.spec import parse_job_spec
+from core.store import LineageStore
+from engine.job import run_job
+from mergeline.cli import app
+from mergeline.demo import task_entry
 from tests.conftest import DEMO_TASKS as TASKS
-from worker.demo import task_entry
-from worker.engine.job import run_job
 
 
 def job(data, names, method="otmf", params=None, lineage="vision", base=True, **extra):
@@ -164,7 +164,7 @@ def test_cli_merge_file_and_s3_then_pull_and_load_in_open_clip(env, tmp_path, s3
 
     data, root, settings, _ = env
     monkeypatch.setenv("MERGELINE_ALLOWED_ROOTS", f"{root},{tmp_path}")
-    from service.settings import get_settings
+    from core.settings import get_settings
 
     get_settings.cache_clear()
     runner = CliRunner()

@@ -25,9 +25,10 @@ from helpers_models import (
 )
 from safetensors.torch import load_file, save_file
 
-from service.errors import IncompatibleCheckpoint, InvalidInput
-from worker.engine.families import FAMILIES, get_family
-from worker.engine.tensors import (
+from core.errors import IncompatibleCheckpoint, InvalidInput
+from core.families import FAMILIES
+from engine.families import get_family
+from engine.tensors import (
     check_finite,
     dtype_of,
     load_state_dict,

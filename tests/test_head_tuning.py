@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from service.errors import InvalidInput
-from service.spec import parse_job_spec
-from service.store import LineageStore
-from service.uris import Fetched
-from worker.demo import task_entry
-from worker.engine.families import get_family
-from worker.engine.heads import features_of
-from worker.engine.job import run_job
+from core.errors import InvalidInput
+from core.spec import parse_job_spec
+from core.store import LineageStore
+from core.uris import Fetched
+from engine.families import get_family
+from engine.heads import features_of
+from engine.job import run_job
+from mergeline.demo import task_entry
 
 PARAMS = {"steps": 4, "batch_size": 8, "eval_every": 2, "head_steps": 60}
 

@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from helpers_models import copy_minilm, fetched, write_head, write_hf_task, write_text_jsonl
 from safetensors.torch import load_file
 
-from service.settings import Settings
-from service.spec import parse_job_spec
-from service.store import LineageStore
-from worker.engine.families import get_family
-from worker.engine.families import hf as hf_family
-from worker.engine.job import run_job
+from core.settings import Settings
+from core.spec import parse_job_spec
+from core.store import LineageStore
+from engine.families import get_family
+from engine.families import hf as hf_family
+from engine.job import run_job
 
 
 @pytest.fixture

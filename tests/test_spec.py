@@ -2,8 +2,8 @@
 
 import pytest
 
-from service.errors import InvalidInput
-from service.spec import parse_job_spec
+from core.errors import InvalidInput
+from core.spec import parse_job_spec
 
 BASE = {"family": "open_clip", "arch": "ViT-B-32", "uri": "s3://models/base.safetensors"}
 TASK = {"name": "mnist", "checkpoint": "s3://models/mnist.safetensors", "calibration": "s3://data/mnist-calib.npz"}
@@ -24,8 +24,8 @@ def test_contract_example_parses_with_defaults():
                           "batch_size": 16, "seed": 0}, "parent_version": None,
                           "webhook": {"url": "https://ci.example/hooks/merge", "secret": "s3cr3t"}})
     assert job.method == "otmf"
-    assert job.params["blur"] == 0.01 and job.params["alpha"] == 0.8 and job.params["pre_data"] == "reservoir"
-    assert job.method_params().steps == 100
+    assert job.params.blur == 0.01 and job.params.alpha == 0.8 and job.params.pre_data == "reservoir"
+    assert job.params.steps == 100
 
 
 def test_default_method_is_otmf():
@@ -69,7 +69,7 @@ def test_otmf_refuses_state_dict_family():
 
 def test_data_free_methods_need_no_calibration():
     job = parse_job_spec(spec(method="task_arithmetic", tasks=[{"name": "a", "checkpoint": "file:///x.safetensors"}]))
-    assert job.params["scaling_factor"] == 0.3
+    assert job.params.scaling_factor == 0.3
 
 
 def test_not_json_and_not_object():

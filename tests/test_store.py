@@ -5,8 +5,8 @@ import threading
 
 import pytest
 
-from service.errors import Conflict, NotFound, StoreUnavailable
-from service.store import FileToCommit, LineageStore
+from core.errors import Conflict, NotFound, StoreUnavailable
+from core.store import FileToCommit, LineageStore
 
 BASE = {"family": "state_dict", "arch": None, "uri": "file:///base.safetensors", "sha256": "ab"}
 

@@ -8,9 +8,9 @@ import threading
 import boto3
 import pytest
 
-from service.errors import AccessDenied, FetchFailed
-from service.settings import Settings
-from service.uris import UriReader
+from core.errors import AccessDenied, FetchFailed
+from core.settings import Settings
+from core.uris import UriReader
 
 
 @pytest.fixture

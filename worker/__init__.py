@@ -1,1 +1,2 @@
-"""Mergeline's compute side: the fusion engine (torch) and the Celery worker that runs it."""
+"""The Celery side: runs one job by id under the lineage lease and records its outcome. Imports only the core;
+the entry points hand it the engine."""

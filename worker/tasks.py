@@ -9,27 +9,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
+from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from service import logs
-from service.errors import BrokerUnavailable, JobCancelled, MergelineError
-from service.jobs import JobStore, public_job
-from service.metrics import RedisMetrics
-from service.settings import Settings, get_settings
-from service.spec import parse_job_spec
-from service.store import LineageStore
-from service.webhooks import WebhookQueue, notify_on_final
-from worker.celery_app import TASK_NAME, app, send_job
+from core import logs
+from core.errors import BrokerUnavailable, JobCancelled, MergelineError
+from core.jobs import JobStore, public_job
+from core.metrics import RedisMetrics
+from core.queue import TASK_NAME
+from core.settings import Settings
+from core.spec import parse_job_spec
+from core.store import LineageStore
+from core.webhooks import WebhookQueue
 
 log = logging.getLogger("mergeline.worker")
 
@@ -40,42 +39,19 @@ class LeaseLost(JobCancelled):
     type = "lease_lost"
 
 
+Engine = Callable[..., dict]  # run_job(spec, store, progress, *, tenant, job_id, settings) -> result
+
+
 @dataclass
 class WorkerContext:
+    """What one worker process runs jobs with; built once per process by the entry point (mergeline.compose)."""
+
     settings: Settings
     jobs: JobStore
     store: LineageStore
     metrics: RedisMetrics
     webhooks: WebhookQueue
-
-    @property
-    def engine(self) -> Callable[..., dict]:
-        """Imported on first use, in the pool process that runs jobs: the worker's main process never loads
-        torch, so it starts fast and forks small children."""
-        from worker.engine.job import run_job
-
-        return run_job
-
-
-@cache
-def _context(pid: int) -> WorkerContext:
-    """Per process (a forked pool process must not share its parent's sockets)."""
-    settings = get_settings()
-    logs.configure(settings.log_level)
-    jobs = JobStore.from_settings(settings, send=lambda job_id: send_job(app, settings, job_id))
-    webhooks = WebhookQueue.from_settings(jobs.r, settings, on_outcome=jobs.add_event)
-    jobs.on_final = notify_on_final(webhooks)
-    return WorkerContext(
-        settings=settings,
-        jobs=jobs,
-        store=LineageStore(settings.store, claim_ttl_s=settings.claim_ttl_s),
-        metrics=RedisMetrics(jobs.r, settings.key_prefix),
-        webhooks=webhooks,
-    )
-
-
-def context() -> WorkerContext:
-    return _context(os.getpid())
+    engine: Engine
 
 
 class LeaseKeeper:
@@ -197,9 +173,8 @@ def _finish(jobs: JobStore, job_id: str, token: str, status: str, **outcome) -> 
     return jobs.finish(job_id, token, status, **outcome)
 
 
-def execute_job(job_id: str) -> str:
+def execute_job(ctx: WorkerContext, job_id: str) -> str:
     """Run one job if it is its turn. Returns what happened (for logs and tests)."""
-    ctx = context()
     token = uuid.uuid4().hex
     with logs.job_context(job_id):
         acquired = ctx.jobs.acquire(job_id, token)
@@ -265,16 +240,20 @@ def _after(ctx: WorkerContext, record: dict, started: float, *, measured: bool =
         log.warning("could not send the lineage's next job; the reconciler will")
 
 
-@app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def run_merge_job(self, job_id: str) -> str:
-    return execute_job(job_id)
+def register(app: Celery, context: Callable[[], WorkerContext]) -> None:
+    """Add the merge task to `app`, and the housekeeping threads to every worker (main) process it starts.
+    `context()` gives the calling process's WorkerContext (a forked pool process builds its own)."""
+
+    @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+    def run_merge_job(self, job_id: str) -> str:
+        return execute_job(context(), job_id)
+
+    stop = threading.Event()
+    worker_ready.connect(lambda **_: start_housekeeping(context, stop), weak=False)
+    worker_shutdown.connect(lambda **_: stop.set(), weak=False)
 
 
-# -- housekeeping threads, one set per worker (main) process ----------------------------------------------------
-_stop = threading.Event()
-
-
-def _reconcile_loop(stop: threading.Event) -> None:
+def _reconcile_loop(context: Callable[[], WorkerContext], stop: threading.Event) -> None:
     while not stop.wait(context().settings.reconcile_interval_s):
         try:
             ctx = context()
@@ -285,21 +264,12 @@ def _reconcile_loop(stop: threading.Event) -> None:
             log.exception("reconciler pass failed")
 
 
-def start_housekeeping() -> list[threading.Thread]:
-    _stop.clear()
-    threads = [threading.Thread(target=_reconcile_loop, args=(_stop,), name="mergeline-reconcile", daemon=True),
-               threading.Thread(target=context().webhooks.run, args=(_stop,), name="mergeline-webhooks",
-                                daemon=True)]
+def start_housekeeping(context: Callable[[], WorkerContext], stop: threading.Event) -> list[threading.Thread]:
+    """The reconciler and the webhook delivery loop, as daemon threads that end when `stop` is set."""
+    stop.clear()
+    threads = [threading.Thread(target=_reconcile_loop, args=(context, stop), name="mergeline-reconcile",
+                                daemon=True),
+               threading.Thread(target=context().webhooks.run, args=(stop,), name="mergeline-webhooks", daemon=True)]
     for thread in threads:
         thread.start()
     return threads
-
-
-@worker_ready.connect
-def _on_ready(**_: Any) -> None:
-    start_housekeeping()
-
-
-@worker_shutdown.connect
-def _on_shutdown(**_: Any) -> None:
-    _stop.set()

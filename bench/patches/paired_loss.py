@@ -2,7 +2,7 @@
 inputs (the pairs are known: both come from the same batch indices), instead of the Sinkhorn divergence between the
 two feature clouds, which ignores which input each feature belongs to."""
 
-import worker.engine.methods.otmf as otmf
+import engine.methods.otmf as otmf
 
 
 def paired_distance(x, y, reg):  # noqa: ARG001 - same signature as sinkhorn_divergence

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-import service.uris as uris
+import core.uris as uris
 
 _CACHE = Path(os.environ.get("BENCH_SHA_CACHE", "/tmp/bench-sha256-cache.json"))
 _original = uris.file_sha256

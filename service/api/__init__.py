@@ -1,4 +1,4 @@
-"""The HTTP API (contract §3): `create_app()` builds it from the MERGELINE_* settings."""
+"""The HTTP API (contract §3), torch-free: `create_app(services)`; the entry point builds the services."""
 
 from service.api.app import create_app
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,17 +13,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-import service
-from service import logs
-from service.api.deps import Services, TokenTable
+import core
+from core import logs
+from core.errors import BrokerUnavailable, MergelineError, RequestTooLarge
+from core.spec import JobSpec
+from service.api.deps import Services
 from service.api.routes import jobs, lineages, ops
-from service.errors import BrokerUnavailable, MergelineError, RequestTooLarge
-from service.jobs import JobStore, connect
-from service.metrics import RedisMetrics, ServiceCollector
-from service.settings import Settings, get_settings
-from service.spec import JobSpec
-from service.store import LineageStore
-from service.webhooks import WebhookQueue, notify_on_final
 
 log = logging.getLogger("mergeline.api")
 
@@ -104,48 +98,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal", "internal error; see the service log")
 
 
-def build_services(settings: Settings, send: Callable[[str], None] | None = None) -> Services:
-    """Connections for one app. `send` enqueues a job id (default: a Celery producer from the settings)."""
-    url = settings.job_redis_url()
-    if not url:
-        raise BrokerUnavailable("the API needs Redis: set MERGELINE_BROKER_URL=redis://... or MERGELINE_REDIS_URL")
-    broker_check = None
-    broker_depth: Callable[[], int | None] = lambda: None  # noqa: E731
-    if send is None:
-        from worker.celery_app import make_celery, send_job
-
-        celery = make_celery(settings)
-        send = lambda job_id: send_job(celery, settings, job_id)  # noqa: E731
-        if settings.broker_url != url:
-            def broker_check() -> None:
-                with celery.connection_for_write() as conn:
-                    conn.ensure_connection(max_retries=1, timeout=3)
-    client = connect(url)
-    if settings.broker_url == url:
-        broker_depth = lambda: client.llen(settings.queue)  # noqa: E731 (kombu's Redis queue is a list)
-    jobs = JobStore(client, settings.key_prefix, job_ttl_s=settings.job_ttl_s, lease_ttl_s=settings.lease_ttl_s,
-                    max_attempts=settings.max_attempts, send=send)
-    jobs.on_final = notify_on_final(WebhookQueue.from_settings(client, settings, on_outcome=jobs.add_event))
-    metrics = RedisMetrics(client, settings.key_prefix)
-
-    def depth() -> int | None:
-        try:
-            return broker_depth()
-        except Exception:
-            return None
-
-    return Services(settings=settings, jobs=jobs, store=LineageStore(settings.store, claim_ttl_s=settings.claim_ttl_s),
-                    tokens=TokenTable(settings.tenants_by_token()), metrics=metrics,
-                    collector=ServiceCollector(jobs, metrics, depth), broker_check=broker_check)
-
-
-def create_app(settings: Settings | None = None, *, services: Services | None = None) -> FastAPI:
-    """The API. Without arguments it reads every MERGELINE_* setting (`uvicorn --factory service.api:create_app`)."""
-    settings = settings or get_settings()
+def create_app(services: Services) -> FastAPI:
+    """The API over `services` (built by the entry point: `uvicorn --factory mergeline.compose:api_app`)."""
+    settings = services.settings
     logs.configure(settings.log_level)
-    app = FastAPI(title="Mergeline", version=service.__version__,
+    app = FastAPI(title="Mergeline", version=core.__version__,
                   description="Continual model merging as a service: submit merge jobs, follow them, read lineages.")
-    app.state.services = services or build_services(settings)
+    app.state.services = services
     for router in (jobs.router, lineages.router, ops.router):
         app.include_router(router)
     install_error_handlers(app)

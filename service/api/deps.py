@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
@@ -12,13 +11,12 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.errors import Unauthorized
-from service.jobs import JobStore
-from service.metrics import RedisMetrics, ServiceCollector
-from service.settings import Settings
-from service.store import LineageStore
-
-_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+from core.errors import Unauthorized
+from core.jobs import JobStore
+from core.metrics import RedisMetrics, ServiceCollector
+from core.names import is_tenant_name
+from core.settings import Settings
+from core.store import LineageStore
 
 
 class TokenTable:
@@ -27,7 +25,7 @@ class TokenTable:
 
     def __init__(self, tokens: dict[str, str]):
         for tenant in tokens.values():
-            if not _TENANT.match(tenant):
+            if not is_tenant_name(tenant):
                 raise ValueError(f"MERGELINE_API_TOKENS: bad tenant name {tenant!r}")
         self._digests = [(hashlib.sha256(t.encode()).digest(), tenant) for t, tenant in tokens.items()]
 

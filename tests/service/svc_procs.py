@@ -85,12 +85,13 @@ def mergeline_cmd(*args: str) -> list[str]:
     script = VENV_BIN / "mergeline"
     if script.exists():
         return [str(script), *args]
-    return [sys.executable, "-c", "import sys; from service.cli import main; sys.argv[0] = 'mergeline'; main()", *args]
+    code = "import sys; from mergeline.cli import main; sys.argv[0] = 'mergeline'; main()"
+    return [sys.executable, "-c", code, *args]
 
 
 def start_api(env: dict[str, str], log_dir: Path, port: int | None = None) -> tuple[Proc, str]:
     port = port or free_port()
-    proc = Proc(f"api-{port}", [sys.executable, "-m", "uvicorn", "--factory", "service.api:create_app",
+    proc = Proc(f"api-{port}", [sys.executable, "-m", "uvicorn", "--factory", "mergeline.compose:api_app",
                                 "--host", "127.0.0.1", "--port", str(port)], env, log_dir)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -13,11 +13,11 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from core.settings import Settings
+from core.store import FileToCommit, LineageStore
+from mergeline.compose import api_services
 from service.api import create_app
-from service.api.app import build_services
 from service.api.deps import TokenTable
-from service.settings import Settings
-from service.store import FileToCommit, LineageStore
 
 A = {"Authorization": "Bearer tok-acme"}
 G = {"Authorization": "Bearer tok-globex"}
@@ -39,7 +39,7 @@ def sent() -> list[str]:
 
 @pytest.fixture
 def client(settings, sent) -> TestClient:
-    app = create_app(settings, services=build_services(settings, send=sent.append))
+    app = create_app(api_services(settings, send=sent.append))
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
 
@@ -61,7 +61,7 @@ def error_of(response: httpx.Response) -> dict:
 
 
 def test_service_never_imports_torch():
-    code = "import sys, service.api, service.cli_remote, service.client, worker.celery_app, worker.tasks; " \
+    code = "import sys, service.api, mergeline.compose, mergeline.cli_remote, service.client, worker.tasks; " \
            "print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -204,7 +204,7 @@ def test_readyz_and_metrics(client, settings, redis_db):
     text = client.get("/metrics").text
     assert 'mergeline_jobs{status="queued"} 1.0' in text and "mergeline_queue_depth 1.0" in text
     down = Settings(broker_url="redis://127.0.0.1:1/0", key_prefix="x", store=settings.store, api_tokens="t=a")
-    app = create_app(down, services=build_services(down, send=lambda _: None))
+    app = create_app(api_services(down, send=lambda _: None))
     with TestClient(app) as c:
         response = c.get("/readyz")
         assert response.status_code == 503 and error_of(response)["type"] == "broker_unavailable"

@@ -11,11 +11,11 @@ import pytest
 import yaml
 from typer.main import get_command
 
-from service.settings import Settings
+from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS_ENV = {f"MERGELINE_{name.upper()}" for name in Settings.model_fields}
-API_COMMAND = ["uvicorn", "--factory", "service.api:create_app"]
+API_COMMAND = ["uvicorn", "--factory", "mergeline.compose:api_app"]
 
 
 def env_names(env: dict | list) -> set[str]:
@@ -33,7 +33,7 @@ def check_entry_points(command: list[str]) -> None:
         module, _, attr = command[2].partition(":")
         assert callable(getattr(importlib.import_module(module), attr))
     elif command[0] == "mergeline":
-        from service.cli import app
+        from mergeline.cli import app
 
         assert command[1] in get_command(app).commands, command
     else:
@@ -131,5 +131,5 @@ def test_kubernetes_manifests():
 def test_e2e_starts_the_processes_the_deployments_describe():
     """The end-to-end tests run the same API factory and worker command as the images."""
     conftest = (Path(__file__).parent / "svc_procs.py").read_text()
-    assert '"--factory", "service.api:create_app"' in conftest
+    assert '"--factory", "mergeline.compose:api_app"' in conftest
     assert 'mergeline_cmd("worker"' in conftest

@@ -26,8 +26,8 @@ from svc_procs import (
     wait_http,
 )
 
+from core.webhooks import SIGNATURE_HEADER, verify
 from service.client import ApiError, MergelineClient
-from service.webhooks import SIGNATURE_HEADER, verify
 
 pytestmark = pytest.mark.e2e
 TOKENS = "tok-acme=acme,tok-globex=globex"
@@ -150,7 +150,7 @@ def test_job_runs_with_progress_downloads_and_makes_v2(cluster, acme, receiver, 
     # The CLI reads lineages and pulls versions through the API when given a URL.
     from typer.testing import CliRunner
 
-    from service.cli import app as cli
+    from mergeline.cli import app as cli
 
     api = ["--url", cluster["url"], "--token", "tok-acme", "--json"]
     shown = CliRunner().invoke(cli, ["lineage", "show", "vision", *api])

@@ -80,9 +80,9 @@ def test_unreachable_store_answers_503(redis_db, tmp_path):
     """The API answers 503 store_unavailable for lineage reads when S3 is down; the job store keeps working."""
     from fastapi.testclient import TestClient
 
+    from core.settings import Settings
+    from mergeline.compose import api_services
     from service.api import create_app
-    from service.api.app import build_services
-    from service.settings import Settings
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
@@ -91,7 +91,7 @@ def test_unreachable_store_answers_503(redis_db, tmp_path):
     try:
         settings = Settings(broker_url=redis_db, key_prefix=f"s{uuid.uuid4().hex[:6]}", store="s3://gone/prefix",
                             api_tokens="t=acme")
-        app = create_app(settings, services=build_services(settings, send=lambda _: None))
+        app = create_app(api_services(settings, send=lambda _: None))
         with TestClient(app) as client:
             response = client.get("/v1/lineages/vision", headers={"Authorization": "Bearer t"})
             assert response.status_code == 503 and response.json()["error"]["type"] == "store_unavailable"

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from service.errors import BadRequest, Conflict, NotFound
-from service.jobs import JobStore, connect, public_job
-from service.spec import parse_job_spec
+from core.errors import BadRequest, Conflict, NotFound
+from core.jobs import JobStore, connect, public_job
+from core.spec import parse_job_spec
 
 BASE = {"family": "open_clip", "arch": "ViT-B-32", "uri": "file:///data/base.safetensors"}
 

@@ -9,9 +9,9 @@ import time
 import pytest
 from svc_procs import hook_receiver
 
-from service.jobs import connect
-from service.metrics import RedisMetrics, ServiceCollector, render
-from service.webhooks import SIGNATURE_HEADER, WebhookQueue, sign, verify
+from core.jobs import connect
+from core.metrics import RedisMetrics, ServiceCollector, render
+from core.webhooks import SIGNATURE_HEADER, WebhookQueue, sign, verify
 
 JOB = {"id": "job_01TEST", "lineage": "vision", "status": "succeeded", "method": "otmf", "created_at": "t",
        "started_at": "t", "finished_at": "t", "progress": None, "result": {"version": 1}, "error": None}

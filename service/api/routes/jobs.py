@@ -10,31 +10,20 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette.sse import EventSourceResponse
 
+from core.errors import BadRequest, MergelineError
+from core.jobs import public_job
+from core.names import LINEAGE_PATTERN
+from core.spec import parse_job_spec
+from core.statuses import FINAL
+from core.uris import check_submission_policy
 from service.api.deps import Jobs, Tenant
 from service.api.models import ERROR_RESPONSES, EventList, Job, JobList, JobStatus
-from service.errors import AccessDenied, BadRequest, MergelineError
-from service.jobs import FINAL, public_job
-from service.settings import Settings
-from service.spec import NAME_PATTERN, JobSpec, parse_job_spec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 STREAM_POLL_S = 0.25
 
 SUBMIT_BODY = {"requestBody": {"required": True, "description": "the job spec (contract §2)",
                                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}}}}}
-
-
-def check_uri_policy(spec: JobSpec, settings: Settings) -> None:
-    """Refuse at submission what every worker would refuse: http(s) inputs while they are disabled."""
-    if settings.allow_http:
-        return
-    fields: list[tuple[str, str | None]] = [("base.uri", spec.base.uri if spec.base else None)]
-    for i, task in enumerate(spec.tasks):
-        fields += [(f"tasks.{i}.{k}", getattr(task, k)) for k in ("checkpoint", "calibration", "eval", "head")]
-    for field, uri in fields:
-        if uri and uri.startswith(("http://", "https://")):
-            raise AccessDenied(f"{field}: http(s) URIs are disabled on this service (MERGELINE_ALLOW_HTTP)",
-                               param=field)
 
 
 @router.post("", status_code=202, response_model=Job, openapi_extra=SUBMIT_BODY,
@@ -49,7 +38,7 @@ async def submit_job(request: Request, response: Response, tenant: Tenant, jobs:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
     spec = parse_job_spec(body)
-    check_uri_policy(spec, request.app.state.services.settings)
+    check_submission_policy(spec, request.app.state.services.settings)
     record, created = await run_in_threadpool(jobs.create, tenant, spec, body, idempotency_key=idempotency_key)
     if not created:
         response.status_code = 200
@@ -58,7 +47,7 @@ async def submit_job(request: Request, response: Response, tenant: Tenant, jobs:
 
 @router.get("", response_model=JobList)
 def list_jobs(tenant: Tenant, jobs: Jobs,
-              lineage: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+              lineage: Annotated[str | None, Query(pattern=LINEAGE_PATTERN)] = None,
               status: JobStatus | None = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20,
               after: Annotated[str | None, Query(min_length=1, max_length=64, description="a job id")] = None) -> Any:

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
+from core.errors import NotFound
+from core.names import is_lineage_name
+from core.store import LineageStore
 from service.api.deps import Services, Store, Tenant, get_services
 from service.api.models import ERROR_RESPONSES, Lineage, LineageList
-from service.errors import NotFound
-from service.spec import NAME_PATTERN
-from service.store import LineageStore
 
 router = APIRouter(prefix="/v1/lineages", tags=["lineages"], responses=ERROR_RESPONSES)
-_NAME = re.compile(NAME_PATTERN)
 
 
 def _lineage(store: LineageStore, tenant: str, name: str) -> dict:
-    if not _NAME.match(name):  # not a name any lineage can have: as absent as a missing one
+    if not is_lineage_name(name):  # not a name any lineage can have: as absent as a missing one
         raise NotFound(f"no lineage {name!r}", param="name")
     doc = store.require_lineage(tenant, name)
     return {"name": name, "head": doc["head"], "base": doc["base"], "created_at": doc.get("created_at"),
@@ -72,5 +70,5 @@ def get_file(name: str, version: int, path: str, tenant: Tenant, store: Store,
 
 
 def _lineage_name(name: str) -> None:
-    if not _NAME.match(name):
+    if not is_lineage_name(name):
         raise NotFound(f"no lineage {name!r}", param="name")

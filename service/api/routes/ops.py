@@ -8,10 +8,10 @@ from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
+from core.errors import BrokerUnavailable, MergelineError
+from core.metrics import render
 from service.api.deps import Services, get_services
 from service.api.models import ERROR_RESPONSES, Health
-from service.errors import BrokerUnavailable, MergelineError
-from service.metrics import render
 
 router = APIRouter(tags=["operations"])
 

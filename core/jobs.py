@@ -1,0 +1,455 @@
+"""Job records in Redis, and the per-lineage queue that runs a lineage's jobs one at a time in submission order.
+
+Keys (all under the configured prefix P):
+  P:job:{id}                 hash: the record (tenant, lineage, status, spec, progress, result, error, ...)
+  P:job:{id}:events          list of JSON events, oldest first
+  P:jobs:{tenant}            zset of the tenant's job ids by submission sequence (listing, newest first)
+  P:jobs:{tenant}:l:{name}   the same, per lineage
+  P:idem:{tenant}:{sha}      the job an Idempotency-Key created, with its body's hash (24 h)
+  P:lq:{tenant}:{name}       zset of the lineage's unfinished jobs by sequence: the first one may run
+  P:lease:{tenant}:{name}    "job_id:token" of the attempt running the lineage's first job; expires unless renewed
+  P:active                   "tenant/name" of every lineage with unfinished jobs (swept by `reconcile`)
+  P:counts                   hash status -> number of jobs that are (or ended) in it
+
+Ordering: a job's Celery message is sent when it becomes the first of its lineage queue (at submission when
+nothing is ahead of it, else by the job ahead when that one finishes). A worker runs a job only while it holds
+the lineage lease; a worker that dies stops renewing it, and `reconcile` (run by every worker every few seconds)
+re-sends the first job of any lineage whose lease has lapsed. A duplicate message is harmless: it finds the job
+finished, not first, or leased, and does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.exceptions import RedisError, WatchError
+
+from core.errors import BadRequest, BrokerUnavailable, Conflict, NotFound
+from core.ids import new_job_id, utc_now
+from core.settings import Settings
+from core.spec import JobSpec
+from core.statuses import FINAL, STATUSES
+
+log = logging.getLogger("mergeline.jobs")
+
+IDEMPOTENCY_TTL_S = 24 * 3600
+MAX_EVENTS = 5000
+
+Send = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Acquired:
+    """The outcome of `JobStore.acquire`: `state` is `acquired` (run it) or why not."""
+
+    state: str  # acquired | missing | final | waiting | leased | cancelled | worker_lost
+    record: dict | None = None
+
+
+@contextmanager
+def redis_errors() -> Iterator[None]:
+    """Redis failures become BrokerUnavailable (503), never a 500."""
+    try:
+        yield
+    except RedisError as exc:
+        raise BrokerUnavailable(f"job store (Redis) unavailable: {type(exc).__name__}: {exc}") from None
+
+
+def connect(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5, socket_timeout=15,
+                                health_check_interval=30, retry_on_timeout=True)
+
+
+def body_hash(body: Any) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def public_job(record: dict) -> dict:
+    """The contract's Job object from a stored record (the spec, tenant and webhook secret stay inside)."""
+
+    def load(field: str) -> Any:
+        raw = record.get(field)
+        return json.loads(raw) if raw else None
+
+    return {
+        "id": record["id"],
+        "lineage": record["lineage"],
+        "status": record["status"],
+        "method": record["method"],
+        "created_at": record["created_at"],
+        "started_at": record.get("started_at") or None,
+        "finished_at": record.get("finished_at") or None,
+        "progress": load("progress"),
+        "result": load("result"),
+        "error": load("error"),
+    }
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis, prefix: str = "mergeline", *, job_ttl_s: int = 30 * 86400,
+                 lease_ttl_s: float = 30.0, max_attempts: int = 3, send: Send | None = None,
+                 on_final: Callable[[dict], None] | None = None):
+        self.r = client
+        self.on_final = on_final
+        self.p = prefix
+        self.job_ttl_s = job_ttl_s
+        self.lease_ms = int(lease_ttl_s * 1000)
+        self.max_attempts = max_attempts
+        self.send = send
+
+    @classmethod
+    def from_settings(cls, settings: Settings, send: Send | None = None,
+                      on_final: Callable[[dict], None] | None = None) -> JobStore:
+        url = settings.job_redis_url()
+        if not url:
+            raise BrokerUnavailable("no job store: set MERGELINE_BROKER_URL (redis://...) or MERGELINE_REDIS_URL")
+        return cls(connect(url), settings.key_prefix, job_ttl_s=settings.job_ttl_s,
+                   lease_ttl_s=settings.lease_ttl_s, max_attempts=settings.max_attempts, send=send,
+                   on_final=on_final)
+
+    # -- keys ------------------------------------------------------------------------------------------------
+    def _job(self, job_id: str) -> str:
+        return f"{self.p}:job:{job_id}"
+
+    def _events(self, job_id: str) -> str:
+        return f"{self.p}:job:{job_id}:events"
+
+    def _index(self, tenant: str, lineage: str | None = None) -> str:
+        return f"{self.p}:jobs:{tenant}" + (f":l:{lineage}" if lineage else "")
+
+    def _queue(self, tenant: str, lineage: str) -> str:
+        return f"{self.p}:lq:{tenant}:{lineage}"
+
+    def _lease(self, tenant: str, lineage: str) -> str:
+        return f"{self.p}:lease:{tenant}:{lineage}"
+
+    @property
+    def _active(self) -> str:
+        return f"{self.p}:active"
+
+    @property
+    def _counts(self) -> str:
+        return f"{self.p}:counts"
+
+    def ping(self) -> None:
+        with redis_errors():
+            self.r.ping()
+
+    # -- API side --------------------------------------------------------------------------------------------
+    def create(self, tenant: str, spec: JobSpec, body: dict, *,
+               idempotency_key: str | None = None) -> tuple[dict, bool]:
+        """Record a queued job and send it if nothing is ahead of it. Returns (record, created): with an
+        Idempotency-Key already used for the same body, the first job and False; for another body, Conflict."""
+        digest = body_hash(body)
+        idem = f"{self.p}:idem:{tenant}:{hashlib.sha256(idempotency_key.encode()).hexdigest()}" \
+            if idempotency_key is not None else None
+        with redis_errors():
+            while True:
+                with self.r.pipeline() as pipe:
+                    try:
+                        if idem:
+                            pipe.watch(idem)
+                            held = pipe.get(idem)
+                            if held:
+                                first = json.loads(held)
+                                if first["body_sha256"] != digest:
+                                    raise Conflict("this Idempotency-Key was used with a different request body",
+                                                   param="Idempotency-Key")
+                                record = self.load(first["job_id"])
+                                if record is None:
+                                    raise Conflict("the job created with this Idempotency-Key no longer exists",
+                                                   param="Idempotency-Key")
+                                return record, False
+                        job_id = new_job_id()
+                        seq = self.r.incr(f"{self.p}:seq")
+                        record = {
+                            "id": job_id, "tenant": tenant, "lineage": spec.lineage, "status": "queued",
+                            "method": spec.method, "created_at": utc_now(), "seq": str(seq),
+                            "spec": json.dumps(body), "attempts": "0", "cancel": "0",
+                        }
+                        pipe.multi()
+                        pipe.hset(self._job(job_id), mapping=record)
+                        pipe.zadd(self._index(tenant), {job_id: seq})
+                        pipe.zadd(self._index(tenant, spec.lineage), {job_id: seq})
+                        pipe.zadd(self._queue(tenant, spec.lineage), {job_id: seq})
+                        pipe.sadd(self._active, f"{tenant}/{spec.lineage}")
+                        pipe.hincrby(self._counts, "queued", 1)
+                        pipe.rpush(self._events(job_id), _event("queued", "job accepted"))
+                        if idem:
+                            pipe.set(idem, json.dumps({"job_id": job_id, "body_sha256": digest}),
+                                     ex=IDEMPOTENCY_TTL_S)
+                        pipe.execute()
+                        break
+                    except WatchError:
+                        continue  # the same key arrived concurrently: read what it created
+        try:
+            self.kick(tenant, spec.lineage, only=job_id)
+        except BrokerUnavailable:
+            # The job is recorded and first in its lineage queue: the workers' reconciler sends it once the broker
+            # answers again, so the submission still succeeds.
+            log.warning("job recorded but not yet sent: broker unavailable", extra={"job_id": job_id})
+        return record, True
+
+    def load(self, job_id: str) -> dict | None:
+        if not job_id.startswith("job_") or len(job_id) > 64:
+            return None
+        with redis_errors():
+            record = self.r.hgetall(self._job(job_id))
+        return record or None
+
+    def get(self, tenant: str, job_id: str) -> dict:
+        """The tenant's job; another tenant's job is as absent as a missing one."""
+        record = self.load(job_id)
+        if record is None or record["tenant"] != tenant:
+            raise NotFound(f"no job {job_id!r}", param="id")
+        return record
+
+    def list(self, tenant: str, *, lineage: str | None = None, status: str | None = None, limit: int = 20,
+             after: str | None = None) -> tuple[list[dict], bool]:
+        """The tenant's jobs, newest first, starting after the job id `after`; returns (records, has_more)."""
+        index = self._index(tenant, lineage)
+        with redis_errors():
+            top = "+inf"
+            if after is not None:
+                score = self.r.zscore(index, after)
+                if score is None:
+                    raise BadRequest(f"`after` names no job of this listing: {after!r}", param="after")
+                top = f"({int(score)}"
+            found: list[dict] = []
+            batch = max(limit * 2, 50)
+            while len(found) <= limit:
+                ids = self.r.zrevrangebyscore(index, top, "-inf", start=0, num=batch, withscores=True)
+                if not ids:
+                    break
+                with self.r.pipeline(transaction=False) as pipe:
+                    for job_id, _ in ids:
+                        pipe.hgetall(self._job(job_id))
+                    records = pipe.execute()
+                stale = [job_id for (job_id, _), rec in zip(ids, records, strict=True) if not rec]
+                if stale:  # records expired (job_ttl_s): drop them from the index as we pass
+                    self.r.zrem(index, *stale)
+                found += [rec for rec in records if rec and (status is None or rec["status"] == status)]
+                top = f"({int(ids[-1][1])}"
+        return found[:limit], len(found) > limit
+
+    def events(self, tenant: str, job_id: str, start: int = 0) -> list[dict]:
+        self.get(tenant, job_id)
+        with redis_errors():
+            return [json.loads(e) for e in self.r.lrange(self._events(job_id), start, -1)]
+
+    def request_cancel(self, tenant: str, job_id: str) -> dict:
+        """A queued job is cancelled now; a running one is flagged and stops at its next step boundary."""
+        record = self.get(tenant, job_id)
+        if record["status"] in FINAL:
+            return record
+        with redis_errors():
+            self.r.hset(self._job(job_id), "cancel", "1")
+            if record["status"] == "queued":
+                final = self.finish(job_id, None, "cancelled", error={"type": "cancelled",
+                                                                      "message": "cancelled before it started"})
+                if final is not None:
+                    self.kick(record["tenant"], record["lineage"])
+                    return final
+            self.add_event(job_id, "cancel_requested", "cancellation requested; stops at the next step")
+            return self.load(job_id) or record
+
+    def counts(self) -> dict[str, int]:
+        with redis_errors():
+            raw = self.r.hgetall(self._counts)
+        return {status: max(0, int(raw.get(status, 0))) for status in STATUSES}
+
+    # -- worker side ---------------------------------------------------------------------------------------
+    def acquire(self, job_id: str, token: str) -> Acquired:
+        """Take the lineage lease for `job_id` if it is first in its lineage queue and no live attempt holds it."""
+        with redis_errors(), self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(self._job(job_id))
+                    record = pipe.hgetall(self._job(job_id))
+                    if not record:
+                        return Acquired("missing")
+                    if record["status"] in FINAL:
+                        return Acquired("final", record)
+                    tenant, lineage = record["tenant"], record["lineage"]
+                    queue, lease = self._queue(tenant, lineage), self._lease(tenant, lineage)
+                    pipe.watch(queue, lease)
+                    first = pipe.zrange(queue, 0, 0)
+                    if first != [job_id]:
+                        return Acquired("waiting", record)
+                    if pipe.get(lease):
+                        return Acquired("leased", record)
+                    attempts = int(record.get("attempts", 0)) + 1
+                    if record.get("cancel") == "1":
+                        pipe.multi()
+                        final = self._finish_in(pipe, record, "cancelled", error={
+                            "type": "cancelled", "message": "cancelled before it started"})
+                        pipe.execute()
+                        self._notify(final)
+                        return Acquired("cancelled", final)
+                    if attempts > self.max_attempts:
+                        pipe.multi()
+                        final = self._finish_in(pipe, record, "failed", error={
+                            "type": "worker_lost",
+                            "message": f"the worker running this job was lost {attempts - 1} times"})
+                        pipe.execute()
+                        self._notify(final)
+                        return Acquired("worker_lost", final)
+                    pipe.multi()
+                    pipe.set(lease, f"{job_id}:{token}", px=self.lease_ms)
+                    changes = {"status": "running", "attempts": str(attempts)}
+                    if not record.get("started_at"):
+                        changes["started_at"] = utc_now()
+                    pipe.hset(self._job(job_id), mapping=changes)
+                    if record["status"] != "running":
+                        pipe.hincrby(self._counts, record["status"], -1)
+                        pipe.hincrby(self._counts, "running", 1)
+                    if attempts == 1:
+                        pipe.rpush(self._events(job_id), _event("started", "a worker started the job"))
+                    else:
+                        pipe.rpush(self._events(job_id), _event(
+                            "worker_lost", f"the previous worker was lost; attempt {attempts}",
+                            {"attempt": attempts}))
+                    pipe.execute()
+                    record.update(changes)
+                    return Acquired("acquired", record)
+                except WatchError:
+                    continue
+
+    def holds_lease(self, record: dict, token: str, *, extend: bool = True) -> bool:
+        """Whether this attempt still holds its lineage lease; extends it when so (the heartbeat)."""
+        lease = self._lease(record["tenant"], record["lineage"])
+        mine = f"{record['id']}:{token}"
+        with redis_errors(), self.r.pipeline() as pipe:
+            try:
+                pipe.watch(lease)
+                if pipe.get(lease) != mine:
+                    return False
+                pipe.multi()
+                if extend:
+                    pipe.pexpire(lease, self.lease_ms)
+                pipe.execute()
+                return True
+            except WatchError:
+                return False
+
+    def update_progress(self, job_id: str, progress: dict) -> bool:
+        """Store the progress; returns whether cancellation was requested (one round trip for both)."""
+        with redis_errors(), self.r.pipeline(transaction=False) as pipe:
+            pipe.hset(self._job(job_id), "progress", json.dumps(progress))
+            pipe.hget(self._job(job_id), "cancel")
+            return pipe.execute()[1] == "1"
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with redis_errors():
+            return self.r.hget(self._job(job_id), "cancel") == "1"
+
+    def add_event(self, job_id: str, type: str, message: str, data: dict | None = None) -> None:
+        with redis_errors(), self.r.pipeline(transaction=False) as pipe:
+            pipe.rpush(self._events(job_id), _event(type, message, data))
+            pipe.ltrim(self._events(job_id), -MAX_EVENTS, -1)
+            pipe.execute()
+
+    def finish(self, job_id: str, token: str | None, status: str, *, result: dict | None = None,
+               error: dict | None = None) -> dict | None:
+        """Make the job final. A running job is finished only by the attempt holding its lease (`token`); returns
+        the final record, or None when this caller may not finish it (lease lost, or it started meanwhile)."""
+        with redis_errors(), self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(self._job(job_id))
+                    record = pipe.hgetall(self._job(job_id))
+                    if not record:
+                        return None
+                    if record["status"] in FINAL:
+                        return record
+                    lease = self._lease(record["tenant"], record["lineage"])
+                    pipe.watch(lease)
+                    if record["status"] == "running" and (token is None or pipe.get(lease) != f"{job_id}:{token}"):
+                        return None
+                    pipe.multi()
+                    final = self._finish_in(pipe, record, status, result=result, error=error)
+                    if token is not None:
+                        pipe.delete(lease)
+                    pipe.execute()
+                    break
+                except WatchError:
+                    continue
+        self._notify(final)
+        return final
+
+    def _notify(self, final: dict) -> None:
+        """The final-state hook (webhooks) runs once, by whoever made the job final; it never fails the caller."""
+        if self.on_final is None:
+            return
+        try:
+            self.on_final(final)
+        except Exception:
+            log.exception("final-job hook failed", extra={"job_id": final["id"]})
+
+    def _finish_in(self, pipe, record: dict, status: str, *, result: dict | None = None,
+                   error: dict | None = None) -> dict:
+        job_id = record["id"]
+        changes = {"status": status, "finished_at": utc_now()}
+        if result is not None:
+            changes["result"] = json.dumps(result)
+        if error is not None:
+            changes["error"] = json.dumps(error)
+        pipe.hset(self._job(job_id), mapping=changes)
+        pipe.zrem(self._queue(record["tenant"], record["lineage"]), job_id)
+        pipe.hincrby(self._counts, record["status"], -1)
+        pipe.hincrby(self._counts, status, 1)
+        message = {"succeeded": "job succeeded", "cancelled": "job cancelled"}.get(status) or \
+            f"job failed: {(error or {}).get('type', 'internal')}"
+        pipe.rpush(self._events(job_id), _event(status, message, {"error": error} if error else None))
+        pipe.expire(self._job(job_id), self.job_ttl_s)
+        pipe.expire(self._events(job_id), self.job_ttl_s)
+        return {**record, **changes}
+
+    def kick(self, tenant: str, lineage: str, *, throttle_ms: int | None = None, only: str | None = None) -> str | None:
+        """Send the lineage's first job (if it is `only`, when given) unless an attempt holds the lease; returns
+        the job id sent, if any."""
+        if self.send is None:
+            return None
+        with redis_errors():
+            first = self.r.zrange(self._queue(tenant, lineage), 0, 0)
+            if not first or (only is not None and first[0] != only) or self.r.exists(self._lease(tenant, lineage)):
+                return None
+            if throttle_ms and not self.r.set(f"{self.p}:kick:{tenant}:{lineage}", "1", nx=True, px=throttle_ms):
+                return None
+        self.send(first[0])
+        return first[0]
+
+    def reconcile(self, *, throttle_ms: int = 5000) -> list[str]:
+        """Re-send the first job of every lineage whose lease has lapsed (a dead worker, a lost message)."""
+        sent = []
+        with redis_errors():
+            members = self.r.smembers(self._active)
+        for member in members:
+            tenant, _, lineage = member.partition("/")
+            queue = self._queue(tenant, lineage)
+            with redis_errors(), self.r.pipeline() as pipe:
+                try:
+                    pipe.watch(queue)
+                    if pipe.zcard(queue) == 0:
+                        pipe.multi()
+                        pipe.srem(self._active, member)
+                        pipe.execute()
+                        continue
+                    pipe.unwatch()
+                except WatchError:
+                    continue
+            job_id = self.kick(tenant, lineage, throttle_ms=throttle_ms)
+            if job_id:
+                sent.append(job_id)
+        return sent
+
+
+def _event(type: str, message: str, data: dict | None = None) -> str:
+    return json.dumps({"at": utc_now(), "type": type, "message": message, "data": data or {}})

@@ -1,0 +1,240 @@
+"""The lineage store (contract §4): versions of merged models per tenant and lineage, in object storage.
+
+Layout under the root:  {tenant}/{lineage}/lineage.json, {tenant}/{lineage}/v{n}/manifest.json and files.
+
+Committing version n:
+  1. the head must be the caller's parent (n - 1), else `Conflict`;
+  2. `v{n}/.claim` is created exclusively, so exactly one writer may write version n;
+  3. every file is written, then the manifest (exclusively): the version exists from that moment on;
+  4. `lineage.json` is replaced with the new head.
+A crash anywhere leaves the head at a complete version. Readers treat `lineage.json`'s head as a hint and step
+forward over any manifest written after it, so a crash between 3 and 4 loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.digests import CHUNK, file_sha256
+from core.errors import Conflict, InvalidInput, MergelineError, NotFound, StoreUnavailable
+from core.ids import utc_now
+from core.names import is_lineage_name, is_tenant_name
+from core.objects import store_for_root
+
+
+@dataclass(frozen=True)
+class FileToCommit:
+    path: str  # relative to the version folder, e.g. "model.safetensors" or "tokenizer/vocab.txt"
+    local: Path
+
+
+def _safe_rel_path(path: str) -> str:
+    parts = Path(path).parts
+    if not parts or path.startswith("/") or ".." in parts or path != Path(path).as_posix():
+        raise InvalidInput(f"bad file path {path!r}", param="path")
+    return path
+
+
+class LineageStore:
+    def __init__(self, root: str, *, claim_ttl_s: float = 900.0):
+        self.root = root
+        self.claim_ttl_s = claim_ttl_s
+        self._store = store_for_root(root)
+
+    # -- low level -------------------------------------------------------------------------------------------
+    def _key(self, tenant: str, lineage: str, *parts: str) -> str:
+        if not is_tenant_name(tenant):
+            raise InvalidInput(f"bad tenant name {tenant!r}", param="tenant")
+        if not is_lineage_name(lineage):
+            raise InvalidInput(f"bad lineage name {lineage!r}", param="lineage")
+        return "/".join((tenant, lineage, *parts))
+
+    def _call(self, fn, *args, **kwargs):
+        """Run one obstore call; network and server failures become StoreUnavailable."""
+        try:
+            return fn(*args, **kwargs)
+        except (FileNotFoundError, MergelineError):
+            raise
+        except Exception as exc:
+            if type(exc).__name__ == "AlreadyExistsError":
+                raise
+            raise StoreUnavailable(f"lineage store {self.root}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+
+    def _get_json(self, key: str) -> dict | None:
+        import obstore
+
+        try:
+            data = self._call(obstore.get, self._store, key).bytes()
+        except FileNotFoundError:
+            return None
+        return json.loads(bytes(data))
+
+    def _exists(self, key: str) -> bool:
+        import obstore
+
+        try:
+            self._call(obstore.head, self._store, key)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def _put(self, key: str, data: bytes, *, create: bool = False) -> bool:
+        """Write an object; with `create`, only if it does not exist (False when it did)."""
+        import obstore
+
+        try:
+            self._call(obstore.put, self._store, key, data, mode="create" if create else "overwrite")
+            return True
+        except Exception as exc:
+            if type(exc).__name__ == "AlreadyExistsError":
+                return False
+            raise
+
+    def _put_file(self, key: str, local: Path) -> None:
+        import obstore
+
+        with open(local, "rb") as f:
+            self._call(obstore.put, self._store, key, f, chunk_size=CHUNK)
+
+    def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers."""
+        import obstore
+
+        self._call(lambda: next(iter(obstore.list(self._store, prefix="", chunk_size=1)), None))
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    def get_lineage(self, tenant: str, name: str) -> dict | None:
+        """`lineage.json` with its `head` brought up to the newest complete version, or None."""
+        doc = self._get_json(self._key(tenant, name, "lineage.json"))
+        if doc is None:
+            return None
+        head = int(doc["head"])
+        while self._exists(self._key(tenant, name, f"v{head + 1}", "manifest.json")):
+            head += 1
+        doc["head"] = head
+        return doc
+
+    def require_lineage(self, tenant: str, name: str) -> dict:
+        doc = self.get_lineage(tenant, name)
+        if doc is None:
+            raise NotFound(f"no lineage {name!r}", param="lineage")
+        return doc
+
+    def manifest(self, tenant: str, name: str, version: int) -> dict:
+        doc = self._get_json(self._key(tenant, name, f"v{int(version)}", "manifest.json"))
+        if doc is None:
+            raise NotFound(f"lineage {name!r} has no version {version}", param="version")
+        return doc
+
+    def manifests(self, tenant: str, name: str) -> list[dict]:
+        """Every version's manifest, oldest first."""
+        head = self.require_lineage(tenant, name)["head"]
+        return [self.manifest(tenant, name, v) for v in range(1, head + 1)]
+
+    def list_lineages(self, tenant: str) -> list[str]:
+        import obstore
+
+        if not is_tenant_name(tenant):
+            raise InvalidInput(f"bad tenant name {tenant!r}", param="tenant")
+        result = self._call(obstore.list_with_delimiter, self._store, f"{tenant}/")
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in result["common_prefixes"]]
+        return sorted(n for n in names if is_lineage_name(n))
+
+    def iter_file(self, tenant: str, name: str, version: int, path: str) -> Iterator[bytes]:
+        """Stream one file of a committed version (only files its manifest names)."""
+        import obstore
+
+        manifest = self.manifest(tenant, name, version)
+        if path not in {f["path"] for f in manifest["files"]}:
+            raise NotFound(f"version {version} of {name!r} has no file {path!r}", param="path")
+        try:
+            result = self._call(obstore.get, self._store, self._key(tenant, name, f"v{version}", path))
+        except FileNotFoundError:
+            raise NotFound(f"file {path!r} of version {version} is missing from the store") from None
+        for chunk in result.stream(min_chunk_size=CHUNK):
+            yield bytes(chunk)
+
+    def download_version(self, tenant: str, name: str, version: int, dest: Path) -> dict:
+        """Copy a version's files into `dest`, verifying each sha256 against the manifest; returns the manifest."""
+        import hashlib
+
+        manifest = self.manifest(tenant, name, version)
+        for entry in manifest["files"]:
+            target = dest / _safe_rel_path(entry["path"])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha256()
+            tmp = target.with_name(target.name + ".part")
+            with open(tmp, "wb") as f:
+                for chunk in self.iter_file(tenant, name, version, entry["path"]):
+                    digest.update(chunk)
+                    f.write(chunk)
+            if digest.hexdigest() != entry["sha256"]:
+                tmp.unlink()
+                raise StoreUnavailable(f"{entry['path']} of version {version} does not match its manifest sha256")
+            tmp.replace(target)
+        return manifest
+
+    # -- writing ---------------------------------------------------------------------------------------------
+    def commit_version(
+        self,
+        tenant: str,
+        name: str,
+        *,
+        parent: int,
+        base: dict,
+        files: list[FileToCommit],
+        manifest: dict,
+        job_id: str,
+    ) -> dict:
+        """Commit version parent+1 (see the module doc). Returns the manifest as stored."""
+        lineage = self.get_lineage(tenant, name)
+        if lineage is None:
+            if parent != 0:
+                raise Conflict(f"lineage {name!r} does not exist, so it has no version {parent}")
+            doc = {"name": name, "base": base, "head": 0, "created_at": utc_now()}
+            if not self._put(self._key(tenant, name, "lineage.json"), json.dumps(doc, indent=2).encode(), create=True):
+                lineage = self.require_lineage(tenant, name)  # another writer created it first
+            else:
+                lineage = doc
+        if lineage["base"] != base:
+            raise Conflict(f"lineage {name!r} has another base model ({lineage['base'].get('uri')})", param="base")
+        if lineage["head"] != parent:
+            raise Conflict(f"lineage {name!r} moved: head is v{lineage['head']}, the job merged onto v{parent}",
+                           param="parent_version")
+
+        version = parent + 1
+        self._claim(tenant, name, version, job_id)
+        entries = []
+        for item in files:
+            rel = _safe_rel_path(item.path)
+            entries.append({"path": rel, "bytes": item.local.stat().st_size, "sha256": file_sha256(item.local)})
+            self._put_file(self._key(tenant, name, f"v{version}", rel), item.local)
+        stored = {**manifest, "version": version, "parent": parent, "job_id": job_id,
+                  "created_at": utc_now(), "files": entries}
+        body = json.dumps(stored, indent=2, sort_keys=False).encode()
+        if not self._put(self._key(tenant, name, f"v{version}", "manifest.json"), body, create=True):
+            raise Conflict(f"version {version} of {name!r} was committed by another writer", param="parent_version")
+        head_doc = {**lineage, "head": version, "updated_at": stored["created_at"]}
+        self._put(self._key(tenant, name, "lineage.json"), json.dumps(head_doc, indent=2).encode())
+        return stored
+
+    def _claim(self, tenant: str, name: str, version: int, job_id: str) -> None:
+        """Become the only writer of `version`, or raise Conflict. A claim left by a writer that died (older than
+        the claim TTL, still without a manifest) may be taken over; a job may resume its own claim."""
+        key = self._key(tenant, name, f"v{version}", ".claim")
+        mine = json.dumps({"job_id": job_id, "at": time.time()}).encode()
+        if self._put(key, mine, create=True):
+            return
+        if self._exists(self._key(tenant, name, f"v{version}", "manifest.json")):
+            raise Conflict(f"version {version} of {name!r} already exists", param="parent_version")
+        held = self._get_json(key) or {}
+        if held.get("job_id") != job_id and time.time() - float(held.get("at", 0)) < self.claim_ttl_s:
+            raise Conflict(f"version {version} of {name!r} is being written by job {held.get('job_id')}",
+                           param="parent_version")
+        self._put(key, mine)
+        if (self._get_json(key) or {}).get("job_id") != job_id:
+            raise Conflict(f"version {version} of {name!r} was claimed by another writer", param="parent_version")

@@ -1,0 +1,189 @@
+"""Reading the URIs a job spec names, under the configured policy, into a job's private work directory.
+
+`file://` reads only below the allowed roots (`..` and symlinks that lead out are refused); `s3://` reads from
+any S3-compatible endpoint; `http(s)://` is off unless configured, and never reaches loopback, private or
+link-local addresses unless that too is configured. Every input's sha256 is recorded for the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+
+from core.addresses import check_public_host
+from core.digests import CHUNK, cached_file_sha256, dir_sha256
+from core.errors import AccessDenied, FetchFailed
+from core.objects import s3_store_for_bucket
+from core.settings import Settings
+from core.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class Fetched:
+    uri: str
+    path: Path  # a file, or a folder for directory URIs (those ending in "/")
+    sha256: str
+    bytes: int
+
+
+def check_submission_policy(spec: JobSpec, settings: Settings) -> None:
+    """Refuse at submission what every worker would refuse: http(s) inputs while they are disabled."""
+    if settings.allow_http:
+        return
+    for field, uri in spec.input_uris():
+        if uri.startswith(("http://", "https://")):
+            raise AccessDenied(f"{field}: http(s) URIs are disabled on this service (MERGELINE_ALLOW_HTTP)",
+                               param=field)
+
+
+def file_uri_path(uri: str) -> Path:
+    """`file:///abs/x` and `file://rel/x` (relative to the working directory) to a path."""
+    raw = urllib.parse.unquote(uri[len("file://") :])
+    return Path(raw).expanduser()
+
+
+class UriReader:
+    """Fetches a job's inputs into `workdir`, enforcing the URI policy of `settings`."""
+
+    def __init__(self, settings: Settings, workdir: Path):
+        self.settings = settings
+        self.workdir = workdir
+        self._roots = settings.allowed_root_paths()
+        self._count = 0
+
+    def fetch(self, uri: str, *, field: str | None = None) -> Fetched:
+        try:
+            if uri.startswith("file://"):
+                return self._fetch_file(uri, field)
+            if uri.startswith("s3://"):
+                return self._fetch_s3(uri, field)
+            if uri.startswith(("http://", "https://")):
+                return self._fetch_http(uri, field)
+        except (AccessDenied, FetchFailed):
+            raise
+        except OSError as exc:
+            raise FetchFailed(f"{uri}: {exc.strerror or exc}", param=field) from None
+        raise AccessDenied(f"unsupported URI scheme: {uri}", param=field)
+
+    # -- file:// -------------------------------------------------------------------------------------------
+    def _fetch_file(self, uri: str, field: str | None) -> Fetched:
+        raw = file_uri_path(uri)
+        if not raw.exists():
+            raise FetchFailed(f"{uri}: no such file or folder", param=field)
+        path = raw.resolve(strict=True)  # follows symlinks, so a link out of a root is judged by its target
+        if not any(path.is_relative_to(root) for root in self._roots):
+            raise AccessDenied(f"{uri} is outside the allowed roots (MERGELINE_ALLOWED_ROOTS)", param=field)
+        if uri.endswith("/") or path.is_dir():
+            if not path.is_dir():
+                raise FetchFailed(f"{uri}: not a folder", param=field)
+            for inner in path.rglob("*"):
+                target = inner.resolve()
+                if not any(target.is_relative_to(root) for root in self._roots):
+                    raise AccessDenied(f"{uri}: {inner.name} links outside the allowed roots", param=field)
+            digest, size = dir_sha256(path, self._local_sha256)
+            return Fetched(uri, path, digest, size)
+        return Fetched(uri, path, self._local_sha256(path), path.stat().st_size)
+
+    def _local_sha256(self, path: Path) -> str:
+        return cached_file_sha256(path, Path(self.settings.cache_dir).expanduser())
+
+    # -- s3:// ---------------------------------------------------------------------------------------------
+    def _fetch_s3(self, uri: str, field: str | None) -> Fetched:
+        import obstore
+
+        bucket, _, key = uri[len("s3://") :].partition("/")
+        store = s3_store_for_bucket(bucket)
+        try:
+            if key.endswith("/"):
+                dest = self._dest(uri, is_dir=True)
+                listed = [item for batch in obstore.list(store, prefix=key) for item in batch]
+                if not listed:
+                    raise FetchFailed(f"{uri}: no objects under this prefix", param=field)
+                for item in listed:
+                    rel = item["path"][len(key) :].lstrip("/")
+                    if not rel or ".." in Path(rel).parts:
+                        continue
+                    self._download_s3(store, item["path"], dest / rel)
+                digest, size = dir_sha256(dest)
+                return Fetched(uri, dest, digest, size)
+            dest = self._dest(uri)
+            digest, size = self._download_s3(store, key, dest)
+            return Fetched(uri, dest, digest, size)
+        except FileNotFoundError:
+            raise FetchFailed(f"{uri}: no such object", param=field) from None
+        except FetchFailed:
+            raise
+        except Exception as exc:  # obstore raises its own error types for network and auth failures
+            raise FetchFailed(f"{uri}: {type(exc).__name__}: {exc}".splitlines()[0], param=field) from None
+
+    @retry(
+        # A cut-off or failed transfer is tried again; a missing object or a refusal is final.
+        retry=retry_if_exception(lambda e: not isinstance(e, FileNotFoundError | AccessDenied)),
+        stop=stop_after_attempt(3),
+        wait=wait_exponential(multiplier=0.2, max=2),
+        reraise=True,
+    )
+    def _download_s3(self, store, key: str, dest: Path) -> tuple[str, int]:
+        import obstore
+
+        result = obstore.get(store, key)
+        expected = result.meta["size"]
+        digest, size = self._stream_to(dest, (bytes(chunk) for chunk in result.stream(min_chunk_size=CHUNK)))
+        if size != expected:
+            raise FetchFailed(f"s3 object {key} was cut off: {size} of {expected} bytes")
+        return digest, size
+
+    # -- http(s):// ----------------------------------------------------------------------------------------
+    def _fetch_http(self, uri: str, field: str | None) -> Fetched:
+        if not self.settings.allow_http:
+            raise AccessDenied(f"{uri}: http(s) URIs are disabled (MERGELINE_ALLOW_HTTP)", param=field)
+        if uri.endswith("/"):
+            raise FetchFailed(f"{uri}: folders cannot be read over http(s); name the files or use s3://", param=field)
+        host = urllib.parse.urlsplit(uri).hostname or ""
+        if not self.settings.allow_private_http:
+            check_public_host(host, uri, field)
+        dest = self._dest(uri)
+        try:
+            with httpx.stream("GET", uri, timeout=30.0, follow_redirects=False) as response:
+                if response.status_code != 200:
+                    raise FetchFailed(f"{uri}: HTTP {response.status_code}", param=field)
+                expected = response.headers.get("content-length")
+                digest, size = self._stream_to(dest, response.iter_bytes(CHUNK))
+        except httpx.HTTPError as exc:
+            raise FetchFailed(f"{uri}: {type(exc).__name__}: {exc}", param=field) from None
+        if expected is not None and size != int(expected):
+            raise FetchFailed(f"{uri}: download cut off at {size} of {expected} bytes", param=field)
+        return Fetched(uri, dest, digest, size)
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def _dest(self, uri: str, *, is_dir: bool = False) -> Path:
+        self._count += 1
+        name = Path(urllib.parse.urlsplit(uri).path.rstrip("/")).name or "download"
+        dest = self.workdir / "inputs" / f"{self._count:03d}" / name
+        if is_dir:
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.mkdir(parents=True)
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        return dest
+
+    def _stream_to(self, dest: Path, chunks) -> tuple[str, int]:
+        digest, size = hashlib.sha256(), 0
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                size += len(chunk)
+                if size > self.settings.max_download_bytes:
+                    raise FetchFailed(f"{dest.name}: larger than MERGELINE_MAX_DOWNLOAD_BYTES")
+                digest.update(chunk)
+                f.write(chunk)
+        os.replace(tmp, dest)
+        return digest.hexdigest(), size

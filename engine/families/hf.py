@@ -1,0 +1,402 @@
+"""The `hf` family: a transformers model folder (`save_pretrained` layout); the whole `AutoModel` is merged.
+
+The model is built from `config.json` with `AutoModel.from_config` (never remote code) and the weights are read by
+our own loader, so a folder cannot run code. Checkpoints saved from a model with a task head (e.g.
+`BertForSequenceClassification`, keys `bert.*` plus `classifier.*`) are accepted: the base-model keys are the
+tower and the head keys are carried (base) or ignored (task checkpoints). Tied parameters enter the tower once,
+under the name `named_parameters()` gives them; transformers re-ties their aliases on load.
+
+The module is built on the `meta` device: data-free jobs only need its layout (names, shapes, ties, buffers,
+linear layers), and random initialisation costs as much as the model is large. A real module is built once, the
+first time `features` runs.
+
+A version folder is loaded back with `transformers.AutoModel.from_pretrained(folder)` (and with the base's head
+class, e.g. `AutoModelForSequenceClassification`, when the base carried a head); its tokenizer files are the base's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.errors import InvalidInput
+from core.uris import Fetched
+from engine.families.base import Family, LoadedBase, Tensors
+from engine.inputs import Inputs
+from engine.tensors import (
+    buffers_to,
+    check_compatible,
+    check_finite,
+    check_same_tower,
+    labels_tensor,
+    load_npz,
+    load_state_dict,
+    save_safetensors,
+)
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+MAX_TOKENS = 128
+# (single file, shard index) in transformers' order of preference.
+WEIGHT_FILES = (
+    ("model.safetensors", "model.safetensors.index.json"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "tokenizer.model",
+    "sentencepiece.bpe.model",
+)
+
+
+class HFFamily(Family):
+
+    # -- weights ------------------------------------------------------------------------------------------------
+    def load_base(self, base: Fetched, arch: str | dict | None) -> LoadedBase:
+        field = "base.uri"
+        folder = Path(base.path)
+        if not folder.is_dir():
+            raise InvalidInput(
+                f"{field}: the hf family needs a save_pretrained folder (a URI ending in /)", param=field
+            )
+        config = _load_config(folder, field)
+        module = _build_model(config, field, meta=True)
+        layout = _Layout(module)
+        state = _read_weights(folder, field)
+        check_finite(state, field=field)
+        inside, prefix, outside = layout.split(state, field=field, what="base checkpoint (for its config.json)")
+        module.eval().requires_grad_(False)
+        # The file's tensors in the parameters' dtype (float32), as loading them into a real module would give.
+        tower = {k: inside[k].to(p.dtype) for k, p in module.named_parameters()}
+        carried = {prefix + k: inside[k] for k in layout.persistent_buffers}
+        carried.update(outside)
+        info: dict[str, Any] = {
+            "folder": str(folder),
+            "prefix": prefix,
+            "config": config,
+            "model_type": config.model_type,
+            "is_encoder_decoder": bool(getattr(config, "is_encoder_decoder", False)),
+            "vocab_size": module.get_input_embeddings().num_embeddings,
+            "max_positions": getattr(config, "max_position_embeddings", None),
+            "has_tokenizer": any((folder / name).is_file() for name in TOKENIZER_FILES),
+            "layout": layout,
+        }
+        return LoadedBase(tower=tower, carried=carried, module=module, info=info)
+
+    def load_checkpoint(self, checkpoint: Fetched, base: LoadedBase, *, field: str) -> Tensors:
+        path = Path(checkpoint.path)
+        state = _read_weights(path, field) if path.is_dir() else load_state_dict(path, field=field)
+        return self._tower_of(state, base, field=field, what="checkpoint")
+
+    def load_version(self, folder: Path, base: LoadedBase) -> Tensors:
+        field = f"version {Path(folder).name}"
+        return self._tower_of(_read_weights(Path(folder), field), base, field=field, what="version")
+
+    def _tower_of(self, state: Tensors, base: LoadedBase, *, field: str, what: str) -> Tensors:
+        inside, _, _ = base.info["layout"].split(state, field=field, what=what)
+        tower = {k: inside[k] for k in base.tower}
+        check_finite(tower, field=field)
+        return {k: v.to(torch.float32) for k, v in tower.items()}
+
+    def save_version(self, base: LoadedBase, tower: Tensors, folder: Path) -> list[Path]:
+        """config.json (dtype float32: the merged weights are float32), model.safetensors in the base's key layout,
+        and every non-weight file of the base folder (tokenizer, generation config, ...)."""
+        check_same_tower(base.tower, tower)
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        prefix = base.info["prefix"]
+        state = {prefix + k: v.detach().to("cpu", torch.float32) for k, v in tower.items()}
+        state.update(base.carried)
+        written = [save_safetensors(state, folder / MODEL_FILE, metadata={"format": "pt"})]
+        config = copy.deepcopy(base.info["config"])
+        config.dtype = torch.float32
+        config.save_pretrained(folder)
+        written.append(folder / CONFIG_FILE)
+        written.extend(_copy_aux_files(Path(base.info["folder"]), folder))
+        return written
+
+    def linear_weight_keys(self, base: LoadedBase) -> set[str]:
+        """Weights of nn.Linear layers and of transformers' Conv1D (GPT-2 style linear layers)."""
+        assert base.module is not None
+        keys = set()
+        for name, sub in base.module.named_modules():
+            if isinstance(sub, torch.nn.Linear) or type(sub).__name__ == "Conv1D":
+                keys.add(f"{name}.weight" if name else "weight")
+        return keys & base.tower.keys()
+
+    # -- features -----------------------------------------------------------------------------------------------
+    def features(self, base: LoadedBase, tower: Tensors, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean of the last hidden state over the attention mask, L2-normalised in float32."""
+        module = _runnable_module(base)
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(ids)
+        buffers_to(module, ids.device)
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if "use_cache" in inspect.signature(module.forward).parameters:
+            kwargs["use_cache"] = False
+        out = torch.func.functional_call(module, tower, args=(), kwargs=kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        return F.normalize(pooled.float(), dim=-1)
+
+    def load_inputs(self, data: Fetched, base: LoadedBase, *, labelled: bool, field: str) -> Inputs:
+        """`.jsonl` of {"text": ...} (plus integer "y" or "label" for eval sets), tokenized with the base's tokenizer,
+        or `.npz` with integer `input_ids` [N, L], optional `attention_mask` [N, L] and, for eval sets, `y` [N]."""
+        if base.info["is_encoder_decoder"]:
+            raise InvalidInput(
+                f"{field}: {base.info['model_type']} is an encoder-decoder model; the hf feature function needs an "
+                "encoder or decoder-only model (use a data-free method)",
+                param=field,
+            )
+        path = Path(data.path)
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            tensors, labels = self._from_jsonl(path, base, labelled=labelled, field=field)
+        elif suffix == ".npz":
+            tensors, labels = self._from_npz(path, base, labelled=labelled, field=field)
+        else:
+            raise InvalidInput(f"{field}: {path.name}: hf inputs are .jsonl text or .npz token ids", param=field)
+        return Inputs(tensors=tensors, labels=labels, meta={"source": data.uri})
+
+    def _from_jsonl(
+        self, path: Path, base: LoadedBase, *, labelled: bool, field: str
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        texts, labels = [], []
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"{field}: {path.name} is not readable UTF-8 text ({exc})", param=field) from None
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise InvalidInput(f"{field}: line {number} is not JSON", param=field) from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise InvalidInput(f"{field}: line {number} needs a string `text`", param=field)
+            texts.append(record["text"])
+            if labelled:
+                label = record.get("y", record.get("label"))
+                if isinstance(label, bool) or not isinstance(label, int):
+                    raise InvalidInput(f"{field}: line {number} needs an integer label `y` (or `label`)", param=field)
+                labels.append(label)
+        if not texts:
+            raise InvalidInput(f"{field}: {path.name} holds no texts", param=field)
+        tokenizer = _tokenizer(base, field)
+        limits = [MAX_TOKENS, base.info["max_positions"], getattr(tokenizer, "model_max_length", None)]
+        max_length = min(int(n) for n in limits if isinstance(n, int) and n > 0)
+        encoded = tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+        tensors = {
+            "input_ids": encoded["input_ids"].to(torch.int64),
+            "attention_mask": encoded["attention_mask"].to(torch.int64),
+        }
+        y = labels_tensor(np.asarray(labels, dtype=np.int64), len(texts), field=field) if labelled else None
+        return tensors, y
+
+    def _from_npz(
+        self, path: Path, base: LoadedBase, *, labelled: bool, field: str
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        arrays = load_npz(path, field=field)
+        ids = arrays.get("input_ids")
+        if ids is None:
+            raise InvalidInput(f"{field}: {path.name} has no array `input_ids`", param=field)
+        if not np.issubdtype(ids.dtype, np.integer) or ids.ndim != 2 or 0 in ids.shape:
+            raise InvalidInput(
+                f"{field}: `input_ids` must be a non-empty integer array [N, L], got {ids.dtype} {list(ids.shape)}",
+                param=field,
+            )
+        if ids.min() < 0 or ids.max() >= base.info["vocab_size"]:
+            raise InvalidInput(
+                f"{field}: `input_ids` outside the vocabulary [0, {base.info['vocab_size']})", param=field
+            )
+        mask = arrays.get("attention_mask")
+        if mask is None:
+            mask = np.ones_like(ids)
+        elif mask.shape != ids.shape or not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_):
+            raise InvalidInput(
+                f"{field}: `attention_mask` must be integers shaped like `input_ids` {list(ids.shape)}", param=field
+            )
+        elif not np.isin(mask, (0, 1)).all() or not mask.any(axis=1).all():
+            raise InvalidInput(f"{field}: `attention_mask` must be 0/1 with at least one 1 per row", param=field)
+        tensors = {
+            "input_ids": torch.from_numpy(ids.astype(np.int64)),
+            "attention_mask": torch.from_numpy(mask.astype(np.int64)),
+        }
+        labels = None
+        if labelled:
+            if "y" not in arrays:
+                raise InvalidInput(f"{field}: an eval set needs integer labels `y` [N]", param=field)
+            labels = labels_tensor(arrays["y"], len(ids), field=field)
+        return tensors, labels
+
+
+class _Layout:
+    """How a checkpoint's keys map onto the module's: the base-model prefix, tied aliases, and buffers."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.expected = {k: v.shape for k, v in module.state_dict().items()}
+        canonical = {id(p): n for n, p in module.named_parameters()}
+        self.aliases = {
+            n: canonical[id(p)] for n, p in module.named_parameters(remove_duplicate=False) if canonical[id(p)] != n
+        }
+        self.persistent_buffers = [n for n, _ in module.named_buffers() if n in self.expected]
+        self.transient_buffers = {n for n, _ in module.named_buffers() if n not in self.expected}
+        prefix = getattr(module, "base_model_prefix", "") or ""
+        self.prefix = f"{prefix}." if prefix and not any(k.startswith(f"{prefix}.") for k in self.expected) else ""
+
+    def split(self, state: Tensors, *, field: str, what: str) -> tuple[Tensors, str, Tensors]:
+        """(the module's tensors keyed as in the module, the key prefix the file used, the file's other tensors).
+
+        Raises IncompatibleCheckpoint on the first missing, differently shaped or unexpected module key.
+        """
+        prefix = self.prefix
+        if prefix and sum(k[len(prefix) :] in self.expected for k in state if k.startswith(prefix)) > sum(
+            k in self.expected for k in state
+        ):
+            inside = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            outside = {k: v for k, v in state.items() if not k.startswith(prefix)}
+        else:
+            prefix, inside, outside = "", dict(state), {}
+        for alias, name in self.aliases.items():  # a tie saved under either of its names counts for both
+            if name not in inside and alias in inside:
+                inside[name] = inside[alias]
+        check_compatible(
+            self.expected,
+            inside,
+            field=field,
+            what=what,
+            ignore=self.transient_buffers,
+            optional=self.aliases.keys(),
+            shown=prefix,
+        )
+        inside = {k: v for k, v in inside.items() if k in self.expected and k not in self.aliases}
+        return inside, prefix, outside
+
+
+def _load_config(folder: Path, field: str):
+    from transformers import AutoConfig
+
+    if not (folder / CONFIG_FILE).is_file():
+        raise InvalidInput(f"{field}: the folder has no config.json (not a save_pretrained folder)", param=field)
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InvalidInput(f"{field}: config.json cannot be used: {message}", param=field) from None
+
+
+def _build_model(config, field: str, *, meta: bool = False) -> torch.nn.Module:
+    """A float32 AutoModel for `config`: randomly initialised, or on the `meta` device (shapes only, no memory);
+    the global RNG is left as it was."""
+    from transformers import AutoModel
+
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta") if meta else contextlib.nullcontext():
+            return AutoModel.from_config(copy.deepcopy(config), trust_remote_code=False, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InvalidInput(f"{field}: transformers cannot build this model: {message}", param=field) from None
+
+
+def _runnable_module(base: LoadedBase) -> torch.nn.Module:
+    """The module `features` runs: the meta module of `load_base` is replaced, on first use, by a real one.
+
+    Built with from_config rather than materialised from the meta module, so that non-persistent buffers
+    (position ids, rotary frequencies) get the values the model's own code computes. Its parameters then share θ0's
+    storage, so θ0 is held once (`features` substitutes the tower it is given anyway); `.data` keeps tied
+    parameters tied. Persistent buffers are loaded from the base checkpoint.
+    """
+    module = base.module
+    assert module is not None
+    if not any(p.is_meta for p in module.parameters()):
+        return module
+    module = _build_model(base.info["config"], "base.uri")
+    for name, param in module.named_parameters():
+        param.data = base.tower[name]
+    prefix = base.info["prefix"]
+    module.load_state_dict({k: base.carried[prefix + k] for k in base.info["layout"].persistent_buffers}, strict=False)
+    base.module = module.eval().requires_grad_(False)
+    return module
+
+
+def _read_weights(folder: Path, field: str) -> Tensors:
+    """The weights of a save_pretrained folder: one file or the shards an index names, safetensors first."""
+    if not folder.is_dir():
+        raise InvalidInput(f"{field}: expected a save_pretrained folder", param=field)
+    for single, index in WEIGHT_FILES:
+        if (folder / single).is_file():
+            return load_state_dict(folder / single, field=field)
+        if (folder / index).is_file():
+            try:
+                weight_map = json.loads((folder / index).read_text())["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                raise InvalidInput(f"{field}: {index} is not a valid shard index", param=field) from None
+            state: Tensors = {}
+            for shard in shards:
+                if not isinstance(shard, str) or Path(shard).name != shard or not (folder / shard).is_file():
+                    raise InvalidInput(f"{field}: {index} names a missing or invalid shard {shard!r}", param=field)
+                state.update(load_state_dict(folder / shard, field=field))
+            return state
+    raise InvalidInput(f"{field}: the folder has no model.safetensors or pytorch_model.bin", param=field)
+
+
+def _tokenizer(base: LoadedBase, field: str):
+    """The base folder's tokenizer, loaded once per base (never remote code); pads with EOS when it has no pad."""
+    cached = base.info.get("_tokenizer")
+    if cached is not None:
+        return cached
+    if not base.info["has_tokenizer"]:
+        raise InvalidInput(
+            f"{field}: the base folder has no tokenizer files, so text cannot be tokenized; "
+            "give an .npz with `input_ids` instead",
+            param=field,
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base.info["folder"], local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InvalidInput(f"{field}: the base folder's tokenizer cannot be loaded: {message}", param=field) from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise InvalidInput(f"{field}: the tokenizer has neither a pad nor an EOS token", param=field)
+        tokenizer.pad_token = tokenizer.eos_token
+    base.info["_tokenizer"] = tokenizer
+    return tokenizer
+
+
+def _copy_aux_files(source: Path, dest: Path) -> list[Path]:
+    """Copy the base folder's non-weight files (tokenizer, generation config, sentence-transformers metadata).
+    Weight files of any format are left out: the base's would be stale next to the merged weights."""
+    copied = []
+    for item in sorted(source.rglob("*")):
+        rel = item.relative_to(source)
+        if not item.is_file() or rel.as_posix() == CONFIG_FILE or any(p.startswith(".") for p in rel.parts):
+            continue
+        if item.name.endswith(WEIGHT_SUFFIXES) or item.name.endswith(".index.json"):
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(item, target)
+        copied.append(target)
+    return copied

@@ -1,0 +1,59 @@
+"""What every fusion method provides. A method turns the lineage head plus one task checkpoint into the next
+head, carrying whatever state it needs between steps (stored as `state.safetensors` in each version)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from core.methods import CommonParams
+from engine.families.base import Family, LoadedBase, Tensors
+from engine.inputs import Inputs
+
+# progress(step, steps_total, loss): called after every optimisation step; it raises JobCancelled to stop.
+StepProgress = Callable[[int, int, float | None], None]
+
+
+@dataclass
+class MethodState:
+    """State carried from one step to the next: tensors plus JSON-able scalars (`meta`).
+    Only the method that wrote it reads it: a head written by another method starts a method fresh."""
+
+    tensors: Tensors = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepInput:
+    base: Tensors  # θ0, float32, CPU
+    merged: Tensors  # the lineage head θ (θ0 when nothing has been merged yet)
+    task: Tensors  # θ_t
+    index: int  # how many tasks the lineage had merged before this one (0: this is the first)
+    state: MethodState  # what this method carried from the previous step (empty at first or after another method)
+    params: CommonParams
+    device: torch.device
+    family: Family
+    loaded: LoadedBase
+    calibration: Inputs | None = None  # required by data-driven methods
+    progress: StepProgress = lambda step, total, loss: None
+
+
+@dataclass
+class StepOutput:
+    merged: Tensors  # the new head θ, float32, CPU
+    state: MethodState
+    metrics: dict[str, Any] = field(default_factory=dict)  # e.g. OTMF's losses
+
+
+class Method(ABC):
+    """A fusion rule. Its name, params model and data needs are its registry entry's (core.methods)."""
+
+    def __init__(self, name: str, *, data_driven: bool):
+        self.name, self.data_driven = name, data_driven
+
+    @abstractmethod
+    def step(self, inp: StepInput) -> StepOutput: ...

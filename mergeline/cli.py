@@ -1,0 +1,226 @@
+"""The `mergeline` command (contract §6). Commands that need the engine import it lazily, so that the service-side
+commands start fast and never load torch."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from core.errors import InvalidInput, MergelineError
+from core.settings import get_settings
+from mergeline import cli_remote
+from service.client import ApiError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continual model merging: OTMF and baselines.")
+lineage_app = typer.Typer(no_args_is_help=True, help="Read lineages.")
+app.add_typer(lineage_app, name="lineage")
+console = Console()
+err = Console(stderr=True)
+
+StoreOpt = typer.Option(None, "--store", help="lineage store root (default: MERGELINE_STORE)")
+TenantOpt = typer.Option("default", "--tenant", help="tenant whose lineages to use")
+JsonOpt = typer.Option(False, "--json", help="print machine-readable JSON")
+# lineage show / pull read the store directly, or the API when a URL is given (and no --store).
+ApiUrlOpt = typer.Option(None, "--url", envvar="MERGELINE_URL", help="read through the API at this URL")
+ApiTokenOpt = typer.Option(None, "--token", envvar="MERGELINE_TOKEN", help="bearer token for --url")
+
+
+def _store(root: str | None):
+    from core.store import LineageStore
+
+    settings = get_settings()
+    return LineageStore(root or settings.store, claim_ttl_s=settings.claim_ttl_s)
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+def accuracy_table(title: str, columns: dict[str, dict], tasks: list[str]) -> Table:
+    """Per-task accuracy, one column per result (method or version)."""
+    table = Table(title=title)
+    table.add_column("task")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for task in tasks:
+        row = [task]
+        for metrics in columns.values():
+            acc = metrics.get("tasks", {}).get(task, {}).get("accuracy")
+            row.append("–" if acc is None else f"{100 * acc:.1f}")
+        table.add_row(*row)
+    averages = [m.get("avg_accuracy") for m in columns.values()]
+    table.add_row("[bold]average", *("–" if a is None else f"[bold]{100 * a:.1f}" for a in averages))
+    return table
+
+
+class BarProgress:
+    """Draws the engine's progress as a rich bar (steps of the current task) with the latest loss."""
+
+    def __init__(self, bar: Progress, tasks_total: int):
+        self.bar = bar
+        self.task = bar.add_task("starting", total=None, loss="")
+        self.tasks_total = tasks_total
+
+    def update(self, *, task_index: int, tasks_total: int, step: int, steps_total: int, loss: float | None) -> None:
+        self.bar.update(self.task, completed=step, total=steps_total,
+                        description=f"task {task_index + 1}/{tasks_total}",
+                        loss="" if loss is None else f"loss {loss:.4f}")
+
+    def event(self, type: str, message: str, data: dict | None = None) -> None:
+        if type == "task_merged" and data and "accuracy" in data:
+            message += f" (accuracy {100 * data['accuracy']:.1f}%)"
+        self.bar.console.log(message)
+
+
+def _run(spec, store, *, tenant: str, quiet: bool) -> dict:
+    from engine.job import run_job
+
+    if quiet:
+        return run_job(spec, store, tenant=tenant)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=err, transient=True) as bar:
+        return run_job(spec, store, BarProgress(bar, len(spec.tasks)), tenant=tenant)
+
+
+def fail(exc: MergelineError | ApiError) -> None:
+    """Print a typed error (from the engine, the store or the API) and exit 1."""
+    err.print(f"[red]error[/red] ({exc.type}): {escape(exc.message)}", highlight=False)
+    raise typer.Exit(1)
+
+
+@app.command()
+def merge(
+    job: Path = typer.Argument(..., help="job spec JSON file (contract §2)"),
+    store: str | None = StoreOpt,
+    tenant: str = TenantOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Run one merge job in this process and commit its version."""
+    from core.spec import parse_job_spec
+
+    try:
+        try:
+            text = job.read_text()
+        except OSError as exc:
+            raise InvalidInput(f"cannot read {job}: {exc.strerror}") from None
+        spec = parse_job_spec(text)
+        result = _run(spec, _store(store), tenant=tenant, quiet=as_json)
+    except MergelineError as exc:
+        if as_json:
+            _print_json({"error": exc.to_dict()})
+            raise typer.Exit(1) from None
+        fail(exc)
+    if as_json:
+        _print_json(result)
+        return
+    metrics = result["metrics"]
+    console.print(f"[green]committed[/green] {spec.lineage} v{result['version']} "
+                  f"(parent v{result['manifest']['parent']}, {spec.method})")
+    if metrics.get("tasks"):
+        console.print(accuracy_table(f"{spec.lineage} v{result['version']}", {spec.method: metrics},
+                                     list(metrics["tasks"])))
+
+
+@lineage_app.command("show")
+def lineage_show(name: str, store: str | None = StoreOpt, tenant: str = TenantOpt, as_json: bool = JsonOpt,
+                 url: str | None = ApiUrlOpt, token: str | None = ApiTokenOpt) -> None:
+    """A lineage's head, base and versions."""
+    from service.client import MergelineClient
+
+    try:
+        if url and not store:
+            with MergelineClient(url, token) as client:
+                doc = client.lineage(name)
+        else:
+            s = _store(store)
+            doc = {**s.require_lineage(tenant, name), "versions": s.manifests(tenant, name)}
+    except (ApiError, MergelineError) as exc:
+        fail(exc)
+    versions = doc["versions"]
+    if as_json:
+        _print_json(doc)
+        return
+    console.print(f"[bold]{name}[/bold]  head v{doc['head']}  base {doc['base']['family']} {doc['base']['uri']}")
+    table = Table()
+    for col in ("version", "parent", "method", "tasks", "avg accuracy", "created", "job"):
+        table.add_column(col)
+    for m in versions:
+        avg = m.get("metrics", {}).get("avg_accuracy")
+        table.add_row(str(m["version"]), str(m["parent"]), m["method"], ", ".join(t["name"] for t in m["tasks"]),
+                      "–" if avg is None else f"{100 * avg:.1f}", m["created_at"][:19], m["job_id"])
+    console.print(table)
+
+
+@app.command()
+def pull(
+    ref: str = typer.Argument(..., help="NAME or NAME@VERSION (default: the head)"),
+    dest: Path = typer.Argument(..., help="folder to write the version's files into"),
+    store: str | None = StoreOpt,
+    tenant: str = TenantOpt,
+    as_json: bool = JsonOpt,
+    url: str | None = ApiUrlOpt,
+    token: str | None = ApiTokenOpt,
+) -> None:
+    """Download a version's files, verified against its manifest."""
+    from service.client import MergelineClient
+
+    name, _, version = ref.partition("@")
+    try:
+        if version and not version.isdigit():
+            raise InvalidInput(f"bad version {version!r} in {ref!r}: use NAME@N", param="version")
+        if url and not store:
+            with MergelineClient(url, token) as client:
+                v = int(version) if version else client.lineage(name)["head"]
+                if v == 0:
+                    raise InvalidInput(f"{name}@0 is the base model: pull its URI directly", param="version")
+                manifest = client.download_version(name, v, dest)
+        else:
+            s = _store(store)
+            v = int(version) if version else s.require_lineage(tenant, name)["head"]
+            if v == 0:
+                raise InvalidInput(f"{name}@0 is the base model: pull its URI directly", param="version")
+            manifest = s.download_version(tenant, name, v, dest)
+    except (ApiError, MergelineError) as exc:
+        fail(exc)
+    if as_json:
+        _print_json({"version": v, "dir": str(dest), "files": manifest["files"]})
+    else:
+        console.print(f"pulled {name}@{v} into {dest}: " + ", ".join(f["path"] for f in manifest["files"]))
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("mergeline-data/demo"), help="where the demo's models, data and store go"),
+    tasks: int = typer.Option(4, min=2, max=8, help="how many tasks to merge continually"),
+    steps: int = typer.Option(100, min=1, help="OTMF iterations per task"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Build a small OpenCLIP base and fine-tuned task models from offline data, merge them continually with
+    OTMF and with task arithmetic, and compare per-task accuracy."""
+    from mergeline.demo import run_demo
+
+    try:
+        report = run_demo(workdir, n_tasks=tasks, otmf_steps=steps, console=None if as_json else err)
+    except MergelineError as exc:
+        fail(exc)
+    if as_json:
+        _print_json(report)
+        return
+    columns = {"individual": report["individual"], **report["methods"]}
+    console.print(accuracy_table(f"continual merging of {tasks} tasks (accuracy %)", columns, report["tasks"]))
+
+
+cli_remote.register(app)
+
+
+def main() -> None:
+    app()

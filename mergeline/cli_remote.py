@@ -1,0 +1,225 @@
+"""The service side of the `mergeline` command: `serve`, `worker`, and `submit`/`status`/`cancel` against the API.
+
+`register(app)` adds them to the main typer app (mergeline/cli.py). Nothing here imports torch: only the worker's
+pool processes load the engine, when they run a job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+from core.settings import Settings, get_settings
+from core.statuses import FINAL
+from service.client import ApiError, Job, MergelineClient
+
+console = Console()
+err = Console(stderr=True)
+
+UrlOpt = typer.Option("http://127.0.0.1:8000", "--url", envvar="MERGELINE_URL", help="the API's base URL")
+TokenOpt = typer.Option(None, "--token", envvar="MERGELINE_TOKEN", help="bearer token")
+JsonOpt = typer.Option(False, "--json", help="print machine-readable JSON")
+
+
+def _client(url: str, token: str | None) -> MergelineClient:
+    return MergelineClient(url, token)
+
+
+def _fail(exc: ApiError, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps({"error": {"type": exc.type, "message": exc.message, "param": exc.param}}) + "\n")
+    else:
+        err.print(f"[red]error[/red] ({exc.type}): {exc.message}")
+    raise typer.Exit(1)
+
+
+def _print_job(job: Job, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(job, indent=2) + "\n")
+        return
+    line = f"{job['id']}  {job['lineage']}  [bold]{job['status']}[/bold]  {job['method']}"
+    progress = job.get("progress")
+    if progress and job["status"] == "running":
+        line += (f"  task {progress['task_index'] + 1}/{progress['tasks_total']}"
+                 f"  step {progress['step']}/{progress['steps_total']}")
+    console.print(line)
+    if job.get("result"):
+        metrics = job["result"].get("metrics") or {}
+        avg = metrics.get("avg_accuracy")
+        console.print(f"  version {job['result']['version']}" + ("" if avg is None else f"  avg accuracy {avg:.4f}"))
+    if job.get("error"):
+        console.print(f"  [red]{job['error']['type']}[/red]: {job['error']['message']}")
+
+
+# -- embedded mode ----------------------------------------------------------------------------------------------
+def start_embedded_redis(host: str = "127.0.0.1") -> tuple[str, Any]:
+    """A Redis-protocol server in this process (fakeredis), so the embedded service runs the production code
+    paths (job records, Celery's Redis transport) with no external server. Returns (url, server)."""
+    from fakeredis import TcpFakeServer
+
+    server = TcpFakeServer((host, 0), server_type="redis")
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="mergeline-embedded-redis", daemon=True).start()
+    return f"redis://{host}:{server.server_address[1]}/0", server
+
+
+def _die_with_parent() -> None:
+    """In the embedded worker's child: end it if `serve` dies without cleaning up (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def spawn_worker(env: dict[str, str]) -> subprocess.Popen:
+    code = "from mergeline.cli_remote import run_worker; run_worker()"
+    return subprocess.Popen([sys.executable, "-c", code], env=env, preexec_fn=_die_with_parent)
+
+
+def run_worker(concurrency: int | None = None, loglevel: str | None = None) -> None:
+    """Start a Celery worker on the configured broker (blocks)."""
+    settings = get_settings()
+    if not settings.broker_url:
+        err.print("[red]error[/red]: `mergeline worker` needs MERGELINE_BROKER_URL (e.g. redis://localhost:6379/0); "
+                  "`mergeline serve` with no broker runs an embedded worker itself")
+        raise typer.Exit(2)
+    from mergeline.compose import worker_app
+
+    argv = ["worker", "--loglevel", (loglevel or settings.log_level).upper(), "-Q", settings.queue,
+            "--concurrency", str(concurrency or settings.worker_concurrency), "-n", f"mergeline-{os.getpid()}@%h",
+            "--without-gossip", "--without-mingle"]
+    worker_app(settings).worker_main(argv)
+
+
+def serve_command(host: str, port: int, settings: Settings | None = None) -> None:
+    import uvicorn
+
+    from mergeline.compose import api_app
+
+    settings = settings or get_settings()
+    worker: subprocess.Popen | None = None
+    redis_server = None
+    updates: dict[str, Any] = {}
+    generated = None
+    if not settings.api_tokens:
+        generated = secrets.token_urlsafe(24)
+        updates["api_tokens"] = f"{generated}=default"
+    if not settings.broker_url:
+        url, redis_server = start_embedded_redis()
+        updates.update(broker_url=url, redis_url=url)
+        Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "MERGELINE_BROKER_URL": url, "MERGELINE_REDIS_URL": url,
+               "MERGELINE_API_TOKENS": updates.get("api_tokens", settings.api_tokens or "")}
+        worker = spawn_worker(env)
+    settings = settings.model_copy(update=updates)
+    base = f"http://{host}:{port}"
+    token_line = generated if generated else "(from MERGELINE_API_TOKENS)"
+    mode = "embedded worker and Redis-protocol server in this process" if worker else f"broker {settings.broker_url}"
+    err.print(f"mergeline API on {base}  ({mode}; store {settings.store})")
+    err.print(f"token: {token_line}")
+    sys.stdout.write(f"MERGELINE_URL={base}\nMERGELINE_TOKEN={generated or ''}\n")
+    sys.stdout.flush()
+    if generated:
+        err.print(f"try:   curl -H 'Authorization: Bearer {generated}' {base}/v1/jobs")
+    try:
+        uvicorn.run(api_app(settings), host=host, port=port, log_level="warning")
+    finally:
+        if worker is not None:
+            worker.terminate()
+            try:
+                worker.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        if redis_server is not None:
+            redis_server.shutdown()
+
+
+# -- commands ---------------------------------------------------------------------------------------------------
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def serve(host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8000, "--port")) -> None:
+        """The API; with no broker configured also an embedded worker and Redis-protocol server (no setup)."""
+        serve_command(host, port)
+
+    @app.command()
+    def worker(concurrency: int = typer.Option(None, "--concurrency", "-c", help="pool processes (default 1)"),
+               loglevel: str = typer.Option(None, "--loglevel")) -> None:
+        """A Celery worker on MERGELINE_BROKER_URL (uses the GPU when one is visible)."""
+        run_worker(concurrency, loglevel)
+
+    @app.command()
+    def submit(job: Path = typer.Argument(..., help="job spec JSON file (contract §2)"),
+               wait: bool = typer.Option(False, "--wait", help="follow the job with a progress bar until it ends"),
+               idempotency_key: str = typer.Option(None, "--idempotency-key"),
+               url: str = UrlOpt, token: str = TokenOpt, as_json: bool = JsonOpt) -> None:
+        """Submit a job to the API."""
+        try:
+            spec = json.loads(job.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            _fail(ApiError(0, "invalid_input", f"{job}: {exc}"), as_json)
+        with _client(url, token) as client:
+            try:
+                created = client.submit(spec, idempotency_key=idempotency_key)
+                final = _follow(client, created, quiet=as_json) if wait else created
+            except ApiError as exc:
+                _fail(exc, as_json)
+        _print_job(final, as_json)
+        if wait and final["status"] != "succeeded":
+            raise typer.Exit(1)
+
+    @app.command()
+    def status(job_id: str, url: str = UrlOpt, token: str = TokenOpt, as_json: bool = JsonOpt) -> None:
+        """Show a job."""
+        _show_job(lambda client: client.get(job_id), url, token, as_json)
+
+    @app.command()
+    def cancel(job_id: str, url: str = UrlOpt, token: str = TokenOpt, as_json: bool = JsonOpt) -> None:
+        """Cancel a job: at once when queued, at its next step when running."""
+        _show_job(lambda client: client.cancel(job_id), url, token, as_json)
+
+
+def _show_job(call: Callable[[MergelineClient], Job], url: str, token: str | None, as_json: bool) -> None:
+    """Print the job one API call returns, or the API's error."""
+    with _client(url, token) as client:
+        try:
+            _print_job(call(client), as_json)
+        except ApiError as exc:
+            _fail(exc, as_json)
+
+
+def _follow(client: MergelineClient, job: Job, *, quiet: bool) -> Job:
+    """Poll the job until it ends, drawing its progress (on stderr, so --json output stays clean)."""
+    if quiet:
+        return client.wait(job["id"], poll=0.5)
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[loss]}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=False) as bar:
+        task = bar.add_task(f"{job['id']} queued", total=None, loss="")
+        while job["status"] not in FINAL:
+            time.sleep(0.5)
+            job = client.get(job["id"])
+            progress = job.get("progress")
+            if progress:
+                loss = "" if progress.get("loss") is None else f"loss {progress['loss']:.4g}"
+                bar.update(task, total=progress["steps_total"], completed=progress["step"], loss=loss,
+                           description=f"{job['status']} task {progress['task_index'] + 1}/{progress['tasks_total']}")
+            else:
+                bar.update(task, description=f"{job['id']} {job['status']}")
+        if job["status"] == "succeeded":
+            bar.update(task, completed=bar.tasks[0].total or 1, total=bar.tasks[0].total or 1)
+    return job
