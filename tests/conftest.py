@@ -82,3 +82,16 @@ def env(suite, tmp_path):
     data, root = suite
     settings = Settings(store=(tmp_path / "store").as_uri(), allowed_roots=f"{root},{tmp_path}")
     return data, root, settings, LineageStore(settings.store)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A skipped test is a real part that was missing (Redis, redis-server): the run fails unless the caller asked
+    for skips with MERGELINE_TEST_ALLOW_SKIPS=1, so a green run always means every test ran."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
+    if skipped and exitstatus == 0 and os.environ.get("MERGELINE_TEST_ALLOW_SKIPS") != "1":
+        reporter.ensure_newline()
+        reporter.write_line(f"{skipped} test(s) skipped: failing the run (set MERGELINE_TEST_ALLOW_SKIPS=1 to allow)",
+                            red=True)
+        session.exitstatus = 1
+

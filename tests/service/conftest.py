@@ -1,14 +1,16 @@
-"""Fixtures for the service tests: a private database of the real Redis on 127.0.0.1:6379, unique key prefixes.
-The helpers that start real processes are in svc_procs.py."""
+"""Fixtures for the service tests: a private database of the real Redis at MERGELINE_TEST_REDIS_URL (default
+redis://127.0.0.1:6379; scripts/test.sh starts one for the run), unique key prefixes. The helpers that start real
+processes are in svc_procs.py."""
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
 import redis
 
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+REDIS_URL = os.environ.get("MERGELINE_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
 
 
 @pytest.fixture(scope="session")
@@ -16,17 +18,17 @@ def redis_db() -> str:
     """A Redis database (1..15) that no other test run is using, flushed before and after; its URL."""
     owner = uuid.uuid4().hex
     for db in range(15, 0, -1):
-        client = redis.Redis(REDIS_HOST, REDIS_PORT, db=db)
+        client = redis.Redis.from_url(f"{REDIS_URL}/{db}")
         try:
             if client.set("mergeline-tests:owner", owner, nx=True, ex=3600):
                 break
         except redis.ConnectionError:
-            pytest.skip("no Redis on 127.0.0.1:6379")
+            pytest.skip(f"no Redis answers at {REDIS_URL} (MERGELINE_TEST_REDIS_URL)")
     else:
         pytest.skip("every Redis database is taken by other test runs")
     client.flushdb()
     client.set("mergeline-tests:owner", owner, ex=3600)
-    yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
+    yield f"{REDIS_URL}/{db}"
     client.flushdb()
 
 
