@@ -12,7 +12,7 @@ import os
 import shutil
 import urllib.parse
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import httpx
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
@@ -49,6 +49,34 @@ def file_uri_path(uri: str) -> Path:
     return Path(raw).expanduser()
 
 
+@dataclass(frozen=True)
+class StoreLocation:
+    """Where the lineage store keeps its objects. Job inputs never read from there: every tenant's versions live
+    in it, and a tenant reuses its own versions only through the lineage store itself."""
+
+    path: Path | None = None  # a file:// store's folder
+    bucket: str | None = None  # an s3:// store's bucket and key prefix
+    prefix: str = ""
+
+    @classmethod
+    def of(cls, root: str) -> StoreLocation:
+        if root.startswith("file://"):
+            return cls(path=file_uri_path(root).resolve())
+        bucket, _, prefix = root.removeprefix("s3://").partition("/")
+        return cls(bucket=bucket, prefix=prefix.strip("/"))
+
+    def overlaps_path(self, path: Path) -> bool:
+        """`path` lies in the store, or is a folder holding it."""
+        return self.path is not None and (path.is_relative_to(self.path) or self.path.is_relative_to(path))
+
+    def overlaps_s3(self, bucket: str, key: str) -> bool:
+        """`key` (an object, or a prefix to list) lies in the store, or lists it."""
+        if bucket != self.bucket:
+            return False
+        inside, store = PurePosixPath(key.strip("/")), PurePosixPath(self.prefix)
+        return not self.prefix or inside.is_relative_to(store) or store.is_relative_to(inside) or not key.strip("/")
+
+
 class UriReader:
     """Fetches a job's inputs into `workdir`, enforcing the URI policy of `settings`."""
 
@@ -56,6 +84,7 @@ class UriReader:
         self.settings = settings
         self.workdir = workdir
         self._roots = settings.allowed_root_paths()
+        self._store = StoreLocation.of(settings.store)
         self._count = 0
 
     def fetch(self, uri: str, *, field: str | None = None) -> Fetched:
@@ -75,8 +104,11 @@ class UriReader:
     # -- file:// -------------------------------------------------------------------------------------------
     def _fetch_file(self, uri: str, field: str | None) -> Fetched:
         raw = file_uri_path(uri)
+        missing = FetchFailed(f"{uri}: no such file or folder", param=field)
+        if self._store.overlaps_path(raw.resolve()):
+            raise missing  # the store's own objects answer as absent, whether they exist or not
         if not raw.exists():
-            raise FetchFailed(f"{uri}: no such file or folder", param=field)
+            raise missing
         path = raw.resolve(strict=True)  # follows symlinks, so a link out of a root is judged by its target
         if not any(path.is_relative_to(root) for root in self._roots):
             raise AccessDenied(f"{uri} is outside the allowed roots (MERGELINE_ALLOWED_ROOTS)", param=field)
@@ -87,6 +119,8 @@ class UriReader:
                 target = inner.resolve()
                 if not any(target.is_relative_to(root) for root in self._roots):
                     raise AccessDenied(f"{uri}: {inner.name} links outside the allowed roots", param=field)
+                if self._store.overlaps_path(target):
+                    raise missing
             digest, size = dir_sha256(path, self._local_sha256)
             return Fetched(uri, path, digest, size)
         return Fetched(uri, path, self._local_sha256(path), path.stat().st_size)
@@ -99,6 +133,8 @@ class UriReader:
         import obstore
 
         bucket, _, key = uri[len("s3://") :].partition("/")
+        if self._store.overlaps_s3(bucket, key):
+            raise FetchFailed(f"{uri}: no such object", param=field)  # as absent as a missing object
         store = s3_store_for_bucket(bucket)
         try:
             if key.endswith("/"):

@@ -134,3 +134,31 @@ def test_local_sha256_is_cached_and_a_rewritten_file_is_hashed_again(tmp_path, r
 
     os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert r.fetch(target.as_uri()).sha256 == hashlib.sha256(b"omega").hexdigest()
+
+
+def test_the_stores_own_objects_answer_as_absent(tmp_path, roots, s3_bucket, s3_endpoint):
+    """No job input reads the lineage store: file:// (directly, through a link, or a folder holding the store) and
+    s3:// under the store's prefix fail exactly like a missing object, whether the object exists or not."""
+    allowed, _ = roots
+    store = allowed / "store"
+    (store / "alpha" / "secret" / "v1").mkdir(parents=True)
+    (store / "alpha" / "secret" / "v1" / "model.safetensors").write_bytes(b"weights")
+    r = UriReader(Settings(allowed_roots=allowed.as_uri(), store=store.as_uri()), tmp_path / "work")
+    (allowed / "link.bin").symlink_to(store / "alpha" / "secret" / "v1" / "model.safetensors")
+    for uri in [(store / "alpha/secret/v1/model.safetensors").as_uri(), (store / "alpha/secret/v9/x").as_uri(),
+                (allowed / "link.bin").as_uri(), allowed.as_uri() + "/"]:
+        with pytest.raises(FetchFailed) as info:
+            r.fetch(uri, field="base.uri")
+        assert info.value.type == "fetch_failed" and info.value.message == f"{uri}: no such file or folder"
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.put_object(Bucket=s3_bucket, Key="lineages/alpha/secret/v1/model.safetensors", Body=b"weights")
+    s3.put_object(Bucket=s3_bucket, Key="inputs/base.safetensors", Body=b"base")
+    r = UriReader(Settings(allowed_roots=allowed.as_uri(), store=f"s3://{s3_bucket}/lineages"), tmp_path / "w2")
+    for key in ["lineages/alpha/secret/v1/model.safetensors", "lineages/alpha/secret/v7/model.safetensors",
+                "lineages//alpha/secret/v1/model.safetensors", "lineages/", ""]:
+        uri = f"s3://{s3_bucket}/{key}"
+        with pytest.raises(FetchFailed) as info:
+            r.fetch(uri)
+        assert info.value.type == "fetch_failed" and info.value.message == f"{uri}: no such object"
+    assert r.fetch(f"s3://{s3_bucket}/inputs/base.safetensors").bytes == 4
