@@ -14,13 +14,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from core.settings import Settings, get_settings
 from core.statuses import FINAL
@@ -42,26 +42,31 @@ def _fail(exc: ApiError, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps({"error": {"type": exc.type, "message": exc.message, "param": exc.param}}) + "\n")
     else:
-        err.print(f"[red]error[/red] ({exc.type}): {exc.message}")
+        err.print(error_line(exc.type, exc.message))
     raise typer.Exit(1)
+
+
+def error_line(type: str, message: str) -> Text:
+    """`error (type): message`, the server's or the user's text printed as it is (never read as markup)."""
+    return Text.assemble(("error", "red"), f" ({type}): {message}")
 
 
 def _print_job(job: Job, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(job, indent=2) + "\n")
         return
-    line = f"{job['id']}  {job['lineage']}  [bold]{job['status']}[/bold]  {job['method']}"
+    line = Text.assemble(f"{job['id']}  {job['lineage']}  ", (job["status"], "bold"), f"  {job['method']}")
     progress = job.get("progress")
     if progress and job["status"] == "running":
-        line += (f"  task {progress['task_index'] + 1}/{progress['tasks_total']}"
-                 f"  step {progress['step']}/{progress['steps_total']}")
+        line.append(f"  task {progress['task_index'] + 1}/{progress['tasks_total']}"
+                    f"  step {progress['step']}/{progress['steps_total']}")
     console.print(line)
     if job.get("result"):
         metrics = job["result"].get("metrics") or {}
         avg = metrics.get("avg_accuracy")
         console.print(f"  version {job['result']['version']}" + ("" if avg is None else f"  avg accuracy {avg:.4f}"))
     if job.get("error"):
-        console.print(f"  [red]{job['error']['type']}[/red]: {job['error']['message']}")
+        console.print(Text.assemble("  ", (job["error"]["type"], "red"), f": {job['error']['message']}"))
 
 
 # -- embedded mode ----------------------------------------------------------------------------------------------
@@ -185,21 +190,28 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def status(job_id: str, url: str = UrlOpt, token: str = TokenOpt, as_json: bool = JsonOpt) -> None:
         """Show a job."""
-        _show_job(lambda client: client.get(job_id), url, token, as_json)
+        with _client(url, token) as client:
+            try:
+                job = client.get(job_id)
+            except ApiError as exc:
+                _fail(exc, as_json)
+        _print_job(job, as_json)
 
     @app.command()
     def cancel(job_id: str, url: str = UrlOpt, token: str = TokenOpt, as_json: bool = JsonOpt) -> None:
-        """Cancel a job: at once when queued, at its next step when running."""
-        _show_job(lambda client: client.cancel(job_id), url, token, as_json)
-
-
-def _show_job(call: Callable[[MergelineClient], Job], url: str, token: str | None, as_json: bool) -> None:
-    """Print the job one API call returns, or the API's error."""
-    with _client(url, token) as client:
-        try:
-            _print_job(call(client), as_json)
-        except ApiError as exc:
-            _fail(exc, as_json)
+        """Cancel a job: at once when queued, at its next step when running. Exits 1 when the job had already
+        ended (nothing was cancelled)."""
+        with _client(url, token) as client:
+            try:
+                before = client.get(job_id)
+                job = before if before["status"] in FINAL else client.cancel(job_id)
+            except ApiError as exc:
+                _fail(exc, as_json)
+        _print_job(job, as_json)
+        if before["status"] in FINAL:
+            if not as_json:
+                err.print(f"nothing to cancel: the job had already ended ({before['status']})", markup=False)
+            raise typer.Exit(1)
 
 
 def _follow(client: MergelineClient, job: Job, *, quiet: bool) -> Job:

@@ -80,9 +80,15 @@ class MergelineClient:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            raise ApiError(0, "connection_error", f"{self._http.base_url}: {type(exc).__name__}: {exc}") from None
+            raise self._unreachable(exc) from None
         _raise_for_error(response)
         return response.json()
+
+    def _unreachable(self, exc: httpx.HTTPError) -> ApiError:
+        """A connection failure, naming the URL and the usual fixes."""
+        url = str(self._http.base_url).rstrip("/")
+        return ApiError(0, "connection_error", f"cannot reach the Mergeline API at {url} ({type(exc).__name__}: "
+                        f"{exc}); is it running? Start one with `mergeline serve`, or pass --url / set MERGELINE_URL")
 
     # -- jobs --------------------------------------------------------------------------------------------------
     def submit(self, spec: dict[str, Any], *, idempotency_key: str | None = None) -> Job:
@@ -97,7 +103,7 @@ class MergelineClient:
                 break
             except httpx.TransportError as exc:
                 if attempt == 2:
-                    raise ApiError(0, "connection_error", f"{type(exc).__name__}: {exc}") from None
+                    raise self._unreachable(exc) from None
                 time.sleep(0.5 * 2**attempt)
         _raise_for_error(response)
         return response.json()
@@ -137,7 +143,7 @@ class MergelineClient:
                             raise ApiError(503, err.get("type", "internal"), err.get("message", ""))
                         yield event
         except httpx.HTTPError as exc:
-            raise ApiError(0, "connection_error", f"{type(exc).__name__}: {exc}") from None
+            raise self._unreachable(exc) from None
 
     def wait(self, job_id: str, *, timeout: float | None = None, poll: float = 1.0,
              on_update: Callable[[Job], None] | None = None) -> Job:
@@ -178,15 +184,18 @@ class MergelineClient:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(target.name + ".part")
             digest = hashlib.sha256()
-            with self._http.stream("GET", f"/v1/lineages/{name}/versions/{int(version)}/files/{entry['path']}",
-                                   follow_redirects=True) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    _raise_for_error(response)
-                with open(tmp, "wb") as f:
-                    for chunk in response.iter_bytes(1 << 20):
-                        digest.update(chunk)
-                        f.write(chunk)
+            try:
+                with self._http.stream("GET", f"/v1/lineages/{name}/versions/{int(version)}/files/{entry['path']}",
+                                       follow_redirects=True) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        _raise_for_error(response)
+                    with open(tmp, "wb") as f:
+                        for chunk in response.iter_bytes(1 << 20):
+                            digest.update(chunk)
+                            f.write(chunk)
+            except httpx.HTTPError as exc:
+                raise self._unreachable(exc) from None
             if digest.hexdigest() != entry["sha256"]:
                 tmp.unlink()
                 raise ApiError(0, "checksum_mismatch", f"{entry['path']}: sha256 differs from the manifest")

@@ -217,6 +217,29 @@ def test_bad_inputs_end_with_typed_errors(cluster, acme):
             acme.lineage(name)
 
 
+def test_cli_prints_server_text_verbatim_refuses_empty_cancels_and_names_an_unreachable_url(cluster, acme, tmp_path):
+    from typer.testing import CliRunner
+
+    from mergeline.cli import app as cli
+
+    api = ["--url", cluster["url"], "--token", "tok-acme"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(spec(cluster["inputs"], "Not A Name", [task(cluster["inputs"], 0)])))
+    refused = CliRunner().invoke(cli, ["submit", str(bad), *api])
+    assert refused.exit_code == 1 and "^[a-z0-9][a-z0-9._-]{0,62}$" in refused.output, refused.output
+
+    done = wait_final(acme, acme.submit(spec(cluster["inputs"], "cli-cancel", [task(cluster["inputs"], 0)],
+                                             method="task_arithmetic"))["id"])
+    again = CliRunner().invoke(cli, ["cancel", done["id"], *api])
+    assert again.exit_code == 1 and "nothing to cancel" in again.output, again.output
+    assert acme.get(done["id"])["status"] == "succeeded"
+
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    unreachable = CliRunner().invoke(cli, ["status", done["id"], "--url", nowhere, "--token", "tok-acme"])
+    assert unreachable.exit_code == 1 and nowhere in unreachable.output, unreachable.output
+    assert "mergeline serve" in unreachable.output
+
+
 def test_tenants_cannot_see_each_other(cluster, acme):
     with MergelineClient(cluster["url"], "tok-globex") as globex:
         assert globex.list()["data"] == [] and globex.lineages()["data"] == []
