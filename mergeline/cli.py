@@ -25,19 +25,19 @@ app.add_typer(lineage_app, name="lineage")
 console = Console()
 err = Console(stderr=True)
 
-StoreOpt = typer.Option(None, "--store", help="lineage store root (default: MERGELINE_STORE)")
+StoreOpt = typer.Option(None, "--store", help="lineage store: a folder, file://PATH or s3://bucket/prefix "
+                        "(default: MERGELINE_STORE)")
 TenantOpt = typer.Option("default", "--tenant", help="tenant whose lineages to use")
 JsonOpt = typer.Option(False, "--json", help="print machine-readable JSON")
-# lineage show / pull read the store directly, or the API when a URL is given (and no --store).
-ApiUrlOpt = typer.Option(None, "--url", envvar="MERGELINE_URL", help="read through the API at this URL")
+# lineage show / pull read the local store unless --url is given: an exported MERGELINE_URL never switches them.
+ApiUrlOpt = typer.Option(None, "--url", help="read through the API at this URL instead of the local store")
 ApiTokenOpt = typer.Option(None, "--token", envvar="MERGELINE_TOKEN", help="bearer token for --url")
 
 
 def _store(root: str | None):
-    from core.store import LineageStore
+    from mergeline.compose import lineage_store
 
-    settings = get_settings()
-    return LineageStore(root or settings.store, claim_ttl_s=settings.claim_ttl_s)
+    return lineage_store(get_settings(), root)
 
 
 def _print_json(obj: Any) -> None:

@@ -12,28 +12,36 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from functools import cache
-
-from celery import Celery
-from fastapi import FastAPI
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.errors import BrokerUnavailable
-from core.jobs import JobStore
-from core.metrics import RedisMetrics, ServiceCollector
-from core.queue import make_celery, send_job
 from core.settings import Settings, get_settings
 from core.store import LineageStore
-from core.webhooks import WebhookQueue, notify_on_final
-from service.api.app import create_app
-from service.api.deps import Services, TokenTable
-from worker.tasks import WorkerContext, register
+
+if TYPE_CHECKING:  # the API and worker sides are imported only by the processes that run them
+    from celery import Celery
+    from fastapi import FastAPI
+
+    from core.jobs import JobStore
+    from core.webhooks import WebhookQueue
+    from service.api.deps import Services
+    from worker.tasks import WorkerContext
 
 
-def lineage_store(settings: Settings) -> LineageStore:
-    return LineageStore(settings.store, claim_ttl_s=settings.claim_ttl_s)
+def lineage_store(settings: Settings, root: str | None = None) -> LineageStore:
+    """The store at `root` (default MERGELINE_STORE): file://PATH, s3://bucket/prefix, or a plain folder."""
+    root = root or settings.store
+    if "://" not in root:
+        root = Path(root).expanduser().resolve().as_uri()
+    return LineageStore(root, claim_ttl_s=settings.claim_ttl_s)
 
 
 def job_store(settings: Settings, send: Callable[[str], None] | None) -> tuple[JobStore, WebhookQueue]:
     """Job records in the configured Redis, and the webhook queue that each final job enqueues into."""
+    from core.jobs import JobStore
+    from core.webhooks import WebhookQueue, notify_on_final
+
     jobs = JobStore.from_settings(settings, send=send)
     webhooks = WebhookQueue.from_settings(jobs.r, settings, on_outcome=jobs.add_event)
     jobs.on_final = notify_on_final(webhooks)
@@ -43,6 +51,10 @@ def job_store(settings: Settings, send: Callable[[str], None] | None) -> tuple[J
 # -- the API process ----------------------------------------------------------------------------------------------
 def api_services(settings: Settings, send: Callable[[str], None] | None = None) -> Services:
     """Connections for one API app. `send` enqueues a job id (default: a Celery producer from the settings)."""
+    from core.metrics import RedisMetrics, ServiceCollector
+    from core.queue import make_celery, send_job
+    from service.api.deps import Services, TokenTable
+
     if not settings.job_redis_url():
         raise BrokerUnavailable("the API needs Redis: set MERGELINE_BROKER_URL=redis://... or MERGELINE_REDIS_URL")
     broker_check = None
@@ -71,6 +83,8 @@ def api_services(settings: Settings, send: Callable[[str], None] | None = None) 
 
 def api_app(settings: Settings | None = None) -> FastAPI:
     """The ASGI app from every MERGELINE_* setting."""
+    from service.api.app import create_app
+
     return create_app(api_services(settings or get_settings()))
 
 
@@ -87,6 +101,9 @@ def run_job_in_engine(*args, **kwargs) -> dict:
 def _worker_context(pid: int, app: Celery) -> WorkerContext:
     """Per process (a forked pool process must not share its parent's sockets)."""
     from core import logs
+    from core.metrics import RedisMetrics
+    from core.queue import send_job
+    from worker.tasks import WorkerContext
 
     settings = get_settings()
     logs.configure(settings.log_level)
@@ -97,6 +114,9 @@ def _worker_context(pid: int, app: Celery) -> WorkerContext:
 
 def worker_app(settings: Settings | None = None) -> Celery:
     """The Celery app of `mergeline worker`, with the merge task and the housekeeping threads registered."""
+    from core.queue import make_celery
+    from worker.tasks import register
+
     app = make_celery(settings or get_settings())
     register(app, lambda: _worker_context(os.getpid(), app))
     return app

@@ -205,6 +205,26 @@ def test_cli_merge_file_and_s3_then_pull_and_load_in_open_clip(env, tmp_path, s3
     get_settings.cache_clear()
 
 
+def test_cli_store_is_a_plain_folder_and_an_exported_url_never_switches_to_the_api(env, tmp_path, monkeypatch):
+    data, root, settings, _ = env
+    monkeypatch.setenv("MERGELINE_ALLOWED_ROOTS", f"{root},{tmp_path}")
+    monkeypatch.setenv("MERGELINE_URL", "http://127.0.0.1:1")  # no API there: the local store must be read
+    from core.settings import get_settings
+
+    get_settings.cache_clear()
+    (tmp_path / "job.json").write_text(json.dumps(job(data, ["mnist"], method="task_arithmetic", params={})
+                                                  .model_dump()))
+    folder = str(tmp_path / "plain-store")
+    runner = CliRunner()
+    out = runner.invoke(app, ["merge", str(tmp_path / "job.json"), "--store", folder, "--json"])
+    assert out.exit_code == 0, out.output
+    monkeypatch.setenv("MERGELINE_STORE", folder)
+    get_settings.cache_clear()
+    out = runner.invoke(app, ["lineage", "show", "vision", "--json"])
+    assert out.exit_code == 0 and json.loads(out.output)["head"] == 1, out.output
+    get_settings.cache_clear()
+
+
 def test_lineage_store_copy_is_independent_of_input_files(env, tmp_path):
     """Later versions still measure earlier tasks after their original eval files are gone."""
     data, root, settings, store = env
