@@ -22,7 +22,7 @@ import sys
 import time
 import traceback
 
-from bench.common import CACHE, DOCS, apply_patches, write_result
+from bench.common import CACHE, DOCS, write_result
 from bench.suite import TASKS, get_suite, task_orders
 
 # label: (method, params, head tuning). Everything else is the method's defaults (service/spec.py). "+heads"
@@ -81,7 +81,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--name", default="accuracy", help="result file name under bench/.cache/results")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
-    patches = apply_patches()
 
     from core.settings import Settings
     from core.store import LineageStore
@@ -134,7 +133,6 @@ def main(argv: list[str] | None = None) -> dict:
                   "base_avg": statistics.fmean(suite["base_accuracy"].values())},
         "orders": orders,
         "methods": methods,
-        "patches": patches,
         "command": "python -m bench.accuracy " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     result["targets"] = targets(result)

@@ -1,13 +1,13 @@
-"""Helpers shared by the bench scripts: result files, the machine's description, peak-memory probes, patches."""
+"""Helpers shared by the bench scripts: result files, the machine's description, peak-memory probes."""
 
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import json
 import os
 import platform
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -75,11 +75,6 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def children_peak_rss_mib() -> float:
-    """The largest peak RSS of any waited-for child process (ru_maxrss of RUSAGE_CHILDREN is a maximum)."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-
-
 def run_measured(cmd: list[str], *, env: dict | None = None, cwd: Path | None = None, timeout: float = 1800) -> dict:
     """Run a command in a fresh process under /usr/bin/time-like accounting: wall seconds and its peak RSS.
 
@@ -119,13 +114,11 @@ def parse_maxrss_mib(stderr: str) -> float:
     raise ValueError("no BENCH_MAXRSS_KIB line in the child's stderr")
 
 
-def apply_patches() -> list[str]:
-    """Import the modules named in BENCH_PATCH (comma-separated), for before/after experiments on the engine
-    without editing it: a patch module monkeypatches what it changes at import time."""
-    names = [n for n in os.environ.get("BENCH_PATCH", "").split(",") if n]
-    for name in names:
-        importlib.import_module(name)
-    return names
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def repo_env(**extra: str) -> dict:

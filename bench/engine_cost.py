@@ -24,7 +24,6 @@ import numpy as np
 from bench.common import (
     CACHE,
     ROOT,
-    apply_patches,
     parse_maxrss_mib,
     read_result,
     repo_env,
@@ -37,7 +36,6 @@ WORK = CACHE / "vitb32"
 ARCH = "ViT-B-32"
 N_TASKS = 10
 CALIB = 24  # calibration images per task (uint8 224×224×3)
-GIB = 2**30
 
 
 # -- memory probes (Linux) -------------------------------------------------------------------------------------
@@ -104,7 +102,6 @@ BASE_REF = {"family": "open_clip", "arch": ARCH, "uri": ""}
 # -- one OTMF step in this process ---------------------------------------------------------------------------
 def measure_iteration(batch: int, steps: int, repeats: int = 3, dtype: str = "float32") -> dict:
     """Plain forward+backward of the tower vs OTMF iterations, in this process (run it in a fresh one)."""
-    apply_patches()
     import torch
 
     from core.spec import OTMFParams
@@ -113,15 +110,11 @@ def measure_iteration(batch: int, steps: int, repeats: int = 3, dtype: str = "fl
     from engine.methods import get_method
     from engine.methods.base import MethodState, StepInput
 
-    def fetched(name: str) -> Fetched:
-        p = WORK / name
-        return Fetched(p.as_uri(), p, "", p.stat().st_size)
-
     family = get_family("open_clip")
-    loaded = family.load_base(fetched("base.safetensors"), ARCH)
-    head = family.load_checkpoint(fetched("task0.safetensors"), loaded, field="head")
-    task = family.load_checkpoint(fetched("task1.safetensors"), loaded, field="task")
-    calibration = family.load_inputs(fetched("calib1.npz"), loaded, labelled=False, field="calibration")
+    loaded = family.load_base(Fetched.local(WORK / "base.safetensors"), ARCH)
+    head = family.load_checkpoint(Fetched.local(WORK / "task0.safetensors"), loaded, field="head")
+    task = family.load_checkpoint(Fetched.local(WORK / "task1.safetensors"), loaded, field="task")
+    calibration = family.load_inputs(Fetched.local(WORK / "calib1.npz"), loaded, labelled=False, field="calibration")
     tower_mib = sum(v.numel() for v in loaded.tower.values()) * 4 / 2**20
     pixels = calibration.tensors["pixels"]
     x = pixels[:batch]

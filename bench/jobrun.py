@@ -11,13 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import apply_patches, peak_rss_mib
+from bench.common import peak_rss_mib
 
 
 def main() -> None:
     spec_path, store_uri, allowed = sys.argv[1:4]
     started = time.perf_counter()
-    apply_patches()
     from core.settings import Settings
     from core.spec import JobSpec
     from core.store import LineageStore

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import subprocess
 import sys
 import venv
@@ -25,7 +24,6 @@ PEERS = {
                      ["fusion_bench", "torch", "transformers", "lightning", "datasets"]),
     "mergekit": (["mergekit==0.1.5"], ["mergekit", "torch", "transformers", "safetensors"]),
 }
-PYTHON = os.environ.get("BENCH_PEER_PYTHON", sys.executable if sys.prefix == sys.base_prefix else sys._base_executable)
 
 
 def local_torch_wheel() -> str | None:

@@ -91,8 +91,6 @@ def accuracy_section(r: dict | None) -> list[str]:
         cells = [pct(e["runs"][0]["final"][t]) for e in r["methods"].values() if e.get("runs")]
         out.append(f"| {t} | " + " | ".join(cells) + " |")
     out.append("")
-    if r.get("patches"):
-        out += [f"_Engine patches applied for this run: {', '.join(r['patches'])}._", ""]
     return out
 
 

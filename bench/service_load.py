@@ -23,16 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import CACHE, ROOT, write_result
+from bench.common import CACHE, ROOT, free_port, write_result
 
 WORK = CACHE / "service"
 TOKEN = "bench-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, timeout: float = 30) -> None:

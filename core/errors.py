@@ -89,19 +89,8 @@ class RequestTooLarge(MergelineError):
     status_code = 413
 
 
-class MethodNotAllowed(MergelineError):
-    type = "method_not_allowed"
-    status_code = 405
-
-
 class BrokerUnavailable(MergelineError):
     """Redis (job records and the Celery broker) could not be reached."""
 
     type = "broker_unavailable"
     status_code = 503
-
-
-class WorkerLost(MergelineError):
-    """The job's worker died more often than MERGELINE_MAX_ATTEMPTS allows."""
-
-    type = "worker_lost"

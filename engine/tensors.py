@@ -25,7 +25,6 @@ from core.settings import Settings
 Tensors = dict[str, torch.Tensor]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def load_state_dict(path: Path, *, field: str) -> Tensors:
@@ -161,14 +160,6 @@ def resolve_device(requested: str | None) -> torch.device:
             )
         return device
     raise InvalidInput(f"unknown device {requested!r}: use auto, cpu, cuda or cuda:N", param="device")
-
-
-def dtype_of(name: str) -> torch.dtype:
-    """The torch dtype for the `params.dtype` names the spec allows."""
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise InvalidInput(f"unsupported dtype {name!r}: use one of {sorted(DTYPES)}", param="dtype") from None
 
 
 def load_npz(path: Path, *, field: str) -> dict[str, np.ndarray]:

@@ -24,13 +24,7 @@ TINY_CLIP_CFG = {
     "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
 }
 CLIP_LAYOUTS = ("full", "visual", "tower")  # whole CLIP dict; image tower with `visual.` prefix; without it
-
-
-def fetched(path: Path) -> Fetched:
-    """A `Fetched` for a local file or folder, as the URI reader would hand it to a family (digest not needed)."""
-    path = Path(path).resolve()
-    size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return Fetched(path.as_uri(), path, "", size)
+fetched = Fetched.local  # a local file or folder as the URI reader would hand it to a family (no digest)
 
 
 def _generator(seed: int) -> torch.Generator:

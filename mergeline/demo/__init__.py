@@ -22,16 +22,16 @@ from core.store import LineageStore
 from core.uris import Fetched
 from engine.evaluate import accuracy
 from engine.families import get_family
+from engine.families.base import Family, LoadedBase
 from engine.job import run_job
 from engine.tensors import save_safetensors
-from mergeline.demo.tasks import TASK_NAMES, build_task, glyphs
+from mergeline.demo.tasks import TASK_NAMES, TaskData, build_task, glyphs
 from mergeline.demo.train import TINY_CLIP, as_uint8_npz, finetune, pretrain
 
 SUITE_VERSION = 2
-
-
-def local(path: Path) -> Fetched:
-    return Fetched(path.as_uri(), path, "", path.stat().st_size)
+local = Fetched.local  # the demo's own files, read without a UriReader
+TASK_FILES = (("checkpoint", "checkpoint.safetensors"), ("calibration", "calibration.npz"), ("eval", "eval.npz"),
+              ("head", "head.safetensors"), ("head_data", "head_data.npz"))
 
 
 def build_suite(root: Path, task_names: list[str], *, seed: int = 0, pretrain_steps: int = 3000,
@@ -45,8 +45,7 @@ def build_suite(root: Path, task_names: list[str], *, seed: int = 0, pretrain_st
     The defaults aim at the regime merging is used in (a strong base, small fine-tuning steps, as with CLIP): a
     base pretrained on printed glyphs, then fine-tunes at a small learning rate. `proxy_sources` feed only the
     label-free `rotation` and `transforms` proxies."""
-    arch = arch or TINY_CLIP
-    config = {"version": SUITE_VERSION, "arch": arch, "seed": seed, "pretrain_steps": pretrain_steps,
+    config = {"version": SUITE_VERSION, "arch": arch or TINY_CLIP, "seed": seed, "pretrain_steps": pretrain_steps,
               "proxy": proxy, "proxy_sources": list(proxy_sources), "proxy_size": proxy_size,
               "finetune_steps": finetune_steps, "finetune_lr": finetune_lr, "calib_size": calib_size,
               "eval_size": eval_size, "head_fraction": head_fraction}
@@ -59,62 +58,80 @@ def build_suite(root: Path, task_names: list[str], *, seed: int = 0, pretrain_st
     torch.manual_seed(seed)
     root.mkdir(parents=True, exist_ok=True)
     datasets = {name: build_task(name, seed=seed) for name in task_names}
-
-    import open_clip
-
-    init = root / "base-init.safetensors"
-    save_safetensors(open_clip.CLIP(**arch).state_dict(), init)
-    loaded = family.load_base(local(init), arch)
-    if proxy == "glyphs":
-        proxy_images, proxy_labels = glyphs(np.random.default_rng([seed, 999]), proxy_size)
-    else:  # label-free proxies
-        proxy_images = np.concatenate([build_task(n, seed=seed).x_train[:1000] for n in proxy_sources])
-        proxy_labels = None
-    np.savez(root / "proxy.npz", **as_uint8_npz(proxy_images, proxy_labels))
-    proxy_data = family.load_inputs(local(root / "proxy.npz"), loaded, labelled=proxy_labels is not None,
-                                    field="proxy")
-    log(f"pretraining the base ({pretrain_steps} steps, {proxy} proxy)")
-    tower = pretrain(family, loaded, proxy_data.tensors["pixels"], labels=proxy_data.labels, steps=pretrain_steps,
-                     seed=seed, proxy=proxy)
-    base_file = family.save_version(loaded, tower, root / "base")[0]
-    loaded = family.load_base(local(base_file), arch)
-    init.unlink()
-    (root / "proxy.npz").unlink()
-
-    tasks = {}
-    for i, (name, data) in enumerate(datasets.items()):
-        folder = root / "tasks" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        np.savez(folder / "train.npz", **as_uint8_npz(data.x_train, data.y_train))
-        np.savez(folder / "calibration.npz", **as_uint8_npz(data.x_train[:calib_size]))
-        np.savez(folder / "eval.npz", **as_uint8_npz(data.x_test[:eval_size], data.y_test[:eval_size]))
-        # Labelled data for the optional head tuning: a share of the training split, as the paper uses.
-        n_head = int(len(data.x_train) * head_fraction)
-        np.savez(folder / "head_data.npz", **as_uint8_npz(data.x_train[:n_head], data.y_train[:n_head]))
-        train = family.load_inputs(local(folder / "train.npz"), loaded, labelled=True, field="train")
-        (folder / "train.npz").unlink()
-        log(f"fine-tuning {name} ({finetune_steps} steps)")
-        tuned = finetune(family, loaded, train.tensors["pixels"], train.labels, data.classes,
-                         steps=finetune_steps, lr=finetune_lr, seed=seed * 1000 + i)
-        # Task checkpoints hold only the image tower, as many users ship them.
-        save_safetensors({f"visual.{k}": v for k, v in tuned.tower.items()}, folder / "checkpoint.safetensors")
-        save_safetensors(tuned.head, folder / "head.safetensors")
-        evaluation = family.load_inputs(local(folder / "eval.npz"), loaded, labelled=True, field="eval")
-        acc = accuracy(family, loaded, tuned.tower, evaluation, tuned.head, device=torch.device("cpu"))
-        tasks[name] = {"classes": data.classes, "individual_accuracy": round(acc, 6),
-                       **{k: (folder / f).as_uri() for k, f in (("checkpoint", "checkpoint.safetensors"),
-                          ("calibration", "calibration.npz"), ("eval", "eval.npz"), ("head", "head.safetensors"),
-                          ("head_data", "head_data.npz"))}}
-    base_acc = {}
-    for name in tasks:
-        # The base with each task's fine-tuned head shows how much of the task the head alone carries.
-        evaluation = family.load_inputs(local(root / "tasks" / name / "eval.npz"), loaded, labelled=True, field="e")
-        head = load_file(root / "tasks" / name / "head.safetensors")
-        base_acc[name] = round(accuracy(family, loaded, loaded.tower, evaluation, head, device=torch.device("cpu")), 6)
-    suite = {"config": config, "base": {"family": "open_clip", "arch": arch, "uri": base_file.as_uri()},
+    base_file = _pretrained_base(family, root, config, log)
+    loaded = family.load_base(local(base_file), config["arch"])
+    tasks = {name: _finetuned_task(family, loaded, root / "tasks" / name, data, config, seed * 1000 + i, log)
+             for i, (name, data) in enumerate(datasets.items())}
+    # The base with each task's fine-tuned head shows how much of the task the head alone carries.
+    base_acc = {name: _base_accuracy(family, loaded, root / "tasks" / name) for name in tasks}
+    suite = {"config": config, "base": {"family": "open_clip", "arch": config["arch"], "uri": base_file.as_uri()},
              "tasks": tasks, "base_accuracy": base_acc}
     described.write_text(json.dumps(suite, indent=2))
     return suite
+
+
+def _pretrained_base(family: Family, root: Path, config: dict, log: Callable[[str], None]) -> Path:
+    """A fresh tower of `config["arch"]` pretrained on the proxy, saved under `root/base`; returns its file."""
+    import open_clip
+
+    init, proxy_file = root / "base-init.safetensors", root / "proxy.npz"
+    save_safetensors(open_clip.CLIP(**config["arch"]).state_dict(), init)
+    loaded = family.load_base(local(init), config["arch"])
+    images, labels = _proxy_images(config)
+    np.savez(proxy_file, **as_uint8_npz(images, labels))
+    proxy_data = family.load_inputs(local(proxy_file), loaded, labelled=labels is not None, field="proxy")
+    log(f"pretraining the base ({config['pretrain_steps']} steps, {config['proxy']} proxy)")
+    tower = pretrain(family, loaded, proxy_data.tensors["pixels"], labels=proxy_data.labels,
+                     steps=config["pretrain_steps"], seed=config["seed"], proxy=config["proxy"])
+    base_file = family.save_version(loaded, tower, root / "base")[0]
+    init.unlink()
+    proxy_file.unlink()
+    return base_file
+
+
+def _proxy_images(config: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    """The pretraining proxy's images and labels: printed glyphs, or `proxy_sources` images without labels."""
+    if config["proxy"] == "glyphs":
+        return glyphs(np.random.default_rng([config["seed"], 999]), config["proxy_size"])
+    sources = [build_task(name, seed=config["seed"]).x_train[:1000] for name in config["proxy_sources"]]
+    return np.concatenate(sources), None
+
+
+def _write_task_data(folder: Path, data: TaskData, config: dict) -> None:
+    """The task's training split (removed once fine-tuned), calibration, eval and head-tuning sets under `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    calib_size, eval_size = config["calib_size"], config["eval_size"]
+    np.savez(folder / "train.npz", **as_uint8_npz(data.x_train, data.y_train))
+    np.savez(folder / "calibration.npz", **as_uint8_npz(data.x_train[:calib_size]))
+    np.savez(folder / "eval.npz", **as_uint8_npz(data.x_test[:eval_size], data.y_test[:eval_size]))
+    # Labelled data for the optional head tuning: a share of the training split, as the paper uses.
+    n_head = int(len(data.x_train) * config["head_fraction"])
+    np.savez(folder / "head_data.npz", **as_uint8_npz(data.x_train[:n_head], data.y_train[:n_head]))
+
+
+def _finetuned_task(family: Family, loaded: LoadedBase, folder: Path, data: TaskData, config: dict, seed: int,
+                    log: Callable[[str], None]) -> dict:
+    """Fine-tune the base on one task and write its files under `folder`; returns the task's suite entry."""
+    _write_task_data(folder, data, config)
+    train = family.load_inputs(local(folder / "train.npz"), loaded, labelled=True, field="train")
+    (folder / "train.npz").unlink()
+    log(f"fine-tuning {folder.name} ({config['finetune_steps']} steps)")
+    tuned = finetune(family, loaded, train.tensors["pixels"], train.labels, data.classes,
+                     steps=config["finetune_steps"], lr=config["finetune_lr"], seed=seed)
+    # Task checkpoints hold only the image tower, as many users ship them.
+    save_safetensors({f"visual.{k}": v for k, v in tuned.tower.items()}, folder / "checkpoint.safetensors")
+    save_safetensors(tuned.head, folder / "head.safetensors")
+    evaluation = family.load_inputs(local(folder / "eval.npz"), loaded, labelled=True, field="eval")
+    acc = accuracy(family, loaded, tuned.tower, evaluation, tuned.head, device=torch.device("cpu"))
+    return {"classes": data.classes, "individual_accuracy": round(acc, 6),
+            **{key: (folder / file).as_uri() for key, file in TASK_FILES}}
+
+
+def _base_accuracy(family: Family, loaded: LoadedBase, folder: Path) -> float:
+    """The base's accuracy on a task's eval set through that task's fine-tuned head."""
+    evaluation = family.load_inputs(local(folder / "eval.npz"), loaded, labelled=True, field="e")
+    head = load_file(folder / "head.safetensors")
+    return round(accuracy(family, loaded, loaded.tower, evaluation, head, device=torch.device("cpu")), 6)
 
 
 def task_entry(suite: dict, name: str, *, with_calibration: bool = True, tune_head: bool = False) -> dict:

@@ -1,1 +1,0 @@
-"""Engine patches for before/after experiments (BENCH_PATCH=bench.patches.NAME); never imported otherwise."""
