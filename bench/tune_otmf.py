@@ -1,8 +1,8 @@
-"""OTMF tuning on the bench suite, in one process: the engine's own method step and accuracy, without the store.
+"""OTMF tuning on the bench suite, in one process: the job's own continual steps (`engine.job.merge_steps`) and
+accuracy, without the store.
 
 For exploring settings quickly (no sha256, no files written); every setting worth keeping is then confirmed through
-`run_job` with `python -m bench.accuracy --methods otmf-current --otmf-params '{...}'`. Engine patches for
-before/after experiments are applied from BENCH_PATCH (see bench/common.py).
+`run_job` with `python -m bench.accuracy --methods otmf-current --otmf-params '{...}'`.
 
     .venv/bin/python -m bench.tune_otmf --grid '[{"alpha": 0.5}, {"alpha": 0.8, "lr": 0.05}]' [--tasks 8] [--order 0]
 """
@@ -13,48 +13,55 @@ import argparse
 import json
 import statistics
 import time
+from functools import partial
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-from bench.common import apply_patches
 from bench.suite import get_suite, task_orders
+from core.methods import method_entry
+from core.uris import Fetched
+from engine.evaluate import accuracy
+from engine.families import get_family
+from engine.job import StepTask, merge_steps
+from engine.methods import get_method
+from engine.methods.base import MethodState, StepOutput
+
+
+def _local(uri: str) -> Fetched:
+    """A suite file as the engine's loaders take it: the suite is local, so nothing is fetched or hashed."""
+    path = Path(uri.removeprefix("file://"))
+    return Fetched(path.as_uri(), path, "", path.stat().st_size)
 
 
 def run(params: dict, order: list[str], suite: dict, method_name: str = "otmf") -> dict:
-    from safetensors.torch import load_file
-
-    from core.spec import METHOD_PARAMS
-    from engine.evaluate import accuracy
-    from engine.families import get_family
-    from engine.methods import get_method
-    from engine.methods.base import MethodState, StepInput
-    from mergeline.demo import local
-
     family = get_family("open_clip")
-    path = lambda uri: __import__("pathlib").Path(uri.removeprefix("file://"))  # noqa: E731
-    loaded = family.load_base(local(path(suite["base"]["uri"])), suite["base"]["arch"])
-    method = get_method(method_name)
-    p = METHOD_PARAMS[method_name].model_validate(params)
+    loaded = family.load_base(_local(suite["base"]["uri"]), suite["base"]["arch"])
+    p = method_entry(method_name).params.model_validate(params)
     cpu = torch.device("cpu")
-    merged, state = loaded.tower, MethodState()
-    evals, curve, just_merged, losses = {}, [], {}, []
-    started = time.monotonic()
-    for i, name in enumerate(order):
-        t = suite["tasks"][name]
-        task = family.load_checkpoint(local(path(t["checkpoint"])), loaded, field="task")
-        calib = family.load_inputs(local(path(t["calibration"])), loaded, labelled=False, field="c")
-        evals[name] = (family.load_inputs(local(path(t["eval"])), loaded, labelled=True, field="e"),
-                       load_file(path(t["head"])))
-        torch.manual_seed(p.seed)
-        out = method.step(StepInput(base=loaded.tower, merged=merged, task=task, index=i, state=state, params=p,
-                                    device=cpu, family=family, loaded=loaded, calibration=calib))
-        merged, state = out.merged, out.state
-        accs = {n: accuracy(family, loaded, merged, d, h, device=cpu) for n, (d, h) in evals.items()}
-        just_merged[name] = accs[name]
-        curve.append(statistics.fmean(accs.values()))
+    entries = [suite["tasks"][name] for name in order]
+    tasks = [StepTask(name, partial(family.load_checkpoint, _local(t["checkpoint"]), loaded, field="task"),
+                      calibration=family.load_inputs(_local(t["calibration"]), loaded, labelled=False, field="c"))
+             for name, t in zip(order, entries, strict=True)]
+    evals = {name: (family.load_inputs(_local(t["eval"]), loaded, labelled=True, field="e"),
+                    load_file(_local(t["head"]).path))
+             for name, t in zip(order, entries, strict=True)}
+    curve, just_merged, losses, final = [], {}, [], {}
+
+    def measure(i: int, out: StepOutput) -> None:
+        # Every task merged so far, on the new head: the curve's point and the just-merged task's accuracy.
+        final.clear()
+        final.update({n: accuracy(family, loaded, out.merged, *evals[n], device=cpu) for n in order[: i + 1]})
+        just_merged[order[i]] = final[order[i]]
+        curve.append(statistics.fmean(final.values()))
         losses.append({k: round(v, 4) for k, v in out.metrics.items()
                        if k in ("loss_initial", "loss_best", "best_iteration")})
-    final = accs
+
+    started = time.monotonic()
+    torch.manual_seed(p.seed)
+    merge_steps(family, loaded, get_method(method_name), p, tasks, merged=loaded.tower, state=MethodState(),
+                position=0, device=cpu, on_step=measure)
     individual = {n: suite["tasks"][n]["individual_accuracy"] for n in order}
     return {"params": params, "avg": curve[-1], "curve": [round(c, 4) for c in curve],
             "normalized": statistics.fmean(final[n] / individual[n] for n in order),
@@ -70,13 +77,10 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--order", type=int, default=0)
     args = parser.parse_args()
-    patches = apply_patches()
     suite = get_suite(log=lambda m: None)
     order = task_orders(args.order + 1)[args.order][: args.tasks]
     for params in json.loads(args.grid):
-        r = run(params, order, suite, args.method)
-        r["patches"] = patches
-        print(json.dumps(r), flush=True)
+        print(json.dumps(run(params, order, suite, args.method)), flush=True)
 
 
 if __name__ == "__main__":

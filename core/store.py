@@ -1,6 +1,8 @@
 """The lineage store (contract §4): versions of merged models per tenant and lineage, in object storage.
 
-Layout under the root:  {tenant}/{lineage}/lineage.json, {tenant}/{lineage}/v{n}/manifest.json and files.
+Layout under the root:  {tenant}/{lineage}/lineage.json, {tenant}/{lineage}/v{n}/manifest.json and files. Every
+name in that layout is built here (the module-level names below), so the engine writes and reads versions without
+spelling out paths.
 
 Committing version n:
   1. the head must be the caller's parent (n - 1), else `Conflict`;
@@ -13,6 +15,7 @@ forward over any manifest written after it, so a crash between 3 and 4 loses not
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -25,11 +28,51 @@ from core.ids import utc_now
 from core.names import is_lineage_name, is_tenant_name
 from core.objects import store_for_root
 
+LINEAGE_FILE = "lineage.json"
+MANIFEST_FILE = "manifest.json"
+CLAIM_FILE = ".claim"
+STATE_FILE = "state.safetensors"  # a version's method state, carried to the next step
+TUNED_HEAD_FILE = "head.safetensors"  # the name a head re-fitted by the job is stored under
+
+
+def version_folder(version: int) -> str:
+    return f"v{int(version)}"
+
+
+def version_file_label(version: int, path: str) -> str:
+    """How a file of a version is named in messages: its path under the lineage."""
+    return f"{version_folder(version)}/{path}"
+
+
+def task_eval_path(task: str, source: str | Path) -> str:
+    """Where a version keeps a task's eval set, with the suffix of the file it came from."""
+    return f"tasks/{task}/eval{_last_suffix(source)}"
+
+
+def task_head_path(task: str, source: str | Path) -> str:
+    """Where a version keeps a task's classification head, with the suffix of the file it came from."""
+    return f"tasks/{task}/head{_last_suffix(source)}"
+
+
+def tuned_head_path(task: str) -> str:
+    return task_head_path(task, TUNED_HEAD_FILE)
+
+
+def _last_suffix(source: str | Path) -> str:
+    return "".join(Path(source).suffixes[-1:])
+
 
 @dataclass(frozen=True)
 class FileToCommit:
     path: str  # relative to the version folder, e.g. "model.safetensors" or "tokenizer/vocab.txt"
     local: Path
+
+
+def _manifest_entry(manifest: dict, name: str, version: int, path: str) -> dict:
+    entry = next((f for f in manifest["files"] if f["path"] == path), None)
+    if entry is None:
+        raise NotFound(f"version {version} of {name!r} has no file {path!r}", param="path")
+    return entry
 
 
 def _safe_rel_path(path: str) -> str:
@@ -109,11 +152,11 @@ class LineageStore:
     # -- reading ---------------------------------------------------------------------------------------------
     def get_lineage(self, tenant: str, name: str) -> dict | None:
         """`lineage.json` with its `head` brought up to the newest complete version, or None."""
-        doc = self._get_json(self._key(tenant, name, "lineage.json"))
+        doc = self._get_json(self._key(tenant, name, LINEAGE_FILE))
         if doc is None:
             return None
         head = int(doc["head"])
-        while self._exists(self._key(tenant, name, f"v{head + 1}", "manifest.json")):
+        while self._exists(self._key(tenant, name, version_folder(head + 1), MANIFEST_FILE)):
             head += 1
         doc["head"] = head
         return doc
@@ -125,7 +168,7 @@ class LineageStore:
         return doc
 
     def manifest(self, tenant: str, name: str, version: int) -> dict:
-        doc = self._get_json(self._key(tenant, name, f"v{int(version)}", "manifest.json"))
+        doc = self._get_json(self._key(tenant, name, version_folder(version), MANIFEST_FILE))
         if doc is None:
             raise NotFound(f"lineage {name!r} has no version {version}", param="version")
         return doc
@@ -144,39 +187,53 @@ class LineageStore:
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in result["common_prefixes"]]
         return sorted(n for n in names if is_lineage_name(n))
 
+    def describe(self, tenant: str, name: str) -> dict:
+        """A lineage as readers see it: name, head, base, creation time and every version's manifest, oldest first."""
+        doc = self.require_lineage(tenant, name)
+        return {"name": name, "head": doc["head"], "base": doc["base"], "created_at": doc.get("created_at"),
+                "versions": [self.manifest(tenant, name, v) for v in range(1, doc["head"] + 1)]}
+
     def iter_file(self, tenant: str, name: str, version: int, path: str) -> Iterator[bytes]:
         """Stream one file of a committed version (only files its manifest names)."""
+        _manifest_entry(self.manifest(tenant, name, version), name, version, path)
+        yield from self._stream(tenant, name, version, path)
+
+    def download_file(self, tenant: str, name: str, version: int, path: str, dest: Path) -> None:
+        """Copy one file of a committed version to `dest`, verifying its sha256 against the manifest."""
+        entry = _manifest_entry(self.manifest(tenant, name, version), name, version, path)
+        self._download(tenant, name, version, entry, dest)
+
+    def download_version(self, tenant: str, name: str, version: int, dest: Path) -> dict:
+        """Copy a version's files into `dest`, verifying each sha256 against the manifest; returns the manifest."""
+        manifest = self.manifest(tenant, name, version)
+        for entry in manifest["files"]:
+            self._download(tenant, name, version, entry, dest / _safe_rel_path(entry["path"]))
+        return manifest
+
+    def _stream(self, tenant: str, name: str, version: int, path: str) -> Iterator[bytes]:
         import obstore
 
-        manifest = self.manifest(tenant, name, version)
-        if path not in {f["path"] for f in manifest["files"]}:
-            raise NotFound(f"version {version} of {name!r} has no file {path!r}", param="path")
         try:
-            result = self._call(obstore.get, self._store, self._key(tenant, name, f"v{version}", path))
+            result = self._call(obstore.get, self._store, self._key(tenant, name, version_folder(version), path))
         except FileNotFoundError:
             raise NotFound(f"file {path!r} of version {version} is missing from the store") from None
         for chunk in result.stream(min_chunk_size=CHUNK):
             yield bytes(chunk)
 
-    def download_version(self, tenant: str, name: str, version: int, dest: Path) -> dict:
-        """Copy a version's files into `dest`, verifying each sha256 against the manifest; returns the manifest."""
-        import hashlib
-
-        manifest = self.manifest(tenant, name, version)
-        for entry in manifest["files"]:
-            target = dest / _safe_rel_path(entry["path"])
-            target.parent.mkdir(parents=True, exist_ok=True)
-            digest = hashlib.sha256()
-            tmp = target.with_name(target.name + ".part")
-            with open(tmp, "wb") as f:
-                for chunk in self.iter_file(tenant, name, version, entry["path"]):
-                    digest.update(chunk)
-                    f.write(chunk)
-            if digest.hexdigest() != entry["sha256"]:
-                tmp.unlink()
-                raise StoreUnavailable(f"{entry['path']} of version {version} does not match its manifest sha256")
-            tmp.replace(target)
-        return manifest
+    def _download(self, tenant: str, name: str, version: int, entry: dict, target: Path) -> None:
+        """Write one manifest entry's file to `target` through a `.part` file, kept only if its sha256 matches:
+        a tampered or damaged object never reaches a reader."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        tmp = target.with_name(target.name + ".part")
+        with open(tmp, "wb") as f:
+            for chunk in self._stream(tenant, name, version, entry["path"]):
+                digest.update(chunk)
+                f.write(chunk)
+        if digest.hexdigest() != entry["sha256"]:
+            tmp.unlink()
+            raise StoreUnavailable(f"{entry['path']} of version {version} does not match its manifest sha256")
+        tmp.replace(target)
 
     # -- writing ---------------------------------------------------------------------------------------------
     def commit_version(
@@ -196,7 +253,7 @@ class LineageStore:
             if parent != 0:
                 raise Conflict(f"lineage {name!r} does not exist, so it has no version {parent}")
             doc = {"name": name, "base": base, "head": 0, "created_at": utc_now()}
-            if not self._put(self._key(tenant, name, "lineage.json"), json.dumps(doc, indent=2).encode(), create=True):
+            if not self._put(self._key(tenant, name, LINEAGE_FILE), json.dumps(doc, indent=2).encode(), create=True):
                 lineage = self.require_lineage(tenant, name)  # another writer created it first
             else:
                 lineage = doc
@@ -212,24 +269,24 @@ class LineageStore:
         for item in files:
             rel = _safe_rel_path(item.path)
             entries.append({"path": rel, "bytes": item.local.stat().st_size, "sha256": file_sha256(item.local)})
-            self._put_file(self._key(tenant, name, f"v{version}", rel), item.local)
+            self._put_file(self._key(tenant, name, version_folder(version), rel), item.local)
         stored = {**manifest, "version": version, "parent": parent, "job_id": job_id,
                   "created_at": utc_now(), "files": entries}
         body = json.dumps(stored, indent=2, sort_keys=False).encode()
-        if not self._put(self._key(tenant, name, f"v{version}", "manifest.json"), body, create=True):
+        if not self._put(self._key(tenant, name, version_folder(version), MANIFEST_FILE), body, create=True):
             raise Conflict(f"version {version} of {name!r} was committed by another writer", param="parent_version")
         head_doc = {**lineage, "head": version, "updated_at": stored["created_at"]}
-        self._put(self._key(tenant, name, "lineage.json"), json.dumps(head_doc, indent=2).encode())
+        self._put(self._key(tenant, name, LINEAGE_FILE), json.dumps(head_doc, indent=2).encode())
         return stored
 
     def _claim(self, tenant: str, name: str, version: int, job_id: str) -> None:
         """Become the only writer of `version`, or raise Conflict. A claim left by a writer that died (older than
         the claim TTL, still without a manifest) may be taken over; a job may resume its own claim."""
-        key = self._key(tenant, name, f"v{version}", ".claim")
+        key = self._key(tenant, name, version_folder(version), CLAIM_FILE)
         mine = json.dumps({"job_id": job_id, "at": time.time()}).encode()
         if self._put(key, mine, create=True):
             return
-        if self._exists(self._key(tenant, name, f"v{version}", "manifest.json")):
+        if self._exists(self._key(tenant, name, version_folder(version), MANIFEST_FILE)):
             raise Conflict(f"version {version} of {name!r} already exists", param="parent_version")
         held = self._get_json(key) or {}
         if held.get("job_id") != job_id and time.time() - float(held.get("at", 0)) < self.claim_ttl_s:

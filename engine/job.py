@@ -3,6 +3,10 @@
 It fetches every input the spec names (checking the URI policy and recording sha256s), runs one continual step
 per task with the chosen method, measures accuracy on every task of the lineage that has an eval set, and commits
 exactly one new version through the lineage store. Every check that can fail runs before anything is written.
+
+In order: `_plan_job` (checks that need no input file), `_fetch_inputs` and `_read_inputs` (every input, read and
+checked), `merge_steps` (the continual steps; no store, so tests and benchmarks run the job's own loop), then
+`_version_files` and `_manifest` (the version as committed). Every path inside a version comes from core.store.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,10 +25,19 @@ from safetensors import safe_open
 from core import __version__ as code_version
 from core.errors import Conflict, InvalidInput
 from core.ids import new_job_id
+from core.methods import CommonParams
 from core.progress import NullProgress, Progress
 from core.settings import Settings, get_settings
 from core.spec import JobSpec, TaskSpec
-from core.store import FileToCommit, LineageStore
+from core.store import (
+    STATE_FILE,
+    FileToCommit,
+    LineageStore,
+    task_eval_path,
+    task_head_path,
+    tuned_head_path,
+    version_file_label,
+)
 from core.uris import Fetched, UriReader
 from engine.evaluate import accuracy
 from engine.families import get_family
@@ -30,11 +45,8 @@ from engine.families.base import Family, LoadedBase, Tensors
 from engine.heads import check_head_data, tune_head
 from engine.inputs import Inputs
 from engine.methods import get_method
-from engine.methods.base import MethodState, StepInput
+from engine.methods.base import Method, MethodState, StepInput, StepOutput
 from engine.tensors import load_state_dict, resolve_device, save_safetensors
-
-STATE_FILE = "state.safetensors"
-TUNED_HEAD = Path("head.safetensors")
 
 
 @dataclass
@@ -61,6 +73,51 @@ class EvalTask:
     field: str
 
 
+@dataclass
+class JobPlan:
+    """What the job merges onto and with, as checked before any input is fetched."""
+
+    lineage: dict | None
+    history: list[dict]  # every version's manifest, oldest first
+    parent: int
+    base_ref: dict  # family, arch, uri; sha256 once the base is fetched
+    merged_before: list[str]  # the lineage's task names, in merge order
+    family: Family
+    method: Method
+    device: torch.device
+
+
+@dataclass
+class JobInputs:
+    """Every input of the job, read and checked."""
+
+    tasks: list[TaskInputs]
+    loaded: LoadedBase
+    head: Tensors  # the parent version's tower (θ0 for a new lineage)
+    state: MethodState
+    calibration: dict[str, Inputs]
+    evals: dict[str, EvalTask]
+    head_data: dict[str, Inputs]
+
+
+@dataclass
+class StepTask:
+    """One task for `merge_steps`. Its checkpoint is loaded only when its step runs, so one is in memory at a time."""
+
+    name: str
+    checkpoint: Callable[[], Tensors]
+    calibration: Inputs | None = None
+    head_data: Inputs | None = None  # labelled inputs to re-fit the task's head (in `evals`) on the new tower
+    field: str = "task"
+
+
+@dataclass
+class MergeResult:
+    tower: Tensors  # the new head θ, float32, CPU
+    state: MethodState
+    steps: list[dict]  # per task: its name and its step's metrics
+
+
 def run_job(
     spec: JobSpec,
     store: LineageStore,
@@ -81,6 +138,40 @@ def run_job(
     if history and history[-1].get("job_id") == job_id:
         # A redelivered job whose version is already committed: report it, never merge twice.
         return _result(history[-1])
+    plan = _plan_job(spec, lineage, history, settings)
+    torch.manual_seed(spec.params.seed)
+
+    with tempfile.TemporaryDirectory(prefix="mergeline-job-") as tmp:
+        work = Path(tmp)
+        base_file, tasks = _fetch_inputs(spec, plan, settings, work, progress)
+        inputs = _read_inputs(spec, plan, store, tenant, base_file, tasks, work)
+        # Every input is read and checked; from here on only a cancellation or the store can stop the job.
+        merged = merge_steps(
+            plan.family, inputs.loaded, plan.method, spec.params, _step_tasks(plan, inputs), merged=inputs.head,
+            state=inputs.state, position=len(plan.merged_before), device=plan.device, evals=inputs.evals,
+            progress=progress)
+
+        metrics = _evaluate_all(plan.family, inputs.loaded, merged.tower, inputs.evals, plan.device)
+        metrics["steps"] = merged.steps
+        metrics["seconds"] = round(time.monotonic() - started, 3)
+        progress.event("evaluated", f"accuracy on {len(inputs.evals)} task(s)",
+                       {"avg_accuracy": metrics["avg_accuracy"]})
+
+        files = _version_files(spec, plan, inputs, merged, work / "version")
+        progress.event("committing", f"writing v{plan.parent + 1}")
+        stored = store.commit_version(tenant, spec.lineage, parent=plan.parent, base=plan.base_ref, files=files,
+                                      manifest=_manifest(spec, plan, inputs, metrics), job_id=job_id)
+    progress.event("committed", f"committed v{stored['version']}", {"version": stored["version"]})
+    return _result(stored)
+
+
+def _result(manifest: dict) -> dict:
+    return {"version": manifest["version"], "manifest": manifest, "metrics": manifest["metrics"]}
+
+
+# -- plan and checks --------------------------------------------------------------------------------------------
+def _plan_job(spec: JobSpec, lineage: dict | None, history: list[dict], settings: Settings) -> JobPlan:
+    """The parent, base, family, method and device, with every check that needs no input file."""
     parent = lineage["head"] if lineage else 0
     if spec.parent_version is not None and spec.parent_version != parent:
         raise Conflict(f"lineage head is v{parent}, the job names parent_version {spec.parent_version}",
@@ -91,109 +182,11 @@ def run_job(
 
     family = get_family(base_ref["family"])
     method = get_method(spec.method)
-    params = spec.params
     if method.data_driven and not family.has_features:
         raise InvalidInput(f"{spec.method} needs a feature function; the {family.name} family has none",
                            param="method")
-    device = resolve_device(params.device or settings.device)
-    torch.manual_seed(params.seed)
-
-    with tempfile.TemporaryDirectory(prefix="mergeline-job-") as tmp:
-        work = Path(tmp)
-        reader = UriReader(settings, work)
-        base_file = reader.fetch(base_ref["uri"], field="base.uri")
-        if lineage and base_file.sha256 != lineage["base"].get("sha256"):
-            raise Conflict(f"the base at {base_ref['uri']} changed since the lineage was created", param="base")
-        base_ref["sha256"] = base_file.sha256
-        tasks = [_fetch_task(reader, task, i, method.data_driven) for i, task in enumerate(spec.tasks)]
-        progress.event("inputs_fetched", f"fetched the base and {len(tasks)} task(s)")
-
-        loaded = family.load_base(base_file, base_ref.get("arch"))
-        merged, state = _load_head(store, tenant, spec, family, loaded, parent, history, work)
-        calibration = {
-            t.spec.name: family.load_inputs(t.calibration, loaded, labelled=False, field=f"{t.field}.calibration")
-            for t in tasks if method.data_driven
-        }
-        evals = _lineage_evals(store, tenant, spec, family, loaded, history, work)
-        for i, t in enumerate(tasks):
-            if t.eval is not None:
-                evals[t.spec.name] = EvalTask(
-                    t.spec.name, len(merged_before) + i + 1,
-                    family.load_inputs(t.eval, loaded, labelled=True, field=f"{t.field}.eval"),
-                    load_state_dict(t.head.path, field=f"{t.field}.head"), f"{t.field}.head")
-        head_data = {t.spec.name: family.load_inputs(t.head_data, loaded, labelled=True, field=f"{t.field}.head_data")
-                     for t in tasks if t.head_data is not None}
-        for t in tasks:
-            if t.spec.name in head_data:
-                check_head_data(head_data[t.spec.name], evals[t.spec.name].head, field=t.field)
-        # Every input is read and checked; from here on only a cancellation or the store can stop the job.
-
-        position = len(merged_before)
-        step_metrics = []
-        for i, task in enumerate(tasks):
-            progress.event("task_started", f"merging {task.spec.name}", {"task_index": i, "name": task.spec.name})
-            theta_t = family.load_checkpoint(task.checkpoint, loaded, field=f"{task.field}.checkpoint")
-            out = method.step(StepInput(
-                base=loaded.tower, merged=merged, task=theta_t, index=position, state=state, params=params,
-                device=device, family=family, loaded=loaded, calibration=calibration.get(task.spec.name),
-                progress=lambda step, total, loss, i=i: progress.update(
-                    task_index=i, tasks_total=len(tasks), step=step, steps_total=total, loss=loss),
-            ))
-            del theta_t
-            merged, state, position = out.merged, out.state, position + 1
-            step_metrics.append({"task": task.spec.name, **out.metrics})
-            data = {"task_index": i, "name": task.spec.name, **out.metrics}
-            if task.spec.name in head_data:
-                evals[task.spec.name].head = tune_head(
-                    family, loaded, {k: v.to(device) for k, v in merged.items()}, head_data[task.spec.name],
-                    evals[task.spec.name].head, steps=params.head_steps, lr=params.head_lr, seed=params.seed,
-                    device=device, field=task.field)
-                progress.event("head_tuned", f"tuned the head of {task.spec.name}", {"task_index": i})
-                step_metrics[-1]["head_tuned"] = True
-            if task.spec.name in evals:
-                data["accuracy"] = _accuracies(family, loaded, merged, [evals[task.spec.name]], device)[task.spec.name]
-            progress.event("task_merged", f"merged {task.spec.name}", data)
-
-        metrics = _evaluate_all(family, loaded, merged, evals, device)
-        metrics["steps"] = step_metrics
-        metrics["seconds"] = round(time.monotonic() - started, 3)
-        progress.event("evaluated", f"accuracy on {len(evals)} task(s)", {"avg_accuracy": metrics["avg_accuracy"]})
-
-        out_dir = work / "version"
-        files = [FileToCommit(p.relative_to(out_dir).as_posix(), p)
-                 for p in family.save_version(loaded, merged, out_dir)]
-        save_safetensors(state.tensors, out_dir / STATE_FILE,
-                         metadata={"method": spec.method, "meta": json.dumps(state.meta)})
-        files.append(FileToCommit(STATE_FILE, out_dir / STATE_FILE))
-        for t in tasks:
-            if t.eval is not None:
-                files.append(FileToCommit(_eval_path(t.spec.name, t.eval.path), t.eval.path))
-                head_file = t.head.path
-                if t.head_data is not None:  # the version keeps the tuned head, which later versions measure with
-                    head_file = out_dir / _head_path(t.spec.name, TUNED_HEAD)
-                    head_file.parent.mkdir(parents=True, exist_ok=True)
-                    save_safetensors(evals[t.spec.name].head, head_file)
-                files.append(FileToCommit(_head_path(t.spec.name, head_file), head_file))
-
-        manifest = {
-            "lineage": spec.lineage,
-            "base": base_ref,
-            "method": spec.method,
-            "params": params.model_dump(),
-            "tasks": [_task_record(t, position - len(tasks) + i + 1) for i, t in enumerate(tasks)],
-            "metrics": metrics,
-            "code_version": code_version,
-            "device": str(device),
-        }
-        progress.event("committing", f"writing v{parent + 1}")
-        stored = store.commit_version(tenant, spec.lineage, parent=parent, base=base_ref, files=files,
-                                      manifest=manifest, job_id=job_id)
-    progress.event("committed", f"committed v{stored['version']}", {"version": stored["version"]})
-    return _result(stored)
-
-
-def _result(manifest: dict) -> dict:
-    return {"version": manifest["version"], "manifest": manifest, "metrics": manifest["metrics"]}
+    device = resolve_device(spec.params.device or settings.device)
+    return JobPlan(lineage, history, parent, base_ref, merged_before, family, method, device)
 
 
 def _base_ref(spec: JobSpec, lineage: dict | None) -> dict:
@@ -220,6 +213,20 @@ def _check_task_names(spec: JobSpec, merged_before: list[str]) -> None:
                                'set "replace": true to merge it again', param=f"tasks.{i}.name")
 
 
+# -- loading inputs ---------------------------------------------------------------------------------------------
+def _fetch_inputs(spec: JobSpec, plan: JobPlan, settings: Settings, work: Path,
+                  progress: Progress) -> tuple[Fetched, list[TaskInputs]]:
+    """The base and every task's files, fetched under the URI policy; records the base's sha256 in the plan."""
+    reader = UriReader(settings, work)
+    base_file = reader.fetch(plan.base_ref["uri"], field="base.uri")
+    if plan.lineage and base_file.sha256 != plan.lineage["base"].get("sha256"):
+        raise Conflict(f"the base at {plan.base_ref['uri']} changed since the lineage was created", param="base")
+    plan.base_ref["sha256"] = base_file.sha256
+    tasks = [_fetch_task(reader, task, i, plan.method.data_driven) for i, task in enumerate(spec.tasks)]
+    progress.event("inputs_fetched", f"fetched the base and {len(tasks)} task(s)")
+    return base_file, tasks
+
+
 def _fetch_task(reader: UriReader, task: TaskSpec, i: int, needs_calibration: bool) -> TaskInputs:
     field = f"tasks.{i}"
     return TaskInputs(
@@ -232,6 +239,26 @@ def _fetch_task(reader: UriReader, task: TaskSpec, i: int, needs_calibration: bo
         head=reader.fetch(task.head, field=f"{field}.head") if task.head else None,
         head_data=reader.fetch(task.head_data, field=f"{field}.head_data") if task.head_data else None,
     )
+
+
+def _read_inputs(spec: JobSpec, plan: JobPlan, store: LineageStore, tenant: str, base_file: Fetched,
+                 tasks: list[TaskInputs], work: Path) -> JobInputs:
+    """The base, the parent version and every data file, loaded and checked against each other."""
+    family = plan.family
+    loaded = family.load_base(base_file, plan.base_ref.get("arch"))
+    head, state = _load_head(store, tenant, spec, family, loaded, plan.parent, plan.history, work)
+    calibration = {
+        t.spec.name: family.load_inputs(t.calibration, loaded, labelled=False, field=f"{t.field}.calibration")
+        for t in tasks if plan.method.data_driven
+    }
+    evals = _lineage_evals(store, tenant, spec, family, loaded, plan.history, work)
+    evals.update(_job_evals(family, loaded, tasks, len(plan.merged_before)))
+    head_data = {t.spec.name: family.load_inputs(t.head_data, loaded, labelled=True, field=f"{t.field}.head_data")
+                 for t in tasks if t.head_data is not None}
+    for t in tasks:
+        if t.spec.name in head_data:
+            check_head_data(head_data[t.spec.name], evals[t.spec.name].head, field=t.field)
+    return JobInputs(tasks, loaded, head, state, calibration, evals, head_data)
 
 
 def _load_head(store: LineageStore, tenant: str, spec: JobSpec, family: Family, loaded: LoadedBase, parent: int,
@@ -250,25 +277,14 @@ def _load_head(store: LineageStore, tenant: str, spec: JobSpec, family: Family, 
     return tower, state
 
 
-def _eval_path(name: str, source: Path) -> str:
-    return f"tasks/{name}/eval{''.join(source.suffixes[-1:])}"
-
-
-def _head_path(name: str, source: Path) -> str:
-    return f"tasks/{name}/head{''.join(source.suffixes[-1:])}"
-
-
-def _task_record(t: TaskInputs, index: int) -> dict:
-    record = {"name": t.spec.name, "index": index, "checkpoint": t.checkpoint.uri, "sha256": t.checkpoint.sha256}
-    for kind in ("calibration", "eval", "head", "head_data"):
-        fetched: Fetched | None = getattr(t, kind)
-        if fetched is not None:
-            record[kind] = {"uri": fetched.uri, "sha256": fetched.sha256}
-    if t.eval is not None:
-        # Kept in the version so that later versions can still measure this task (with its tuned head, if tuned).
-        record["eval_files"] = {"eval": _eval_path(t.spec.name, t.eval.path),
-                                "head": _head_path(t.spec.name, TUNED_HEAD if t.head_data else t.head.path)}
-    return record
+def _job_evals(family: Family, loaded: LoadedBase, tasks: list[TaskInputs], merged_before: int) -> dict[str, EvalTask]:
+    """The eval sets and heads this job's tasks name; the tasks follow the lineage's `merged_before` ones."""
+    return {
+        t.spec.name: EvalTask(t.spec.name, merged_before + i + 1,
+                              family.load_inputs(t.eval, loaded, labelled=True, field=f"{t.field}.eval"),
+                              load_state_dict(t.head.path, field=f"{t.field}.head"), f"{t.field}.head")
+        for i, t in enumerate(tasks) if t.eval is not None
+    }
 
 
 def _lineage_evals(store: LineageStore, tenant: str, spec: JobSpec, family: Family, loaded: LoadedBase,
@@ -278,24 +294,84 @@ def _lineage_evals(store: LineageStore, tenant: str, spec: JobSpec, family: Fami
     for manifest in history:
         for task in manifest["tasks"]:
             latest[task["name"]] = (manifest["version"], task)
-    evals = {}
-    for name, (version, task) in latest.items():
-        if "eval_files" not in task:
-            continue
-        paths = {}
-        for kind, rel in task["eval_files"].items():
-            dest = work / "lineage" / name / Path(rel).name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with open(dest, "wb") as f:
-                for chunk in store.iter_file(tenant, spec.lineage, version, rel):
-                    f.write(chunk)
-            paths[kind] = dest
-        field = f"lineage.{name}"
-        data = family.load_inputs(Fetched(f"v{version}/{task['eval_files']['eval']}", paths["eval"], "", 0),
-                                  loaded, labelled=True, field=f"{field}.eval")
-        evals[name] = EvalTask(name, task["index"], data, load_state_dict(paths["head"], field=f"{field}.head"),
-                               f"{field}.head")
-    return evals
+    return {name: _stored_eval(store, tenant, spec.lineage, family, loaded, version, task, work / "lineage" / name)
+            for name, (version, task) in latest.items() if "eval_files" in task}
+
+
+def _stored_eval(store: LineageStore, tenant: str, lineage: str, family: Family, loaded: LoadedBase, version: int,
+                 task: dict, folder: Path) -> EvalTask:
+    """One earlier task's eval set and head, downloaded from `version` (sha256-checked against its manifest)."""
+    paths = {}
+    for kind, rel in task["eval_files"].items():
+        paths[kind] = folder / Path(rel).name
+        store.download_file(tenant, lineage, version, rel, paths[kind])
+    field = f"lineage.{task['name']}"
+    stored = Fetched(version_file_label(version, task["eval_files"]["eval"]), paths["eval"], "", 0)
+    data = family.load_inputs(stored, loaded, labelled=True, field=f"{field}.eval")
+    head = load_state_dict(paths["head"], field=f"{field}.head")
+    return EvalTask(task["name"], task["index"], data, head, f"{field}.head")
+
+
+# -- merging ----------------------------------------------------------------------------------------------------
+def _step_tasks(plan: JobPlan, inputs: JobInputs) -> list[StepTask]:
+    family, loaded = plan.family, inputs.loaded
+    return [StepTask(t.spec.name, partial(family.load_checkpoint, t.checkpoint, loaded, field=f"{t.field}.checkpoint"),
+                     calibration=inputs.calibration.get(t.spec.name), head_data=inputs.head_data.get(t.spec.name),
+                     field=t.field)
+            for t in inputs.tasks]
+
+
+def merge_steps(
+    family: Family,
+    loaded: LoadedBase,
+    method: Method,
+    params: CommonParams,
+    tasks: list[StepTask],
+    *,
+    merged: Tensors,
+    state: MethodState,
+    position: int,
+    device: torch.device,
+    evals: dict[str, EvalTask] | None = None,
+    progress: Progress | None = None,
+    on_step: Callable[[int, StepOutput], None] | None = None,
+) -> MergeResult:
+    """Merge `tasks` in order onto `merged`, a head that holds `position` tasks, one method step each, carrying the
+    method's state from step to step. After a task's step its head in `evals` is re-fitted when it has head data,
+    and its accuracy is measured when it is in `evals`; `on_step(i, output)` then sees the step's output.
+    Reads and writes no store, so tests and benchmarks run exactly the job's steps."""
+    evals = {} if evals is None else evals
+    progress = progress or NullProgress()
+    steps: list[dict] = []
+    for i, task in enumerate(tasks):
+        progress.event("task_started", f"merging {task.name}", {"task_index": i, "name": task.name})
+        # The checkpoint is referenced by the StepInput only, so it is freed as soon as the step returns.
+        out = method.step(StepInput(
+            base=loaded.tower, merged=merged, task=task.checkpoint(), index=position + i, state=state, params=params,
+            device=device, family=family, loaded=loaded, calibration=task.calibration,
+            progress=lambda step, total, loss, i=i: progress.update(
+                task_index=i, tasks_total=len(tasks), step=step, steps_total=total, loss=loss),
+        ))
+        merged, state = out.merged, out.state
+        steps.append({"task": task.name, **out.metrics})
+        data = {"task_index": i, "name": task.name, **out.metrics}
+        if task.head_data is not None:
+            evals[task.name].head = _tune_head(family, loaded, merged, task, evals[task.name].head, params, device)
+            progress.event("head_tuned", f"tuned the head of {task.name}", {"task_index": i})
+            steps[-1]["head_tuned"] = True
+        if task.name in evals:
+            data["accuracy"] = _accuracies(family, loaded, merged, [evals[task.name]], device)[task.name]
+        progress.event("task_merged", f"merged {task.name}", data)
+        if on_step is not None:
+            on_step(i, out)
+    return MergeResult(merged, state, steps)
+
+
+def _tune_head(family: Family, loaded: LoadedBase, tower: Tensors, task: StepTask, head: Tensors,
+               params: CommonParams, device: torch.device) -> Tensors:
+    on_device = {k: v.to(device) for k, v in tower.items()}
+    return tune_head(family, loaded, on_device, task.head_data, head, steps=params.head_steps, lr=params.head_lr,
+                     seed=params.seed, device=device, field=task.field)
 
 
 def _accuracies(family: Family, loaded: LoadedBase, tower: Tensors, tasks: list[EvalTask],
@@ -313,3 +389,54 @@ def _evaluate_all(family: Family, loaded: LoadedBase, tower: Tensors, evals: dic
     per_task = {t.name: {"accuracy": measured[t.name], "step": t.index} for t in ordered}
     values = list(measured.values())
     return {"tasks": per_task, "avg_accuracy": round(sum(values) / len(values), 6) if values else None}
+
+
+# -- the version ------------------------------------------------------------------------------------------------
+def _version_files(spec: JobSpec, plan: JobPlan, inputs: JobInputs, merged: MergeResult,
+                   out_dir: Path) -> list[FileToCommit]:
+    """The version's files, written under `out_dir`: the family's model files, the method state, and every task's
+    eval set and head (the tuned head where the task was tuned), which later versions measure the task with."""
+    files = [FileToCommit(p.relative_to(out_dir).as_posix(), p)
+             for p in plan.family.save_version(inputs.loaded, merged.tower, out_dir)]
+    save_safetensors(merged.state.tensors, out_dir / STATE_FILE,
+                     metadata={"method": spec.method, "meta": json.dumps(merged.state.meta)})
+    files.append(FileToCommit(STATE_FILE, out_dir / STATE_FILE))
+    for t in inputs.tasks:
+        if t.eval is None:
+            continue
+        files.append(FileToCommit(task_eval_path(t.spec.name, t.eval.path), t.eval.path))
+        head_file = t.head.path
+        if t.head_data is not None:
+            head_file = out_dir / tuned_head_path(t.spec.name)
+            head_file.parent.mkdir(parents=True, exist_ok=True)
+            save_safetensors(inputs.evals[t.spec.name].head, head_file)
+        files.append(FileToCommit(task_head_path(t.spec.name, head_file), head_file))
+    return files
+
+
+def _manifest(spec: JobSpec, plan: JobPlan, inputs: JobInputs, metrics: dict) -> dict:
+    position = len(plan.merged_before)
+    return {
+        "lineage": spec.lineage,
+        "base": plan.base_ref,
+        "method": spec.method,
+        "params": spec.params.model_dump(),
+        "tasks": [_task_record(t, position + i + 1) for i, t in enumerate(inputs.tasks)],
+        "metrics": metrics,
+        "code_version": code_version,
+        "device": str(plan.device),
+    }
+
+
+def _task_record(t: TaskInputs, index: int) -> dict:
+    record = {"name": t.spec.name, "index": index, "checkpoint": t.checkpoint.uri, "sha256": t.checkpoint.sha256}
+    for kind in ("calibration", "eval", "head", "head_data"):
+        fetched: Fetched | None = getattr(t, kind)
+        if fetched is not None:
+            record[kind] = {"uri": fetched.uri, "sha256": fetched.sha256}
+    if t.eval is not None:
+        # Kept in the version so that later versions can still measure this task (with its tuned head, if tuned).
+        record["eval_files"] = {"eval": task_eval_path(t.spec.name, t.eval.path),
+                                "head": tuned_head_path(t.spec.name) if t.head_data else
+                                task_head_path(t.spec.name, t.head.path)}
+    return record

@@ -141,8 +141,7 @@ def lineage_show(name: str, store: str | None = StoreOpt, tenant: str = TenantOp
             with MergelineClient(url, token) as client:
                 doc = client.lineage(name)
         else:
-            s = _store(store)
-            doc = {**s.require_lineage(tenant, name), "versions": s.manifests(tenant, name)}
+            doc = _store(store).describe(tenant, name)
     except (ApiError, MergelineError) as exc:
         fail(exc)
     versions = doc["versions"]

@@ -27,9 +27,11 @@ from core.methods import (
     TiesParams,
     WeightAverageParams,
 )
+from core.progress import NullProgress
 from core.uris import Fetched
 from engine.families.base import Family, LoadedBase, Tensors
 from engine.inputs import Inputs
+from engine.job import StepTask, merge_steps
 from engine.methods import get_method
 from engine.methods.base import MethodState, StepInput, StepOutput
 from engine.methods.opcm import project_out
@@ -108,6 +110,42 @@ def world() -> World:
     return make_world(5)
 
 
+class StepCalls(NullProgress):
+    """The job's progress reduced to what a method reports: (step, steps_total, loss) after every iteration."""
+
+    def __init__(self, callback: Callable[[int, int, float | None], None]):
+        self.callback = callback
+
+    def update(self, *, step: int, steps_total: int, loss: float | None, **_) -> None:
+        self.callback(step, steps_total, loss)
+
+
+def run(
+    name: str,
+    world: World,
+    params: CommonParams,
+    n: int,
+    *,
+    start: int = 0,
+    merged: Tensors | None = None,
+    state: MethodState | None = None,
+    progress: Callable[[int, int, float | None], None] | None = None,
+) -> list[StepOutput]:
+    """n continual steps through the job's own loop (`merge_steps`), from θ0 or from a head that holds `start`
+    tasks, each step's state carried to the next; every step's output."""
+    outs: list[StepOutput] = []
+    tasks = [
+        StepTask(f"task{i}", lambda i=i: world.tasks[i], calibration=Inputs({"x": world.calibration[i]}))
+        for i in range(start, start + n)
+    ]
+    merge_steps(
+        world.family, world.loaded, get_method(name), params, tasks, position=start, device=CPU,
+        merged=world.base if merged is None else merged, state=MethodState() if state is None else state,
+        progress=StepCalls(progress or (lambda *a: None)), on_step=lambda i, out: outs.append(out),
+    )  # fmt: skip
+    return outs
+
+
 def step(
     name: str,
     world: World,
@@ -117,23 +155,8 @@ def step(
     params: CommonParams,
     progress: Callable[[int, int, float | None], None] | None = None,
 ) -> StepOutput:
-    return get_method(name).step(
-        StepInput(
-            base=world.base, merged=merged, task=world.tasks[index], index=index, state=state, params=params,
-            device=CPU, family=world.family, loaded=world.loaded, calibration=Inputs({"x": world.calibration[index]}),
-            progress=progress or (lambda s, total, loss: None),
-        )
-    )  # fmt: skip
-
-
-def run(name: str, world: World, params: CommonParams, n: int) -> list[StepOutput]:
-    """n continual steps from θ0, each step's state carried to the next."""
-    outs: list[StepOutput] = []
-    merged, state = world.base, MethodState()
-    for i in range(n):
-        outs.append(step(name, world, merged, i, state, params))
-        merged, state = outs[-1].merged, outs[-1].state
-    return outs
+    """One step merging task `index` onto `merged`, a head that holds `index` tasks."""
+    return run(name, world, params, 1, start=index, merged=merged, state=state, progress=progress)[0]
 
 
 def flat(t: Tensors, keys: list[str]) -> np.ndarray:
@@ -176,12 +199,7 @@ def test_task_arithmetic_is_theta0_plus_lambda_times_the_sum_of_task_vectors(wor
     keys = list(world.base)
     theta0 = flat(world.base, keys)
     calls: list[tuple] = []
-    outs = []
-    merged, state = world.base, MethodState()
-    for i in range(3):
-        params = TaskArithmeticParams()
-        outs.append(step("task_arithmetic", world, merged, i, state, params, lambda *a: calls.append(a)))
-        merged, state = outs[-1].merged, outs[-1].state
+    outs = run("task_arithmetic", world, TaskArithmeticParams(), 3, progress=lambda *a: calls.append(a))
     for t, out in enumerate(outs, start=1):
         expected = theta0 + 0.3 * sum(flat(world.tasks[i], keys) - theta0 for i in range(t))
         assert max_abs_diff(out.merged, expected, keys) < 1e-6

@@ -122,6 +122,24 @@ def test_tampered_file_fails_download(tmp_path):
         store.download_version("acme", "lin", 1, tmp_path / "out")
 
 
+def test_download_file_verifies_one_file_and_refuses_a_tampered_one(tmp_path):
+    store = LineageStore((tmp_path / "store").as_uri())
+    evals = tmp_path / "eval.npz"
+    evals.write_bytes(b"eval set")
+    store.commit_version("acme", "lin", parent=0, base=BASE, job_id="job_1", manifest={"method": "m", "tasks": []},
+                         files=[FileToCommit("tasks/t/eval.npz", evals)])
+    store.download_file("acme", "lin", 1, "tasks/t/eval.npz", tmp_path / "ok" / "eval.npz")
+    assert (tmp_path / "ok" / "eval.npz").read_bytes() == b"eval set"
+    with pytest.raises(NotFound):
+        store.download_file("acme", "lin", 1, "tasks/t/head.safetensors", tmp_path / "ok" / "head.safetensors")
+
+    (tmp_path / "store" / "acme" / "lin" / "v1" / "tasks" / "t" / "eval.npz").write_bytes(b"eval sex")
+    target = tmp_path / "bad" / "eval.npz"
+    with pytest.raises(StoreUnavailable, match="sha256"):
+        store.download_file("acme", "lin", 1, "tasks/t/eval.npz", target)
+    assert not target.exists() and not target.with_name("eval.npz.part").exists()
+
+
 def test_reads_name_what_is_missing(store):
     with pytest.raises(NotFound):
         store.require_lineage("acme", "nope")

@@ -168,86 +168,139 @@ def _train_masks(
     initial all-ones masks were never bettered) and the metrics."""
     device = torch.device(inp.device)
     dtype = torch.bfloat16 if params.dtype == "bfloat16" else torch.float32
-    family, loaded = inp.family, inp.loaded
     same_data = pre is post
     gen = generator(params.seed, inp.index, _DATA_STREAM)
-
-    # Held-out batches and the whole schedule of training batches are drawn first, so the teachers' features are
-    # computed once for exactly the inputs the step will use.
-    pre_hold, pre_pool = _split(len(pre), params.batch_size, gen)
-    post_hold, post_pool = (pre_hold, pre_pool) if same_data else _split(len(post), params.batch_size, gen)
-    pre_batches, post_batches = _Batches(pre_pool, params.batch_size, gen), _Batches(post_pool, params.batch_size, gen)
-    schedule = [pre_batches.next() if s % 2 == 0 else post_batches.next() for s in range(params.steps)]
-    pre_used = torch.unique(torch.cat([pre_hold, *schedule[0::2]]))
-    post_used = torch.unique(torch.cat([post_hold, *schedule[1::2]]))
+    schedule = _draw_schedule(len(pre), None if same_data else len(post), params, gen)
+    # Each teacher's features are computed once, for exactly the inputs the step will use.
     chunk = params.batch_size
-    teacher_pre = _teacher_features(family, loaded, inp.merged, pre, pre_used, device, dtype, chunk)
-    teacher_post = _teacher_features(family, loaded, inp.task, post, post_used, device, dtype, chunk)
+    pre_side = _Side(pre, schedule.pre_hold, _teacher_features(
+        inp.family, inp.loaded, inp.merged, pre, schedule.used_pre(), device, dtype, chunk))
+    post_side = _Side(post, schedule.post_hold, _teacher_features(
+        inp.family, inp.loaded, inp.task, post, schedule.used_post(), device, dtype, chunk))
 
-    # On the device: θ0 and the pre-scaled task vectors a = α·τ_pre, b = (1 − α)·τ_post (in the forward's dtype), two
-    # float32 masks and Adam's four moments: 9× the tower in float32 whatever the lineage's length, plus per iteration
-    # θ_M and one mask's gradient, and a bfloat16 copy of the best masks (1×) once the held-out loss has improved.
-    alpha = params.alpha
-    theta0 = {k: to_device(v, device, dtype) for k, v in inp.base.items()}
-    a = {k: to_device((inp.merged[k] - inp.base[k]).mul_(alpha), device, dtype) for k in inp.base}
-    b = {k: to_device((inp.task[k] - inp.base[k]).mul_(1.0 - alpha), device, dtype) for k in inp.base}
-    m_pre = {k: torch.ones_like(v, dtype=torch.float32, requires_grad=True) for k, v in theta0.items()}
-    m_post = {k: torch.ones_like(v, dtype=torch.float32, requires_grad=True) for k, v in theta0.items()}
-    opt = torch.optim.Adam([*m_pre.values(), *m_post.values()], lr=params.lr)
-
-    def student(masks_pre: Tensors, masks_post: Tensors, source: InputSource, index: torch.Tensor) -> torch.Tensor:
-        tower = compose(theta0, a, b, masks_pre, masks_post, dtype)
-        return family.features(loaded, tower, source.batch(index, device, dtype)).float()  # [B, D]
-
-    @torch.no_grad()
-    def held_out_loss() -> float:
-        tower = compose(theta0, a, b, m_pre, m_post, dtype)
-        f_pre = family.features(loaded, tower, pre.batch(pre_hold, device, dtype)).float()
-        f_post = f_pre if same_data else family.features(loaded, tower, post.batch(post_hold, device, dtype)).float()
-        loss = sinkhorn_divergence(f_pre, teacher_pre.take(pre_hold), params.blur)
-        loss = loss + sinkhorn_divergence(f_post, teacher_post.take(post_hold), params.blur)
-        return loss.item()
-
-    initial = best = held_out_loss()
-    best_iteration = 0
-    best_pre: Tensors | None = None  # None: the initial all-ones masks are still the best
-    best_post: Tensors | None = None
-    final = initial
+    tower = _MaskedTower(inp, params.alpha, params.lr, device, dtype)
+    initial = final = tower.held_out_loss(pre_side, post_side, same_data, params.blur)
+    best = _BestMasks(initial)
     for s in range(params.steps):
-        index = schedule[s]
-        if s % 2 == 0:  # D_pre against the head; M_post is a constant here, so no gradient is built for it
-            masks_post = {k: v.detach() for k, v in m_post.items()}
-            loss = sinkhorn_divergence(student(m_pre, masks_post, pre, index), teacher_pre.take(index), params.blur)
-        else:  # D_t against θ_t; M_pre is the constant
-            masks_pre = {k: v.detach() for k, v in m_pre.items()}
-            loss = sinkhorn_divergence(student(masks_pre, m_post, post, index), teacher_post.take(index), params.blur)
-        opt.zero_grad(set_to_none=True)  # the constant side keeps grad None, and Adam skips it
-        loss.backward()
-        opt.step()
-        inp.progress(s + 1, params.steps, loss.detach().item())
-
+        on_pre = s % 2 == 0  # alternately M_pre on D_pre against the head and M_post on D_t against θ_t
+        side = pre_side if on_pre else post_side
+        loss = tower.train_iteration(side, schedule.batches[s], train_pre=on_pre, blur=params.blur)
+        inp.progress(s + 1, params.steps, loss)
         if (s + 1) % params.eval_every == 0 or s + 1 == params.steps:
-            final = held_out_loss()
-            if final < best:
-                best, best_iteration = final, s + 1
-                with torch.no_grad():
-                    # bfloat16 keeps each mask within 0.4% for half the memory of a float32 copy: the copies
-                    # would otherwise be the step's largest item after Adam's moments.
-                    if best_pre is None or best_post is None:
-                        best_pre = {k: v.detach().to(torch.bfloat16) for k, v in m_pre.items()}
-                        best_post = {k: v.detach().to(torch.bfloat16) for k, v in m_post.items()}
-                    else:
-                        for k in m_pre:
-                            best_pre[k].copy_(m_pre[k])
-                            best_post[k].copy_(m_post[k])
+            final = tower.held_out_loss(pre_side, post_side, same_data, params.blur)
+            best.offer(final, s + 1, tower.m_pre, tower.m_post)
 
     metrics = {
         "iterations": params.steps,
         "loss_initial": initial,
         "loss_final": final,
-        "loss_best": best,
-        "best_iteration": best_iteration,
+        "loss_best": best.loss,
+        "best_iteration": best.iteration,
         "pre_inputs": len(pre),
-        "held_out": [int(pre_hold.shape[0]), int(post_hold.shape[0])],
+        "held_out": [int(schedule.pre_hold.shape[0]), int(schedule.post_hold.shape[0])],
     }
-    return best_pre, best_post, metrics
+    return best.pre, best.post, metrics
+
+
+@dataclass
+class _Schedule:
+    """Every input a step uses, drawn before training starts: one held-out batch per side, for choosing masks, and
+    the training batch of every iteration (even iterations from D_pre, odd ones from D_t)."""
+
+    pre_hold: torch.Tensor
+    post_hold: torch.Tensor
+    batches: list[torch.Tensor]
+
+    def used_pre(self) -> torch.Tensor:
+        return torch.unique(torch.cat([self.pre_hold, *self.batches[0::2]]))
+
+    def used_post(self) -> torch.Tensor:
+        return torch.unique(torch.cat([self.post_hold, *self.batches[1::2]]))
+
+
+def _draw_schedule(n_pre: int, n_post: int | None, params: OTMFParams, gen: torch.Generator) -> _Schedule:
+    """The step's schedule; `n_post` None when D_t is D_pre itself (both sides then share their split)."""
+    pre_hold, pre_pool = _split(n_pre, params.batch_size, gen)
+    post_hold, post_pool = (pre_hold, pre_pool) if n_post is None else _split(n_post, params.batch_size, gen)
+    pre_batches, post_batches = _Batches(pre_pool, params.batch_size, gen), _Batches(post_pool, params.batch_size, gen)
+    batches = [pre_batches.next() if s % 2 == 0 else post_batches.next() for s in range(params.steps)]
+    return _Schedule(pre_hold, post_hold, batches)
+
+
+@dataclass
+class _Side:
+    """One side of the objective: its inputs, its held-out batch and its teacher's features."""
+
+    source: InputSource
+    hold: torch.Tensor
+    teacher: _TeacherFeatures
+
+
+class _MaskedTower:
+    """θ_M as a function of the two masks, with the masks' optimiser.
+
+    On the device: θ0 and the pre-scaled task vectors a = α·τ_pre, b = (1 − α)·τ_post (in the forward's dtype), two
+    float32 masks and Adam's four moments: 9× the tower in float32 whatever the lineage's length, plus per iteration
+    θ_M and one mask's gradient, and a bfloat16 copy of the best masks (1×) once the held-out loss has improved."""
+
+    def __init__(self, inp: StepInput, alpha: float, lr: float, device: torch.device, dtype: torch.dtype):
+        self.family, self.loaded, self.device, self.dtype = inp.family, inp.loaded, device, dtype
+        self.theta0 = {k: to_device(v, device, dtype) for k, v in inp.base.items()}
+        self.a = {k: to_device((inp.merged[k] - inp.base[k]).mul_(alpha), device, dtype) for k in inp.base}
+        self.b = {k: to_device((inp.task[k] - inp.base[k]).mul_(1.0 - alpha), device, dtype) for k in inp.base}
+        self.m_pre = {k: torch.ones_like(v, dtype=torch.float32, requires_grad=True) for k, v in self.theta0.items()}
+        self.m_post = {k: torch.ones_like(v, dtype=torch.float32, requires_grad=True) for k, v in self.theta0.items()}
+        self.opt = torch.optim.Adam([*self.m_pre.values(), *self.m_post.values()], lr=lr)
+
+    def compose(self, m_pre: Tensors, m_post: Tensors) -> Tensors:
+        return compose(self.theta0, self.a, self.b, m_pre, m_post, self.dtype)
+
+    def features(self, tower: Tensors, source: InputSource, index: torch.Tensor) -> torch.Tensor:
+        return self.family.features(self.loaded, tower, source.batch(index, self.device, self.dtype)).float()  # [B, D]
+
+    def train_iteration(self, side: _Side, index: torch.Tensor, *, train_pre: bool, blur: float) -> float:
+        """One Adam step on one mask (M_pre or M_post) against `side`'s teacher; the other mask is a constant, so no
+        gradient is built for it (its grad stays None, and Adam skips it). Returns the batch's loss."""
+        if train_pre:
+            tower = self.compose(self.m_pre, {k: v.detach() for k, v in self.m_post.items()})
+        else:
+            tower = self.compose({k: v.detach() for k, v in self.m_pre.items()}, self.m_post)
+        loss = sinkhorn_divergence(self.features(tower, side.source, index), side.teacher.take(index), blur)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach().item()
+
+    @torch.no_grad()
+    def held_out_loss(self, pre: _Side, post: _Side, same_data: bool, blur: float) -> float:
+        tower = self.compose(self.m_pre, self.m_post)
+        f_pre = self.features(tower, pre.source, pre.hold)
+        f_post = f_pre if same_data else self.features(tower, post.source, post.hold)
+        loss = sinkhorn_divergence(f_pre, pre.teacher.take(pre.hold), blur)
+        loss = loss + sinkhorn_divergence(f_post, post.teacher.take(post.hold), blur)
+        return loss.item()
+
+
+class _BestMasks:
+    """The masks with the lowest held-out loss so far; `pre` and `post` stay None while the initial all-ones masks
+    are the best."""
+
+    def __init__(self, initial_loss: float):
+        self.loss, self.iteration = initial_loss, 0
+        self.pre: Tensors | None = None
+        self.post: Tensors | None = None
+
+    @torch.no_grad()
+    def offer(self, loss: float, iteration: int, m_pre: Tensors, m_post: Tensors) -> None:
+        if not loss < self.loss:  # also refuses a NaN loss
+            return
+        self.loss, self.iteration = loss, iteration
+        # bfloat16 keeps each mask within 0.4% for half the memory of a float32 copy: the copies would otherwise be
+        # the step's largest item after Adam's moments.
+        if self.pre is None or self.post is None:
+            self.pre = {k: v.detach().to(torch.bfloat16) for k, v in m_pre.items()}
+            self.post = {k: v.detach().to(torch.bfloat16) for k, v in m_post.items()}
+            return
+        for k in m_pre:
+            self.pre[k].copy_(m_pre[k])
+            self.post[k].copy_(m_post[k])

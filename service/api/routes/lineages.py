@@ -17,11 +17,8 @@ router = APIRouter(prefix="/v1/lineages", tags=["lineages"], responses=ERROR_RES
 
 
 def _lineage(store: LineageStore, tenant: str, name: str) -> dict:
-    if not is_lineage_name(name):  # not a name any lineage can have: as absent as a missing one
-        raise NotFound(f"no lineage {name!r}", param="name")
-    doc = store.require_lineage(tenant, name)
-    return {"name": name, "head": doc["head"], "base": doc["base"], "created_at": doc.get("created_at"),
-            "versions": store.manifests(tenant, name)}
+    _lineage_name(name)
+    return store.describe(tenant, name)
 
 
 @router.get("", response_model=LineageList)
@@ -70,5 +67,5 @@ def get_file(name: str, version: int, path: str, tenant: Tenant, store: Store,
 
 
 def _lineage_name(name: str) -> None:
-    if not is_lineage_name(name):
+    if not is_lineage_name(name):  # not a name any lineage can have: as absent as a missing one
         raise NotFound(f"no lineage {name!r}", param="name")
