@@ -6,6 +6,7 @@ docs/architecture.md)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -13,6 +14,26 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.errors import InvalidInput
 from core.names import check_device
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default "5GB"
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an int or a "5GB" / "500MB" / "2GiB" string (decimal units as transformers reads them)."""
+    if isinstance(value, bool):
+        raise ValueError("a size is a number of bytes or a string like '5GB'")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (m := re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)) \
+            and m.group(2).upper() in _SIZE_UNITS:
+        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    else:
+        raise ValueError(f"{value!r} is not a size: give bytes or a string like '5GB', '500MB', '2GiB'")
+    if size < 1:
+        raise ValueError("the maximum shard size must be at least 1 byte")
+    return size
 
 
 class CommonParams(BaseModel):
@@ -25,8 +46,13 @@ class CommonParams(BaseModel):
     device: str | None = Field(None, description="overrides MERGELINE_DEVICE: auto, cpu, cuda, cuda:N")
     head_steps: int = Field(100, ge=1, le=100_000, description="Adam steps of head tuning (tasks with head_data)")
     head_lr: float = Field(0.01, gt=0.0, le=10.0, description="learning rate of head tuning")
+    out_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="dtype of the version's merged weights (arithmetic is float32); default: the base's")
+    max_shard_size: int = Field(DEFAULT_MAX_SHARD_BYTES, description="bytes, or a string like '5GB': a bigger "
+                                "version is sharded with model.safetensors.index.json")
 
     _device = field_validator("device")(classmethod(lambda cls, v: check_device(v)))
+    _size = field_validator("max_shard_size", mode="before")(classmethod(lambda cls, v: parse_size(v)))
 
 
 class OTMFParams(CommonParams):

@@ -66,6 +66,7 @@ def _last_suffix(source: str | Path) -> str:
 class FileToCommit:
     path: str  # relative to the version folder, e.g. "model.safetensors" or "tokenizer/vocab.txt"
     local: Path
+    dtype: str | None = None  # the dtype of the merged weights a weight file holds
 
 
 def _manifest_entry(manifest: dict, name: str, version: int, path: str) -> dict:
@@ -268,7 +269,8 @@ class LineageStore:
         entries = []
         for item in files:
             rel = _safe_rel_path(item.path)
-            entries.append({"path": rel, "bytes": item.local.stat().st_size, "sha256": file_sha256(item.local)})
+            entry = {"path": rel, "bytes": item.local.stat().st_size, "sha256": file_sha256(item.local)}
+            entries.append(entry | ({"dtype": item.dtype} if item.dtype else {}))
             self._put_file(self._key(tenant, name, version_folder(version), rel), item.local)
         stored = {**manifest, "version": version, "parent": parent, "job_id": job_id,
                   "created_at": utc_now(), "files": entries}

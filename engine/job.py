@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -41,11 +41,13 @@ from core.store import (
 from core.uris import Fetched, UriReader
 from engine.evaluate import accuracy
 from engine.families import get_family
-from engine.families.base import Family, LoadedBase, Tensors
+from engine.families.base import Family, LoadedBase, Tensors, VersionFormat
 from engine.heads import check_head_data, tune_head
 from engine.inputs import Inputs
 from engine.methods import get_method
 from engine.methods.base import Method, MethodState, StepInput, StepOutput
+from engine.streaming import Sinks, Streaming
+from engine.tensorfiles import materialize
 from engine.tensors import load_state_dict, resolve_device, save_safetensors
 
 
@@ -113,9 +115,10 @@ class StepTask:
 
 @dataclass
 class MergeResult:
-    tower: Tensors  # the new head θ, float32, CPU
+    tower: Mapping[str, torch.Tensor]  # the new head θ, float32, CPU (lazy when streamed)
     state: MethodState
     steps: list[dict]  # per task: its name and its step's metrics
+    files: list[Path] | None = None  # the version's model files, when the merge streamed them
 
 
 def run_job(
@@ -146,10 +149,15 @@ def run_job(
         base_file, tasks = _fetch_inputs(spec, plan, settings, work, progress)
         inputs = _read_inputs(spec, plan, store, tenant, base_file, tasks, work)
         # Every input is read and checked; from here on only a cancellation or the store can stop the job.
+        # A data-free method streams: it reads every input tensor by tensor and writes the version as it goes.
+        fmt = VersionFormat.of(spec.params)
+        open_version = partial(plan.family.open_version, inputs.loaded, work / "version", fmt)
+        stream = None if plan.method.data_driven else Streaming(
+            work / "steps", inputs.loaded.tower, open_version, elementwise=plan.method.elementwise)
         merged = merge_steps(
             plan.family, inputs.loaded, plan.method, spec.params, _step_tasks(plan, inputs), merged=inputs.head,
             state=inputs.state, position=len(plan.merged_before), device=plan.device, evals=inputs.evals,
-            progress=progress)
+            progress=progress, stream=stream)
 
         metrics = _evaluate_all(plan.family, inputs.loaded, merged.tower, inputs.evals, plan.device)
         metrics["steps"] = merged.steps
@@ -157,7 +165,7 @@ def run_job(
         progress.event("evaluated", f"accuracy on {len(inputs.evals)} task(s)",
                        {"avg_accuracy": metrics["avg_accuracy"]})
 
-        files = _version_files(spec, plan, inputs, merged, work / "version")
+        files = _version_files(spec, plan, inputs, merged, work / "version", fmt)
         progress.event("committing", f"writing v{plan.parent + 1}")
         stored = store.commit_version(tenant, spec.lineage, parent=plan.parent, base=plan.base_ref, files=files,
                                       manifest=_manifest(spec, plan, inputs, metrics), job_id=job_id)
@@ -246,7 +254,11 @@ def _read_inputs(spec: JobSpec, plan: JobPlan, store: LineageStore, tenant: str,
     """The base, the parent version and every data file, loaded and checked against each other."""
     family = plan.family
     loaded = family.load_base(base_file, plan.base_ref.get("arch"))
+    if plan.method.data_driven:  # it runs the whole tower many times: in memory
+        loaded.tower = materialize(loaded.tower)
     head, state = _load_head(store, tenant, spec, family, loaded, plan.parent, plan.history, work)
+    if plan.method.data_driven:
+        head = materialize(head)
     calibration = {
         t.spec.name: family.load_inputs(t.calibration, loaded, labelled=False, field=f"{t.field}.calibration")
         for t in tasks if plan.method.data_driven
@@ -315,7 +327,11 @@ def _stored_eval(store: LineageStore, tenant: str, lineage: str, family: Family,
 # -- merging ----------------------------------------------------------------------------------------------------
 def _step_tasks(plan: JobPlan, inputs: JobInputs) -> list[StepTask]:
     family, loaded = plan.family, inputs.loaded
-    return [StepTask(t.spec.name, partial(family.load_checkpoint, t.checkpoint, loaded, field=f"{t.field}.checkpoint"),
+    def checkpoint(t: TaskInputs) -> Callable[[], Mapping[str, torch.Tensor]]:
+        read = partial(family.load_checkpoint, t.checkpoint, loaded, field=f"{t.field}.checkpoint")
+        return (lambda: materialize(read())) if plan.method.data_driven else read
+
+    return [StepTask(t.spec.name, checkpoint(t),
                      calibration=inputs.calibration.get(t.spec.name), head_data=inputs.head_data.get(t.spec.name),
                      field=t.field)
             for t in inputs.tasks]
@@ -335,24 +351,33 @@ def merge_steps(
     evals: dict[str, EvalTask] | None = None,
     progress: Progress | None = None,
     on_step: Callable[[int, StepOutput], None] | None = None,
+    stream: Streaming | None = None,
 ) -> MergeResult:
     """Merge `tasks` in order onto `merged`, a head that holds `position` tasks, one method step each, carrying the
     method's state from step to step. After a task's step its head in `evals` is re-fitted when it has head data,
     and its accuracy is measured when it is in `evals`; `on_step(i, output)` then sees the step's output.
-    Reads and writes no store, so tests and benchmarks run exactly the job's steps."""
+    Reads and writes no store, so tests and benchmarks run exactly the job's steps. With `stream`, every step reads
+    its inputs tensor by tensor and writes its head into files, the last step into the version."""
     evals = {} if evals is None else evals
     progress = progress or NullProgress()
     steps: list[dict] = []
     for i, task in enumerate(tasks):
         progress.event("task_started", f"merging {task.name}", {"task_index": i, "name": task.name})
         # The checkpoint is referenced by the StepInput only, so it is freed as soon as the step returns.
+        views = (loaded.tower, merged, task.checkpoint())
+        if stream is not None:
+            views = tuple(stream.view(v) for v in views)
         out = method.step(StepInput(
-            base=loaded.tower, merged=merged, task=task.checkpoint(), index=position + i, state=state, params=params,
+            base=views[0], merged=views[1], task=views[2], index=position + i, state=state, params=params,
             device=device, family=family, loaded=loaded, calibration=task.calibration,
             progress=lambda step, total, loss, i=i: progress.update(
                 task_index=i, tasks_total=len(tasks), step=step, steps_total=total, loss=loss),
+            sinks=Sinks() if stream is None else stream.sinks(last=i == len(tasks) - 1),
         ))
+        del views
         merged, state = out.merged, out.state
+        if stream is not None:
+            stream.step_done(merged)
         steps.append({"task": task.name, **out.metrics})
         data = {"task_index": i, "name": task.name, **out.metrics}
         if task.head_data is not None:
@@ -364,7 +389,7 @@ def merge_steps(
         progress.event("task_merged", f"merged {task.name}", data)
         if on_step is not None:
             on_step(i, out)
-    return MergeResult(merged, state, steps)
+    return MergeResult(merged, state, steps, stream.version.files if stream and stream.version else None)
 
 
 def _tune_head(family: Family, loaded: LoadedBase, tower: Tensors, task: StepTask, head: Tensors,
@@ -392,12 +417,17 @@ def _evaluate_all(family: Family, loaded: LoadedBase, tower: Tensors, evals: dic
 
 
 # -- the version ------------------------------------------------------------------------------------------------
-def _version_files(spec: JobSpec, plan: JobPlan, inputs: JobInputs, merged: MergeResult,
-                   out_dir: Path) -> list[FileToCommit]:
-    """The version's files, written under `out_dir`: the family's model files, the method state, and every task's
-    eval set and head (the tuned head where the task was tuned), which later versions measure the task with."""
-    files = [FileToCommit(p.relative_to(out_dir).as_posix(), p)
-             for p in plan.family.save_version(inputs.loaded, merged.tower, out_dir)]
+def _version_files(spec: JobSpec, plan: JobPlan, inputs: JobInputs, merged: MergeResult, out_dir: Path,
+                   fmt: VersionFormat) -> list[FileToCommit]:
+    """The version's files, written under `out_dir`: the family's model files (already there when the merge
+    streamed), the method state, and every task's eval set and head (the tuned head where the task was tuned),
+    which later versions measure the task with. Weight files record the dtype of the merged weights."""
+    written = merged.files
+    if written is None:
+        written = plan.family.save_version(inputs.loaded, merged.tower, out_dir, fmt)
+    dtype = str(fmt.dtype or inputs.loaded.dtype).removeprefix("torch.")
+    files = [FileToCommit(p.relative_to(out_dir).as_posix(), p, dtype if p.suffix == ".safetensors" else None)
+             for p in written]
     save_safetensors(merged.state.tensors, out_dir / STATE_FILE,
                      metadata={"method": spec.method, "meta": json.dumps(merged.state.meta)})
     files.append(FileToCommit(STATE_FILE, out_dir / STATE_FILE))

@@ -7,7 +7,6 @@ Every failure becomes an `InvalidInput` naming the spec field, never a stack tra
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from collections.abc import Iterable, Mapping
@@ -17,10 +16,11 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from core.errors import IncompatibleCheckpoint, InvalidInput
 from core.settings import Settings
+from engine.tensorfiles import LazyTensors, read_weights, shape_of, write_file
 
 Tensors = dict[str, torch.Tensor]
 
@@ -62,6 +62,23 @@ def load_state_dict(path: Path, *, field: str) -> Tensors:
     )
 
 
+def open_state_dict(path: Path, *, field: str) -> Mapping[str, torch.Tensor]:
+    """Like `load_state_dict`, but safetensors (a file, or a folder's single file or shard index) are read lazily:
+    headers now, each tensor (in its own dtype) when asked."""
+    path = Path(path)
+    if path.is_dir() or path.suffix.lower() == ".safetensors":
+        return LazyTensors(read_weights(path, field=field), dtype=None, field=field, check_finite=True)
+    return load_state_dict(path, field=field)
+
+
+def as_tower(tensors: Mapping[str, torch.Tensor], *, field: str) -> Mapping[str, torch.Tensor]:
+    """Tower tensors as the methods take them: float32, NaN/Inf refused (as each is read, for lazy ones)."""
+    if isinstance(tensors, LazyTensors):
+        return LazyTensors(tensors.infos, dtype=torch.float32, field=field, check_finite=True)
+    check_finite(tensors, field=field)
+    return {k: v.to(torch.float32) for k, v in tensors.items()}
+
+
 def _as_tensor_dict(obj: object, path: Path, field: str) -> Tensors:
     if not isinstance(obj, Mapping) or not obj:
         raise InvalidInput(f"{field}: {path.name} does not hold a non-empty dict of named tensors", param=field)
@@ -76,7 +93,10 @@ def _as_tensor_dict(obj: object, path: Path, field: str) -> Tensors:
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], *, field: str) -> None:
-    """Refuse NaN/Inf weights up front: merged into a lineage they would silently poison every later version."""
+    """Refuse NaN/Inf weights up front: merged into a lineage they would silently poison every later version.
+    Lazy tensors are checked as they are read instead."""
+    if isinstance(tensors, LazyTensors):
+        return
     for key, value in tensors.items():
         if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
             raise InvalidInput(f"{field}: tensor {key!r} contains NaN or Inf values", param=field)
@@ -103,9 +123,9 @@ def check_compatible(
             if key in optional:
                 continue
             raise IncompatibleCheckpoint(f"{field}: {what} is missing key {shown + key!r}", param=field)
-        if tuple(got[key].shape) != tuple(shape):
+        if shape_of(got, key) != tuple(shape):
             raise IncompatibleCheckpoint(
-                f"{field}: {what} key {shown + key!r} has shape {list(got[key].shape)}, expected {list(shape)}",
+                f"{field}: {what} key {shown + key!r} has shape {list(shape_of(got, key))}, expected {list(shape)}",
                 param=field,
             )
     ignore = set(ignore)
@@ -115,27 +135,11 @@ def check_compatible(
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write tensors as safetensors, atomically (a crash never leaves a half-written file under `path`).
-
-    Tensors are moved to the CPU and made contiguous; tensors that share storage (tied weights) are copied apart,
-    since the format stores each tensor once.
-    """
+    """Write tensors as safetensors, atomically (a crash never leaves a half-written file under `path`) and
+    byte-deterministically (names and metadata sorted), from any device; tied tensors are simply written twice."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    seen: set[tuple[int, int]] = set()
-    out: Tensors = {}
-    for key, value in tensors.items():
-        value = value.detach().to("cpu").contiguous()
-        storage = (value.untyped_storage().data_ptr(), value.untyped_storage().nbytes())
-        if value.numel() and storage in seen:
-            value = value.clone()
-        elif value.numel():
-            seen.add(storage)
-        out[key] = value
-    tmp = path.with_name(path.name + ".part")
-    save_file(out, tmp, metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    return write_file(tensors, path, metadata)
 
 
 def resolve_device(requested: str | None) -> torch.device:
@@ -194,9 +198,10 @@ def check_same_tower(reference: Mapping[str, torch.Tensor], tower: Mapping[str, 
         missing = sorted(reference.keys() - tower.keys())[:3]
         extra = sorted(tower.keys() - reference.keys())[:3]
         raise ValueError(f"tower keys differ from the base's: missing {missing}, unexpected {extra}")
-    for key, value in tower.items():
-        if value.shape != reference[key].shape:
-            raise ValueError(f"tower {key!r} has shape {list(value.shape)}, the base {list(reference[key].shape)}")
+    for key in tower:
+        if shape_of(tower, key) != shape_of(reference, key):
+            raise ValueError(f"tower {key!r} has shape {list(shape_of(tower, key))}, the base "
+                             f"{list(shape_of(reference, key))}")
 
 
 def buffers_to(module: torch.nn.Module, device: torch.device) -> None:

@@ -21,6 +21,7 @@ import copy
 import inspect
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +31,20 @@ import torch.nn.functional as F
 
 from core.errors import InvalidInput
 from core.uris import Fetched
-from engine.families.base import Family, LoadedBase, Tensors
+from engine.families.base import Family, LoadedBase, VersionPlan
 from engine.inputs import Inputs
+from engine.tensorfiles import INDEX_FILE, LazyTensors, float_dtype, materialize, read_sharded, rekey, shard_names
 from engine.tensors import (
+    as_tower,
     buffers_to,
     check_compatible,
-    check_finite,
-    check_same_tower,
     labels_tensor,
     load_npz,
     load_state_dict,
-    save_safetensors,
+    open_state_dict,
 )
+
+Tensors = Mapping[str, torch.Tensor]
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -77,13 +80,11 @@ class HFFamily(Family):
         module = _build_model(config, field, meta=True)
         layout = _Layout(module)
         state = _read_weights(folder, field)
-        check_finite(state, field=field)
         inside, prefix, outside = layout.split(state, field=field, what="base checkpoint (for its config.json)")
         module.eval().requires_grad_(False)
         # The file's tensors in the parameters' dtype (float32), as loading them into a real module would give.
-        tower = {k: inside[k].to(p.dtype) for k, p in module.named_parameters()}
-        carried = {prefix + k: inside[k] for k in layout.persistent_buffers}
-        carried.update(outside)
+        tower = as_tower(rekey(inside, {k: k for k, _ in module.named_parameters()}), field=field)
+        carried = rekey(state, {prefix + k: prefix + k for k in layout.persistent_buffers} | {k: k for k in outside})
         info: dict[str, Any] = {
             "folder": str(folder),
             "prefix": prefix,
@@ -95,7 +96,7 @@ class HFFamily(Family):
             "has_tokenizer": any((folder / name).is_file() for name in TOKENIZER_FILES),
             "layout": layout,
         }
-        return LoadedBase(tower=tower, carried=carried, module=module, info=info)
+        return LoadedBase(tower=tower, carried=carried, module=module, info=info, dtype=float_dtype(inside))
 
     def load_checkpoint(self, checkpoint: Fetched, base: LoadedBase, *, field: str) -> Tensors:
         path = Path(checkpoint.path)
@@ -108,26 +109,21 @@ class HFFamily(Family):
 
     def _tower_of(self, state: Tensors, base: LoadedBase, *, field: str, what: str) -> Tensors:
         inside, _, _ = base.info["layout"].split(state, field=field, what=what)
-        tower = {k: inside[k] for k in base.tower}
-        check_finite(tower, field=field)
-        return {k: v.to(torch.float32) for k, v in tower.items()}
+        return as_tower(rekey(inside, {k: k for k in base.tower}), field=field)
 
-    def save_version(self, base: LoadedBase, tower: Tensors, folder: Path) -> list[Path]:
-        """config.json (dtype float32: the merged weights are float32), model.safetensors in the base's key layout,
-        and every non-weight file of the base folder (tokenizer, generation config, ...)."""
-        check_same_tower(base.tower, tower)
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+    def version_plan(self, base: LoadedBase) -> VersionPlan:
+        """config.json (its dtype the version's), the weights in the base's key layout (`model.safetensors`, or
+        shards with `model.safetensors.index.json`, as `save_pretrained` writes them), and every non-weight file
+        of the base folder (tokenizer, generation config, ...)."""
         prefix = base.info["prefix"]
-        state = {prefix + k: v.detach().to("cpu", torch.float32) for k, v in tower.items()}
-        state.update(base.carried)
-        written = [save_safetensors(state, folder / MODEL_FILE, metadata={"format": "pt"})]
-        config = copy.deepcopy(base.info["config"])
-        config.dtype = torch.float32
-        config.save_pretrained(folder)
-        written.append(folder / CONFIG_FILE)
-        written.extend(_copy_aux_files(Path(base.info["folder"]), folder))
-        return written
+
+        def extra(folder: Path, dtype: torch.dtype) -> list[Path]:
+            config = copy.deepcopy(base.info["config"])
+            config.dtype = dtype
+            config.save_pretrained(folder)
+            return [folder / CONFIG_FILE, *_copy_aux_files(Path(base.info["folder"]), folder)]
+
+        return VersionPlan({k: prefix + k for k in base.tower}, base.carried, {"format": "pt"}, extra)
 
     def linear_weight_keys(self, base: LoadedBase) -> set[str]:
         """Weights of nn.Linear layers and of transformers' Conv1D (GPT-2 style linear layers)."""
@@ -150,7 +146,7 @@ class HFFamily(Family):
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
         if "use_cache" in inspect.signature(module.forward).parameters:
             kwargs["use_cache"] = False
-        out = torch.func.functional_call(module, tower, args=(), kwargs=kwargs)
+        out = torch.func.functional_call(module, materialize(tower), args=(), kwargs=kwargs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
@@ -262,8 +258,9 @@ class _Layout:
         prefix = getattr(module, "base_model_prefix", "") or ""
         self.prefix = f"{prefix}." if prefix and not any(k.startswith(f"{prefix}.") for k in self.expected) else ""
 
-    def split(self, state: Tensors, *, field: str, what: str) -> tuple[Tensors, str, Tensors]:
-        """(the module's tensors keyed as in the module, the key prefix the file used, the file's other tensors).
+    def split(self, state: Tensors, *, field: str, what: str) -> tuple[Tensors, str, list[str]]:
+        """(the module's tensors keyed as in the module, the key prefix the file used, the file's other keys).
+        Lazy tensors stay lazy: only names and shapes are looked at.
 
         Raises IncompatibleCheckpoint on the first missing, differently shaped or unexpected module key.
         """
@@ -271,23 +268,23 @@ class _Layout:
         if prefix and sum(k[len(prefix) :] in self.expected for k in state if k.startswith(prefix)) > sum(
             k in self.expected for k in state
         ):
-            inside = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            outside = {k: v for k, v in state.items() if not k.startswith(prefix)}
+            names = {k[len(prefix) :]: k for k in state if k.startswith(prefix)}
+            outside = [k for k in state if not k.startswith(prefix)]
         else:
-            prefix, inside, outside = "", dict(state), {}
+            prefix, names, outside = "", {k: k for k in state}, []
         for alias, name in self.aliases.items():  # a tie saved under either of its names counts for both
-            if name not in inside and alias in inside:
-                inside[name] = inside[alias]
+            if name not in names and alias in names:
+                names[name] = names[alias]
         check_compatible(
             self.expected,
-            inside,
+            rekey(state, names),
             field=field,
             what=what,
             ignore=self.transient_buffers,
             optional=self.aliases.keys(),
             shown=prefix,
         )
-        inside = {k: v for k, v in inside.items() if k in self.expected and k not in self.aliases}
+        inside = rekey(state, {k: v for k, v in names.items() if k in self.expected and k not in self.aliases})
         return inside, prefix, outside
 
 
@@ -320,15 +317,16 @@ def _runnable_module(base: LoadedBase) -> torch.nn.Module:
     """The module `features` runs: the meta module of `load_base` is replaced, on first use, by a real one.
 
     Built with from_config rather than materialised from the meta module, so that non-persistent buffers
-    (position ids, rotary frequencies) get the values the model's own code computes. Its parameters then share θ0's
-    storage, so θ0 is held once (`features` substitutes the tower it is given anyway); `.data` keeps tied
-    parameters tied. Persistent buffers are loaded from the base checkpoint.
+    (position ids, rotary frequencies) get the values the model's own code computes. θ0 is read into memory here
+    (if it was lazy) and its parameters share θ0's storage, so θ0 is held once (`features` substitutes the tower it
+    is given anyway); `.data` keeps tied parameters tied. Persistent buffers are loaded from the base checkpoint.
     """
     module = base.module
     assert module is not None
     if not any(p.is_meta for p in module.parameters()):
         return module
     module = _build_model(base.info["config"], "base.uri")
+    base.tower = materialize(base.tower)  # a model that runs needs θ0 in memory: read it once, shared with it
     for name, param in module.named_parameters():
         param.data = base.tower[name]
     prefix = base.info["prefix"]
@@ -338,22 +336,20 @@ def _runnable_module(base: LoadedBase) -> torch.nn.Module:
 
 
 def _read_weights(folder: Path, field: str) -> Tensors:
-    """The weights of a save_pretrained folder: one file or the shards an index names, safetensors first."""
+    """The weights of a save_pretrained folder: one file or the shards an index names, safetensors first (read
+    lazily), else pickles (read whole, weights only)."""
     if not folder.is_dir():
         raise InvalidInput(f"{field}: expected a save_pretrained folder", param=field)
     for single, index in WEIGHT_FILES:
         if (folder / single).is_file():
-            return load_state_dict(folder / single, field=field)
+            return open_state_dict(folder / single, field=field)
         if (folder / index).is_file():
-            try:
-                weight_map = json.loads((folder / index).read_text())["weight_map"]
-                shards = sorted(set(weight_map.values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                raise InvalidInput(f"{field}: {index} is not a valid shard index", param=field) from None
-            state: Tensors = {}
+            if index == INDEX_FILE:
+                return LazyTensors(read_sharded(folder, index, field=field), dtype=None, field=field,
+                                   check_finite=True)
+            _, shards = shard_names(folder, index, field=field)
+            state: dict[str, torch.Tensor] = {}
             for shard in shards:
-                if not isinstance(shard, str) or Path(shard).name != shard or not (folder / shard).is_file():
-                    raise InvalidInput(f"{field}: {index} names a missing or invalid shard {shard!r}", param=field)
                 state.update(load_state_dict(folder / shard, field=field))
             return state
     raise InvalidInput(f"{field}: the folder has no model.safetensors or pytorch_model.bin", param=field)

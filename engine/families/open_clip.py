@@ -36,17 +36,17 @@ import torch.nn.functional as F
 
 from core.errors import InvalidInput
 from core.uris import Fetched
-from engine.families.base import Family, LoadedBase, Tensors
+from engine.families.base import Family, LoadedBase, Tensors, VersionPlan
 from engine.inputs import Inputs
+from engine.tensorfiles import float_dtype, materialize
 from engine.tensors import (
     buffers_to,
     check_compatible,
     check_finite,
-    check_same_tower,
     labels_tensor,
     load_npz,
     load_state_dict,
-    save_safetensors,
+    open_state_dict,
 )
 
 MODEL_FILE = "model.safetensors"
@@ -95,7 +95,7 @@ class OpenClipFamily(Family):
             "mean": tuple(float(m) for m in preprocess["mean"]),
             "std": tuple(float(s) for s in preprocess["std"]),
         }
-        return LoadedBase(tower=tower, carried=carried, module=module, info=info)
+        return LoadedBase(tower=tower, carried=carried, module=module, info=info, dtype=float_dtype(state))
 
     def load_checkpoint(self, checkpoint: Fetched, base: LoadedBase, *, field: str) -> Tensors:
         return self._tower_of(_strip_ddp(_read(checkpoint.path, field)), base, field=field, what="checkpoint")
@@ -103,7 +103,7 @@ class OpenClipFamily(Family):
     def load_version(self, folder: Path, base: LoadedBase) -> Tensors:
         field = f"version {Path(folder).name}"
         return self._tower_of(
-            load_state_dict(Path(folder) / MODEL_FILE, field=field), base, field=field, what=MODEL_FILE
+            materialize(open_state_dict(Path(folder), field=field)), base, field=field, what=MODEL_FILE
         )
 
     def _tower_of(self, state: Tensors, base: LoadedBase, *, field: str, what: str) -> Tensors:
@@ -122,22 +122,19 @@ class OpenClipFamily(Family):
         check_finite(tower, field=field)
         return {k: v.to(torch.float32) for k, v in tower.items()}
 
-    def save_version(self, base: LoadedBase, tower: Tensors, folder: Path) -> list[Path]:
-        """`model.safetensors` in the base's layout (tower in float32, carried tensors unchanged) and
+    def version_plan(self, base: LoadedBase) -> VersionPlan:
+        """`model.safetensors` (or its shards) in the base's layout, carried tensors unchanged, and
         `open_clip_config.json` ({"model_cfg", "preprocess_cfg"}), the file OpenCLIP's `local-dir:` schema reads."""
-        check_same_tower(base.tower, tower)
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+
+        def extra(folder: Path, dtype: torch.dtype) -> list[Path]:
+            config_path = folder / CONFIG_FILE
+            config = {"model_cfg": base.info["model_cfg"], "preprocess_cfg": base.info["preprocess_cfg"]}
+            config_path.write_text(json.dumps(config, indent=2))
+            return [config_path]
+
         prefix = base.info["prefix"]
-        state = {prefix + k: v.detach().to("cpu", torch.float32) for k, v in tower.items()}
-        state.update(base.carried)
-        model_path = save_safetensors(
-            state, folder / MODEL_FILE, metadata={"format": "pt", "family": self.name, "layout": base.info["layout"]}
-        )
-        config_path = folder / CONFIG_FILE
-        config = {"model_cfg": base.info["model_cfg"], "preprocess_cfg": base.info["preprocess_cfg"]}
-        config_path.write_text(json.dumps(config, indent=2))
-        return [model_path, config_path]
+        metadata = {"format": "pt", "family": self.name, "layout": base.info["layout"]}
+        return VersionPlan({k: prefix + k for k in base.tower}, base.carried, metadata, extra)
 
     def linear_weight_keys(self, base: LoadedBase) -> set[str]:
         """Weights of the tower's linear maps: nn.Linear (incl. attention out_proj) and attention in_proj."""

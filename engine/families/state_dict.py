@@ -1,4 +1,5 @@
-"""The `state_dict` family: bare tensors in one file, for data-free methods on any architecture.
+"""The `state_dict` family: bare tensors in one file (or a folder holding `model.safetensors` or safetensors shards
+with their `model.safetensors.index.json`), for data-free methods on any architecture.
 
 Every floating tensor is merged; integer/bool tensors (step counters, index buffers) are carried from the base.
 There is no model to run, so no feature function and no calibration data.
@@ -6,16 +7,18 @@ There is no model to run, so no feature function and no calibration data.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from core.errors import IncompatibleCheckpoint, InvalidInput
 from core.uris import Fetched
-from engine.families.base import Family, LoadedBase, Tensors
-from engine.tensors import check_compatible, check_finite, check_same_tower, load_state_dict, save_safetensors
+from engine.families.base import Family, LoadedBase, VersionPlan
+from engine.tensorfiles import dtype_of, float_dtype, rekey, shape_of
+from engine.tensors import as_tower, check_compatible, open_state_dict
 
-MODEL_FILE = "model.safetensors"
+Tensors = Mapping[str, torch.Tensor]
 
 
 class StateDictFamily(Family):
@@ -23,43 +26,35 @@ class StateDictFamily(Family):
     def load_base(self, base: Fetched, arch: str | dict | None) -> LoadedBase:
         field = "base.uri"
         state = _read(base.path, field)
-        check_finite(state, field=field)
-        tower = {k: v.to(torch.float32) for k, v in state.items() if v.is_floating_point()}
-        if not tower:
+        floating = {k: k for k in state if dtype_of(state, k).is_floating_point}
+        if not floating:
             raise InvalidInput(f"{field}: the checkpoint has no floating-point tensors to merge", param=field)
-        carried = {k: v for k, v in state.items() if not v.is_floating_point()}
-        return LoadedBase(tower=tower, carried=carried, info={"dtypes": {k: str(v.dtype) for k, v in state.items()}})
+        carried = rekey(state, {k: k for k in state if k not in floating})
+        return LoadedBase(tower=as_tower(rekey(state, floating), field=field), carried=carried,
+                          info={"dtypes": {k: str(dtype_of(state, k)) for k in state}}, dtype=float_dtype(state))
 
     def load_checkpoint(self, checkpoint: Fetched, base: LoadedBase, *, field: str) -> Tensors:
         return self._tower_of(_read(checkpoint.path, field), base, field=field, what="checkpoint")
 
     def load_version(self, folder: Path, base: LoadedBase) -> Tensors:
         field = f"version {Path(folder).name}"
-        return self._tower_of(
-            load_state_dict(Path(folder) / MODEL_FILE, field=field), base, field=field, what="version"
-        )
+        return self._tower_of(open_state_dict(Path(folder), field=field), base, field=field, what="version")
 
     def _tower_of(self, state: Tensors, base: LoadedBase, *, field: str, what: str) -> Tensors:
-        expected = {k: v.shape for k, v in (base.tower | base.carried).items()}
+        expected = {k: shape_of(base.tower, k) for k in base.tower}
+        expected.update({k: shape_of(base.carried, k) for k in base.carried})
         check_compatible(expected, state, field=field, what=what)
         for key in base.tower:
-            if not state[key].is_floating_point():
+            if not dtype_of(state, key).is_floating_point:
                 raise IncompatibleCheckpoint(
-                    f"{field}: {what} key {key!r} is {state[key].dtype}, the base's is floating point", param=field
+                    f"{field}: {what} key {key!r} is {dtype_of(state, key)}, the base's is floating point", param=field
                 )
-        tower = {k: state[k] for k in base.tower}
-        check_finite(tower, field=field)
-        return {k: v.to(torch.float32) for k, v in tower.items()}
+        return as_tower(rekey(state, {k: k for k in base.tower}), field=field)
 
-    def save_version(self, base: LoadedBase, tower: Tensors, folder: Path) -> list[Path]:
-        """One `model.safetensors`: the merged tensors in float32 and the carried ones unchanged."""
-        check_same_tower(base.tower, tower)
-        state = {k: v.detach().to("cpu", torch.float32) for k, v in tower.items()}
-        state.update(base.carried)
-        return [save_safetensors(state, Path(folder) / MODEL_FILE, metadata={"format": "pt", "family": self.name})]
+    def version_plan(self, base: LoadedBase) -> VersionPlan:
+        """`model.safetensors` (or its shards): the merged tensors and the carried ones unchanged."""
+        return VersionPlan({k: k for k in base.tower}, base.carried, {"format": "pt", "family": self.name})
 
 
 def _read(path: Path, field: str) -> Tensors:
-    if Path(path).is_dir():
-        raise InvalidInput(f"{field}: a state_dict checkpoint is one file, not a folder", param=field)
-    return load_state_dict(path, field=field)
+    return open_state_dict(path, field=field)

@@ -4,7 +4,7 @@ head, carrying whatever state it needs between steps (stored as `state.safetenso
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +13,7 @@ import torch
 from core.methods import CommonParams
 from engine.families.base import Family, LoadedBase, Tensors
 from engine.inputs import Inputs
+from engine.streaming import Sinks
 
 # progress(step, steps_total, loss): called after every optimisation step; it raises JobCancelled to stop.
 StepProgress = Callable[[int, int, float | None], None]
@@ -29,9 +30,12 @@ class MethodState:
 
 @dataclass
 class StepInput:
-    base: Tensors  # θ0, float32, CPU
-    merged: Tensors  # the lineage head θ (θ0 when nothing has been merged yet)
-    task: Tensors  # θ_t
+    # θ0, the lineage head θ (θ0 when nothing has been merged yet) and θ_t: float32 on the CPU when read. A streamed
+    # merge gives lazy mappings that read each tensor when asked (its keys may be row blocks of big tensors, for
+    # `elementwise` methods), so a method reads each key when it needs it and writes results into `sinks`.
+    base: Mapping[str, torch.Tensor]
+    merged: Mapping[str, torch.Tensor]
+    task: Mapping[str, torch.Tensor]
     index: int  # how many tasks the lineage had merged before this one (0: this is the first)
     state: MethodState  # what this method carried from the previous step (empty at first or after another method)
     params: CommonParams
@@ -40,17 +44,22 @@ class StepInput:
     loaded: LoadedBase
     calibration: Inputs | None = None  # required by data-driven methods
     progress: StepProgress = lambda step, total, loss: None
+    sinks: Sinks = field(default_factory=Sinks)
 
 
 @dataclass
 class StepOutput:
-    merged: Tensors  # the new head θ, float32, CPU
+    merged: Mapping[str, torch.Tensor]  # the new head θ, float32, CPU (what `sinks.output` gave back)
     state: MethodState
     metrics: dict[str, Any] = field(default_factory=dict)  # e.g. OTMF's losses
 
 
 class Method(ABC):
     """A fusion rule. Its name, params model and data needs are its registry entry's (core.methods)."""
+
+    # True when every output entry depends only on the same entry of the inputs (plus global scalars), so a streamed
+    # merge may hand the method big tensors as blocks of rows.
+    elementwise = False
 
     def __init__(self, name: str, *, data_driven: bool):
         self.name, self.data_driven = name, data_driven

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from core.methods import OPCMParams
-from engine.families.base import Tensors
 from engine.methods.base import Method, MethodState, StepInput, StepOutput
 from engine.methods.common import delta_norm, own_state, to_cpu, to_device
+from engine.tensorfiles import shape_of
 
 
 def split_rank(singular_values: torch.Tensor, alpha: float) -> int:
@@ -49,10 +49,16 @@ class OPCM(Method):
 
         if inp.index == 0:
             # θ ← θ_1; the checkpoint's tensors are shared, not copied (nothing writes them in place).
-            merged = {k: to_cpu(inp.task[k]) for k in inp.base}
-            norms = [delta_norm(inp.task, inp.base, dev)]
+            first = inp.sinks.output()
+            sq_norm = 0.0
+            for k in inp.base:
+                task = to_cpu(inp.task[k])
+                sq_norm += torch.linalg.vector_norm(to_device(task, dev) - to_device(inp.base[k], dev),
+                                                    dtype=torch.float64).item() ** 2
+                first[k] = task
+            norms = [sq_norm**0.5]
             inp.progress(1, 1, None)
-            return StepOutput(merged, self._state(norms, 1.0), {"norm": norms[0], "lambda_prev": 1.0})
+            return StepOutput(first.done(), self._state(norms, 1.0), {"norm": norms[0], "lambda_prev": 1.0})
 
         if state is not None and state.meta.get("norms"):
             norms = [float(n) for n in state.meta["norms"]]
@@ -67,10 +73,11 @@ class OPCM(Method):
 
         norms.append(delta_norm(inp.task, inp.base, dev))
         mean_norm = sum(norms) / len(norms)
-        linear = {k for k in inp.family.linear_weight_keys(inp.loaded) if k in inp.base and inp.base[k].ndim == 2}
+        linear = {k for k in inp.family.linear_weight_keys(inp.loaded)
+                  if k in inp.base and len(shape_of(inp.base, k)) == 2}
 
-        # First pass: the merged task vector θ − θ0 per tensor (kept in `merged`, turned into weights below).
-        merged: Tensors = {}
+        # First pass: the merged task vector θ − θ0 per tensor, kept in `scratch` and turned into weights below.
+        scratch = inp.sinks.scratch()
         sq_norm = 0.0
         for k in inp.base:
             w0 = to_device(inp.base[k], dev)
@@ -79,18 +86,20 @@ class OPCM(Method):
             added = project_out(previous, new, params.alpha) if k in linear else new
             tau = added.add_(previous, alpha=lambda_prev)
             sq_norm += torch.linalg.vector_norm(tau, dtype=torch.float64).item() ** 2
-            merged[k] = to_cpu(tau)
+            scratch[k] = to_cpu(tau)
+        vectors = scratch.done()
 
-        # Second pass, in place: θ ← θ0 + (θ − θ0)·n̄/n, so that ‖θ − θ0‖ = n̄.
+        # Second pass: θ ← θ0 + (θ − θ0)·n̄/n, so that ‖θ − θ0‖ = n̄ (in place where the vectors are in memory).
         norm = sq_norm**0.5
         scale = mean_norm / norm if norm > 0 else 1.0
+        merged = inp.sinks.output()
         for k in inp.base:
-            merged[k].mul_(scale).add_(inp.base[k])
+            merged[k] = vectors[k].mul_(scale).add_(inp.base[k])
         lambda_prev = norm / mean_norm if mean_norm > 0 else 1.0
 
         inp.progress(1, 1, None)
         metrics.update({"norm": mean_norm, "norm_before_rescale": norm, "lambda_prev": lambda_prev})
-        return StepOutput(merged, self._state(norms, lambda_prev), metrics)
+        return StepOutput(merged.done(), self._state(norms, lambda_prev), metrics)
 
     def _state(self, norms: list[float], lambda_prev: float) -> MethodState:
         return MethodState(meta={"method": self.name, "norms": list(norms), "lambda_prev": lambda_prev})

@@ -10,16 +10,18 @@ from engine.methods.common import to_cpu, to_device
 
 
 class TaskArithmetic(Method):
+    elementwise = True
     """θ ← θ0 before the first step; each step θ ← θ + λ·τ_t with τ_t = θ_t − θ0 and λ = `scaling_factor`."""
 
 
     def step(self, inp: StepInput) -> StepOutput:
         params: TaskArithmeticParams = inp.params
-        start = inp.base if inp.index == 0 else inp.merged
-        merged = {}
+        merged = inp.sinks.output()
         for k in inp.base:
-            tau = torch.sub(to_device(inp.task[k], inp.device), to_device(inp.base[k], inp.device))  # fresh tensor
-            merged[k] = to_cpu(tau.mul_(params.scaling_factor).add_(to_device(start[k], inp.device)))
+            w0 = to_device(inp.base[k], inp.device)
+            tau = torch.sub(to_device(inp.task[k], inp.device), w0)  # a fresh tensor
+            start = w0 if inp.index == 0 else to_device(inp.merged[k], inp.device)
+            merged[k] = to_cpu(tau.mul_(params.scaling_factor).add_(start))
         inp.progress(1, 1, None)
         state = MethodState(meta={"method": self.name})
-        return StepOutput(merged=merged, state=state, metrics={"scaling_factor": params.scaling_factor})
+        return StepOutput(merged=merged.done(), state=state, metrics={"scaling_factor": params.scaling_factor})

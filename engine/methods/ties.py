@@ -2,27 +2,29 @@
 entries that agree with it.
 
 The trim threshold is global over the whole flattened vector (every tower tensor together). It is found by an exact
-radix select over the float32 bit patterns of the magnitudes, four passes over the tensors with 256 buckets each,
-so no concatenation of the ~1e8 entries is ever built (a `kthvalue` over a concatenation would need two extra full
-copies of the vector); the only temporaries are one tensor's worth at a time.
+radix select over the float32 bit patterns of the magnitudes, two passes over the tensors (65536 then 32768
+buckets), both vectors (head and task) in the same passes, so no concatenation of the ~1e8 entries is ever built (a
+`kthvalue` over a concatenation would need two extra full copies of the vector); the only temporaries are one
+tensor's worth at a time, and a streamed merge reads its inputs three times in all.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from core.methods import TiesParams
-from engine.families.base import Tensors
 from engine.methods.base import Method, MethodState, StepInput, StepOutput
 from engine.methods.common import to_cpu, to_device
+from engine.tensorfiles import shape_of
 
 # The magnitude of a float32 is its bit pattern without the sign bit, and for non-negative floats the order of the
 # bit patterns (as integers) is the order of the values: selecting on the integers selects on the magnitudes.
 _MAGNITUDE_BITS = 0x7FFFFFFF
-_DIGIT_SHIFTS = (24, 16, 8, 0)  # 31 bits in four 8-bit digits (the top digit has 7)
+# 31 bits in two digits, the top 16 then the low 15: two passes over the vectors (each a bincount per piece).
+_DIGITS = ((15, 16), (0, 15))  # (shift, width)
 
 
 def kept_count(numel: int, top_k: float) -> int:
@@ -31,29 +33,41 @@ def kept_count(numel: int, top_k: float) -> int:
     return min(numel, max(1, math.floor(numel * top_k / 100.0 + 1e-9)))
 
 
-def kth_largest_magnitude(parts: Callable[[], Iterator[torch.Tensor]], k: int) -> float:
-    """The k-th largest |v_i| of the vector whose pieces `parts()` yields (float32, any shape, any device; called
-    once per pass, so the pieces may be computed on the fly). Exact: entries with |v_i| ≥ the result are the top k,
-    plus any ties with the k-th."""
-    prefix = 0  # the digits of the answer found so far
-    remaining = k  # rank of the answer among the entries that share `prefix`
-    for shift in _DIGIT_SHIFTS:
-        counts: torch.Tensor | None = None  # [256] entries per next digit, among those matching `prefix`
-        for part in parts():
-            bits = part.contiguous().view(torch.int32).flatten() & _MAGNITUDE_BITS
-            if shift != _DIGIT_SHIFTS[0]:
-                bits = bits[(bits >> (shift + 8)) == prefix]
-            c = torch.bincount((bits >> shift) & 0xFF, minlength=256)
-            counts = c if counts is None else counts + c
-        if counts is None:
+def kth_largest_magnitudes(parts: Callable[[], Iterator[Sequence[torch.Tensor]]], k: int) -> list[float]:
+    """For several vectors at once, the k-th largest |v_i| of each. `parts()` yields one tuple of pieces per step
+    (the j-th piece of every vector; float32, any shape, any device) and is called once per pass, so the pieces may
+    be read or computed on the fly: every vector is selected in the same two passes. Exact: entries with
+    |v_i| ≥ the result are the top k, plus any ties with the k-th."""
+    prefixes: list[int] | None = None  # per vector, the digits of its answer found so far
+    remaining: list[int] = []  # per vector, the rank of its answer among the entries that share its prefix
+    for shift, width in _DIGITS:
+        counts: list[torch.Tensor] | None = None  # per vector [2^width] entries per next digit, among the prefix's
+        for pieces in parts():
+            if prefixes is None:
+                prefixes, remaining = [0] * len(pieces), [k] * len(pieces)
+            found = []
+            for piece, prefix in zip(pieces, prefixes, strict=True):
+                bits = piece.contiguous().view(torch.int32).flatten() & _MAGNITUDE_BITS
+                if shift + width < 31:
+                    bits = bits[(bits >> (shift + width)) == prefix]
+                found.append(torch.bincount((bits >> shift) & ((1 << width) - 1), minlength=1 << width))
+            counts = found if counts is None else [c + f for c, f in zip(counts, found, strict=True)]
+        if counts is None or prefixes is None:
             raise ValueError("an empty vector has no magnitudes to select from")
-        counts_cpu = counts.cpu()
-        at_or_above = counts_cpu.flip(0).cumsum(0)  # at_or_above[i]: entries whose digit is ≥ 255 − i
-        i = int(torch.searchsorted(at_or_above, remaining).item())  # first bucket (from the top) reaching rank k
-        digit = 255 - i
-        remaining -= int(at_or_above[i].item()) - int(counts_cpu[digit].item())  # minus the entries above the bucket
-        prefix = (prefix << 8) | digit
-    return torch.tensor([prefix], dtype=torch.int32).view(torch.float32).item()
+        for j, c in enumerate(counts):
+            c = c.cpu()
+            at_or_above = c.flip(0).cumsum(0)  # at_or_above[i]: entries whose digit is ≥ top − i
+            i = int(torch.searchsorted(at_or_above, remaining[j]).item())  # first bucket from the top reaching rank
+            digit = (1 << width) - 1 - i
+            remaining[j] -= int(at_or_above[i].item()) - int(c[digit].item())  # minus the entries above the bucket
+            prefixes[j] = (prefixes[j] << width) | digit
+    assert prefixes is not None
+    return [torch.tensor([p], dtype=torch.int32).view(torch.float32).item() for p in prefixes]
+
+
+def kth_largest_magnitude(parts: Callable[[], Iterator[torch.Tensor]], k: int) -> float:
+    """The k-th largest |v_i| of the vector whose pieces `parts()` yields (see `kth_largest_magnitudes`)."""
+    return kth_largest_magnitudes(lambda: ((p,) for p in parts()), k)[0]
 
 
 def _trim(v: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -85,25 +99,24 @@ class Ties(Method):
         lam = params.scaling_factor
         keys = list(inp.base)
 
-        def head_vector(k: str) -> torch.Tensor:  # θ − θ0 for one tensor
-            return to_device(inp.merged[k], dev) - to_device(inp.base[k], dev)
+        def both_vectors(k: str) -> tuple[torch.Tensor, torch.Tensor]:  # θ − θ0 and τ_t, θ0 read once
+            w0 = to_device(inp.base[k], dev)
+            return to_device(inp.merged[k], dev) - w0, to_device(inp.task[k], dev) - w0
 
-        def task_vector(k: str) -> torch.Tensor:  # τ_t for one tensor
-            return to_device(inp.task[k], dev) - to_device(inp.base[k], dev)
-
-        merged: Tensors = {}
+        merged = inp.sinks.output()
         metrics: dict = {"scaling_factor": lam}
         if inp.index == 0:
             for k in keys:
-                merged[k] = to_cpu(task_vector(k).mul_(lam).add_(to_device(inp.base[k], dev)))
+                w0 = to_device(inp.base[k], dev)
+                merged[k] = to_cpu((to_device(inp.task[k], dev) - w0).mul_(lam).add_(w0))
         else:
-            numel = sum(inp.base[k].numel() for k in keys)
+            numel = sum(math.prod(shape_of(inp.base, k)) for k in keys)
             k_keep = kept_count(numel, params.top_k)
-            head_thr = kth_largest_magnitude(lambda: (head_vector(k) for k in keys), k_keep)
-            tau_thr = kth_largest_magnitude(lambda: (task_vector(k) for k in keys), k_keep)
+            head_thr, tau_thr = kth_largest_magnitudes(lambda: (both_vectors(k) for k in keys), k_keep)
             for k in keys:
-                delta = ties_merge_tensor(head_vector(k), task_vector(k), head_thr, tau_thr)
-                merged[k] = to_cpu(delta.mul_(lam).add_(to_device(inp.merged[k], dev)))
+                w0, head = to_device(inp.base[k], dev), to_device(inp.merged[k], dev)
+                delta = ties_merge_tensor(head - w0, to_device(inp.task[k], dev) - w0, head_thr, tau_thr)
+                merged[k] = to_cpu(delta.mul_(lam).add_(head))
             metrics.update({"kept_per_vector": k_keep, "head_threshold": head_thr, "task_threshold": tau_thr})
         inp.progress(1, 1, None)
-        return StepOutput(merged=merged, state=MethodState(meta={"method": self.name}), metrics=metrics)
+        return StepOutput(merged=merged.done(), state=MethodState(meta={"method": self.name}), metrics=metrics)

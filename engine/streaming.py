@@ -1,0 +1,153 @@
+"""A data-free merge that streams: the method reads θ0, the head and θ_t key by key from their files and writes each
+result straight into a file, so no tower is ever in memory as a whole.
+
+Between two steps of a job the head is a float32 scratch file (exactly what the in-memory merge would hold); the
+last step writes the version itself, through its family's layout (engine.families.base.VersionWriter). Methods
+that are `elementwise` see big tensors as blocks of rows (`row_pieces`), so memory is bounded by a block, not by
+the largest tensor; OPCM, which needs whole matrices, sees whole tensors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from engine.tensorfiles import (
+    LazyTensors,
+    PlannedTensor,
+    ShardedWriter,
+    piece_infos,
+    row_pieces,
+    shape_of,
+)
+
+PIECE_NUMEL = 1 << 24  # elements per block of rows (64 MB in float32)
+SCRATCH_SHARD_BYTES = 1 << 62  # scratch towers are one file each
+_counter = itertools.count()
+
+
+class TowerSink(Protocol):
+    """Where a step writes its tensors, one key at a time: `done()` then gives them back to read."""
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None: ...
+
+    def done(self) -> Mapping[str, torch.Tensor]: ...
+
+
+class MemorySink(dict):
+    """A sink that keeps its tensors (the in-memory merge)."""
+
+    def done(self) -> MemorySink:
+        return self
+
+
+@dataclass
+class Sinks:
+    """Where a step's new head (`output`) and its intermediate towers (`scratch`) go: memory, or files when the
+    merge streams (engine.streaming)."""
+
+    output: Callable[[], TowerSink] = MemorySink
+    scratch: Callable[[], TowerSink] = MemorySink
+
+
+class PieceView(Mapping[str, torch.Tensor]):
+    """`tensors` seen through `pieces` ({name: (key, first row, stop row)}): a lazy tower reads only the block."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], pieces: Mapping[str, tuple[str, int, int]]):
+        self.tensors, self.pieces = tensors, pieces
+        if isinstance(tensors, LazyTensors):
+            self.lazy: LazyTensors | None = LazyTensors(piece_infos(tensors.infos, pieces), dtype=tensors.dtype,
+                                                        field=tensors.field, check_finite=tensors.check_finite)
+        else:
+            self.lazy = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self.lazy is not None:
+            return self.lazy[name]
+        key, first, stop = self.pieces[name]
+        value = self.tensors[key]
+        return value if name == key else value[first:stop]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.pieces)
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        key, first, stop = self.pieces[name]
+        shape = shape_of(self.tensors, key)
+        return shape if name == key else (stop - first, *shape[1:])
+
+
+class WriterSink:
+    """A step's output written into planned files: keys are the tower's names or `pieces` of them; `names` maps
+    a tower name to its name in the files. `done()` closes the files and returns them as a lazy float32 tower."""
+
+    def __init__(self, writer: ShardedWriter, names: Mapping[str, str], pieces: Mapping[str, tuple[str, int, int]],
+                 on_close=None):
+        self.writer, self.names, self.pieces, self.on_close = writer, names, pieces, on_close
+        self.files: list[Path] = []
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        key, first, stop = self.pieces[name]
+        self.writer.write(self.names[key], value, rows=None if name == key else (first, stop))
+
+    def done(self) -> LazyTensors:
+        self.files = self.writer.close()
+        if self.on_close is not None:
+            self.files += self.on_close()
+        return LazyTensors({k: self.writer.infos[f] for k, f in self.names.items()}, field="version")
+
+
+def scratch_sink(folder: Path, shapes: Mapping[str, tuple[int, ...]],
+                 pieces: Mapping[str, tuple[str, int, int]]) -> WriterSink:
+    """A float32 tower in one scratch file under `folder` (a fresh folder each call)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"tower-{next(_counter)}"
+    planned = [PlannedTensor(k, torch.float32, tuple(s)) for k, s in shapes.items()]
+    writer = ShardedWriter(path, planned, max_shard_bytes=SCRATCH_SHARD_BYTES)
+    return WriterSink(writer, {k: k for k in shapes}, pieces)
+
+
+class Streaming:
+    """Where a streamed job's steps write: scratch files under `work`, the last step into the version through
+    `final(pieces)` (the family's `open_version`); `version` is then that sink, its `files` the version's."""
+
+    def __init__(self, work: Path, base: Mapping[str, torch.Tensor], final, *, elementwise: bool,
+                 piece_numel: int = PIECE_NUMEL):
+        self.work = Path(work)
+        self.shapes = {k: shape_of(base, k) for k in base}
+        self.whole = {k: (k, 0, s[0] if s else 0) for k, s in self.shapes.items()}
+        self.pieces = row_pieces(self.shapes, piece_numel) if elementwise else self.whole
+        self.final = final
+        self.version: WriterSink | None = None
+
+    def view(self, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        return PieceView(tensors, self.pieces)
+
+    def sinks(self, last: bool) -> Sinks:
+        """Where one step writes its new head (the version when `last`) and its intermediate towers."""
+        def version() -> WriterSink:
+            self.version = self.final(self.pieces)
+            return self.version
+
+        def head() -> WriterSink:
+            return scratch_sink(self.work / "heads", self.shapes, self.pieces)
+
+        return Sinks(output=version if last else head,
+                     scratch=lambda: scratch_sink(self.work / "scratch", self.shapes, self.whole))
+
+    def step_done(self, head: Mapping[str, torch.Tensor]) -> None:
+        """Delete the scratch towers that the next step no longer reads (every one but `head`)."""
+        keep = {info.path.parent for info in getattr(head, "infos", {}).values()}
+        for kind in ("heads", "scratch"):
+            for folder in (self.work / kind).glob("tower-*"):
+                if folder not in keep:
+                    shutil.rmtree(folder)
