@@ -6,11 +6,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
 from bench.accuracy import targets
-from bench.common import DOCS, machine, now, read_result
+from bench.common import DOCS, ROOT, machine, now, read_result
 
 DOC = DOCS / "benchmarks.md"
 
@@ -244,6 +245,55 @@ def targets_section(acc: dict | None, cost: dict | None) -> list[str]:
     return [*out, ""]
 
 
+def big_merge_section(r: dict | None) -> list[str]:
+    """The big-model merge (bench/big_merge.py): peak RSS and throughput against mergekit and `cat`."""
+    if not r:
+        return []
+    m, runs = r["model"], r["runs"]
+    cat = max(runs["cat"]["gb_per_s"], runs["cat (again)"]["gb_per_s"])
+    out = [
+        "## Big-model merge (streaming engine)", "",
+        f"`{r['command']}` ({r['generated_at']}; {machine_line(r['machine'])}): a synthetic Llama-shaped model of "
+        f"{m['parameters'] / 1e9:.2f} B parameters in {m['dtype']} (hidden {m['hidden_size']}, "
+        f"{m['num_hidden_layers']} layers, vocabulary {m['vocab_size']}), random weights written in shards by the "
+        f"bench: a base and two fine-tunes, {m['input_gb']} GB of input in {m['input_files']} files. Each merge is "
+        "one job with both tasks (`mergeline merge`, hf family) or one mergekit run "
+        f"(mergekit {r['mergekit'].get('mergekit', '?')}, `--lazy-unpickle`), on the same files in the same run, "
+        "each under `/usr/bin/time -v`. Throughput is the input bytes over the command's wall time; `cat files > "
+        "/dev/null` is the physical read limit (the inputs exceed the page cache, so reads come from disk).", "",
+        "| command | wall (s) | GB/s | ÷ cat | peak RSS (GiB) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, e in runs.items():
+        out.append(f"| {name} | {e['wall_s']:.1f} | {e['gb_per_s']:.3f} | {e['gb_per_s'] / cat:.2f} | "
+                   f"{e['peak_rss_gib']:.2f} |")
+    out.append("")
+    for method in ("task_arithmetic", "ties"):
+        ours, peer = runs[f"mergeline {method}"], runs[f"mergekit {method}"]
+        within = ours["peak_rss_gib"] <= r["rss_target_gib"]
+        out.append(f"- `{method}`: peak RSS {ours['peak_rss_gib']:.2f} GiB (target ≤ {r['rss_target_gib']:.0f} GiB: "
+                   f"{met(within)}), {ours['gb_per_s'] / peer['gb_per_s']:.2f}× mergekit's throughput; the version "
+                   f"is {ours['version_dtype']} in {ours['version_files']} shards.")
+    out += ["", "What a Mergeline job does that mergekit does not, inside the same wall time: it hashes every input "
+            "(sha256, for the manifest), merges continually (task 1 onto the base, then task 2 onto that head, the "
+            "head between them held exactly in a float32 scratch file; TIES finds its exact global top-k threshold "
+            "in two extra passes), and copies and hashes the version into the lineage store. mergekit merges both "
+            "tasks at once, in one pass, with a per-tensor top-k for TIES.", ""]
+    return out
+
+
+def splice_section(doc: Path, name: str, lines: list[str]) -> None:
+    """Replace (or append) the part of `doc` between the `<!-- name -->` markers with `lines`."""
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    text = doc.read_text() if doc.exists() else ""
+    block = "\n".join([start, *lines, end])
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    doc.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--command", default="bench/run_all")
@@ -269,6 +319,9 @@ def main(argv: list[str] | None = None) -> None:
         lines += section
     results = [(n, x) for n, x in (("accuracy", acc), ("peers", peers), ("engine_cost", cost),
                                    ("service_load", svc)) if x]
+    big = ROOT / "bench" / "results" / "big_merge.json"
+    if big.exists():
+        lines += ["<!-- big-merge -->", *big_merge_section(json.loads(big.read_text())), "<!-- /big-merge -->", ""]
     lines += ["## When and where each part was measured", "", "| part | written | machine load (1-min avg) |",
               "| --- | --- | ---: |"]
     for name, x in results:

@@ -402,6 +402,8 @@ def _tune_head(family: Family, loaded: LoadedBase, tower: Tensors, task: StepTas
 def _accuracies(family: Family, loaded: LoadedBase, tower: Tensors, tasks: list[EvalTask],
                 device: torch.device) -> dict[str, float]:
     """Each task's accuracy under `tower`, moved to the device once for all of them."""
+    if not tasks:
+        return {}  # nothing to measure: a streamed tower stays on disk
     on_device = {k: v.to(device) for k, v in tower.items()}
     return {t.name: round(accuracy(family, loaded, on_device, t.data, t.head, device=device, field=t.field), 6)
             for t in tasks}

@@ -27,7 +27,7 @@ from engine.tensorfiles import (
     shape_of,
 )
 
-PIECE_NUMEL = 1 << 24  # elements per block of rows (64 MB in float32)
+PIECE_NUMEL = 1 << 22  # elements per block of rows (16 MB in float32)
 SCRATCH_SHARD_BYTES = 1 << 62  # scratch towers are one file each
 _counter = itertools.count()
 
