@@ -77,7 +77,8 @@ def write_models(root: Path, cfg: dict) -> list[Path]:
     from transformers import LlamaConfig
 
     folders = [root / name for name in ("base", "task0", "task1")]
-    config = LlamaConfig(**cfg, max_position_embeddings=2048, tie_word_embeddings=False, dtype="bfloat16")
+    config = LlamaConfig(**cfg, max_position_embeddings=2048, tie_word_embeddings=False, dtype="bfloat16",
+                         architectures=["LlamaForCausalLM"])
     shapes = llama_shapes(cfg)
     plan = shard_plan(shapes)
     names = [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]

@@ -210,14 +210,21 @@ def test_a_sharded_input_merges_like_the_single_file(tmp_path):
     assert sha == [f["sha256"] for f in single["manifest"]["files"] if f["path"] == "model.safetensors"]
 
 
-@pytest.mark.parametrize("bad", ["../b.safetensors", "/etc/passwd", "sub/b.safetensors", "missing.safetensors"])
-def test_a_shard_index_naming_a_file_outside_its_folder_is_refused(tmp_path, bad):
+@pytest.mark.parametrize(("bad", "why"), [("../b.safetensors", "outside its folder"), ("{abs}", "outside its folder"),
+                                         ("sub/b.safetensors", "outside its folder"),
+                                         ("missing.safetensors", "missing shard")])
+def test_a_shard_index_naming_a_file_outside_its_folder_is_refused(tmp_path, bad, why):
     folder = shard(tmp_path)
+    (folder / "sub").mkdir()
+    for outside in (tmp_path / "b.safetensors", folder / "sub" / "b.safetensors"):  # real files, outside the folder
+        outside.write_bytes((folder / "b.safetensors").read_bytes())
     index = json.loads((folder / "model.safetensors.index.json").read_text())
-    index["weight_map"]["norm.weight"] = bad
+    for key, name in index["weight_map"].items():
+        if name == "b.safetensors":
+            index["weight_map"][key] = bad.format(abs=tmp_path / "b.safetensors")
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     _, tasks = write_world(tmp_path / "in", n_tasks=1)
-    with pytest.raises(InvalidInput, match="outside its folder|missing shard"):
+    with pytest.raises(InvalidInput, match=why):
         run(tmp_path, folder, tasks)
     assert LineageStore((tmp_path / "store").as_uri()).get_lineage("default", "big") is None
 

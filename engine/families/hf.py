@@ -100,7 +100,7 @@ class HFFamily(Family):
 
     def load_checkpoint(self, checkpoint: Fetched, base: LoadedBase, *, field: str) -> Tensors:
         path = Path(checkpoint.path)
-        state = _read_weights(path, field) if path.is_dir() else load_state_dict(path, field=field)
+        state = _read_weights(path, field) if path.is_dir() else open_state_dict(path, field=field)
         return self._tower_of(state, base, field=field, what="checkpoint")
 
     def load_version(self, folder: Path, base: LoadedBase) -> Tensors:
