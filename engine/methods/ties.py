@@ -92,6 +92,8 @@ class Ties(Method):
     """δ = τ_t at the first step, else TIES([θ − θ0, τ_t]) with the top `top_k`% of each vector kept;
     θ ← θ + λ·δ with λ = `scaling_factor`."""
 
+    elementwise = True  # the thresholds are global scalars; everything else is entry by entry
+
 
     def step(self, inp: StepInput) -> StepOutput:
         params: TiesParams = inp.params
