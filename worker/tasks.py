@@ -203,7 +203,7 @@ def execute_job(ctx: WorkerContext, job_id: str) -> str:
             else:
                 status, outcome = "cancelled", {"error": {"type": "cancelled", "message": "cancelled by request"}}
         except MergelineError as exc:
-            status, outcome = "failed", {"error": {"type": exc.type, "message": exc.message}}
+            status, outcome = "failed", {"error": exc.to_dict()}  # type, message and the failing field (param)
         except Exception as exc:
             log.exception("job failed with an unexpected error")
             message = f"internal error ({type(exc).__name__}); see the worker log"

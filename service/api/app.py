@@ -19,6 +19,7 @@ from core.errors import BrokerUnavailable, MergelineError, RequestTooLarge
 from core.spec import JobSpec
 from service.api.deps import Services
 from service.api.routes import jobs, lineages, ops
+from service.ui import router as ui_router
 
 log = logging.getLogger("mergeline.api")
 
@@ -107,6 +108,7 @@ def create_app(services: Services) -> FastAPI:
     app.state.services = services
     for router in (jobs.router, lineages.router, ops.router):
         app.include_router(router)
+    app.include_router(ui_router, include_in_schema=False)  # the dashboard at /ui: pages only, not in the schema
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
