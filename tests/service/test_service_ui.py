@@ -305,3 +305,17 @@ def test_ui_pages_are_outside_the_api_schema_and_send_a_strict_csp(cluster):
     assert httpx.get(f"{cluster['url']}/ui/static/ui.js").headers["content-type"].startswith("text/javascript")
     assert httpx.get(f"{cluster['url']}/ui/static/..%2Fapp.py").status_code == 404
 
+
+
+def test_every_page_and_static_file_is_package_data():
+    """The wheel ships the templates and static files (pyproject's package-data names them by pattern)."""
+    import fnmatch
+    import tomllib
+
+    import service.ui
+
+    root = Path(service.ui.__file__).parent
+    patterns = tomllib.loads((root.parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+             and p.suffix != ".py"]
+    assert files and all(any(fnmatch.fnmatch(f, pat) for pat in patterns["service.ui"]) for f in files), files

@@ -225,7 +225,7 @@ function lineChart(labels, series) {
 
 function accuracyTable(table, labels, series) {
   table.tHead.replaceChildren(el("tr", {}, el("th", { scope: "col" }, "Task"),
-    labels.map((l) => el("th", { scope: "col" }, l))));
+    labels.map((l) => el("th", { scope: "col", class: "num" }, l))));
   table.tBodies[0].replaceChildren(...series.map((s) => el("tr", { "data-series": s.name },
     el("th", { scope: "row" }, s.name), s.values.map((v) => el("td", { class: "num" }, pct(v))))));
 }
@@ -398,6 +398,7 @@ class JobView {
 
   renderProgress(job) {
     const p = job.progress;
+    $("#progress-box").hidden = !p && this.final;
     if (!p) {
       $("#progress-text").textContent = job.status === "queued" ? "Queued: waiting for a worker." : "No step taken.";
       return;
