@@ -190,27 +190,31 @@ def test_lineage_page_charts_accuracy_and_serves_versions(cluster, browser, acme
 def test_job_page_follows_a_running_job_live_and_cancels_it(cluster, browser, acme):
     inputs = cluster["inputs"]
     job = acme.submit(spec(inputs, "slow", [task(inputs, 0), task(inputs, 1)], steps=20_000))  # runs till cancelled
-    page = open_page(browser)
-    sign_in(page, cluster["url"], "tok-acme", f"/ui/jobs/{job['id']}")
-    page.evaluate("window.stillTheSamePage = true")
-    step = page.locator("#progress-text")
-    shown_step = lambda: int(step.get_attribute("data-step") or 0)  # noqa: E731
-    wait_for(page, lambda: "task 2/2" in step.inner_text() and shown_step() >= 2, timeout=120)
-    first = shown_step()
-    wait_for(page, lambda: shown_step() > first + 2 and "ETA –" not in step.inner_text())
-    assert re.search(r"task 2/2 · step \d+/20000 · loss [\d.e+-]+ · ETA [\d.]+ (s|min|h)", step.inner_text()), \
-        step.inner_text()
-    assert page.evaluate("window.stillTheSamePage"), "progress moved without a reload"
-    assert page.inner_text("#status") == "running" and "(live)" in page.inner_text("#live")
-    page.wait_for_selector('#events li[data-type="task_started"]')
-    shot(page, "job-running")
+    try:
+        page = open_page(browser)
+        sign_in(page, cluster["url"], "tok-acme", f"/ui/jobs/{job['id']}")
+        page.evaluate("window.stillTheSamePage = true")
+        step = page.locator("#progress-text")
+        shown_step = lambda: int(step.get_attribute("data-step") or 0)  # noqa: E731
+        wait_for(page, lambda: "task 2/2" in step.inner_text() and shown_step() >= 2, timeout=120)
+        first = shown_step()
+        wait_for(page, lambda: shown_step() > first + 2 and "ETA –" not in step.inner_text())
+        assert re.search(r"task 2/2 · step \d+/20000 · loss [\d.e+-]+ · ETA [\d.]+ (s|min|h)", step.inner_text()), \
+            step.inner_text()
+        assert page.evaluate("window.stillTheSamePage"), "progress moved without a reload"
+        assert page.inner_text("#status") == "running" and "(live)" in page.inner_text("#live")
+        page.wait_for_selector('#events li[data-type="task_started"]')
+        shot(page, "job-running")
 
-    page.focus("#cancel")
-    page.keyboard.press("Enter")
-    page.wait_for_selector("#status.cancelled", timeout=60_000)
-    assert acme.get(job["id"])["status"] == "cancelled"
-    page.wait_for_selector('#events li[data-type="cancelled"]')
-    assert page.is_hidden("#cancel") and page.inner_text("#live") == ""
+        page.focus("#cancel")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#status.cancelled", timeout=60_000)
+        assert acme.get(job["id"])["status"] == "cancelled"
+        page.wait_for_selector('#events li[data-type="cancelled"]')
+        assert page.is_hidden("#cancel") and page.inner_text("#live") == ""
+    finally:  # never leave the worker busy for the tests after this one
+        if acme.get(job["id"])["status"] not in ("succeeded", "failed", "cancelled"):
+            acme.cancel(job["id"])
     page.context.close()
 
 
