@@ -88,7 +88,8 @@ def cluster(redis_db, tmp_path_factory):
             s3.upload_file(str(inputs["root"] / name), "models", f"clip/{name}")
         prefix = f"e2e{uuid.uuid4().hex[:8]}"
         env = {**os.environ, "MERGELINE_BROKER_URL": redis_db, "MERGELINE_KEY_PREFIX": prefix,
-               "MERGELINE_QUEUE": prefix, "MERGELINE_API_TOKENS": TOKENS, "MERGELINE_STORE": "s3://lineages/prod",
+               "MERGELINE_QUEUE": prefix, "MERGELINE_API_TOKENS": TOKENS,
+               "MERGELINE_METRICS_TOKEN": "metrics-token", "MERGELINE_STORE": "s3://lineages/prod",
                "MERGELINE_ALLOWED_ROOTS": str(inputs["root"]), "MERGELINE_DEVICE": "cpu",
                "MERGELINE_LEASE_TTL_S": "4", "MERGELINE_RECONCILE_INTERVAL_S": "1",
                "MERGELINE_WEBHOOK_ALLOW_PRIVATE": "true", "MERGELINE_WEBHOOK_BACKOFF_S": "0.2",
@@ -175,7 +176,7 @@ def test_job_runs_with_progress_downloads_and_makes_v2(cluster, acme, receiver, 
     assert json.loads(body)["id"] == job["id"] and json.loads(body)["status"] == "succeeded"
     import httpx
 
-    metrics = httpx.get(f"{cluster['url']}/metrics").text
+    metrics = httpx.get(f"{cluster['url']}/metrics", headers={"Authorization": "Bearer metrics-token"}).text
     assert "mergeline_step_duration_seconds_count" in metrics and "mergeline_store_bytes_written_total" in metrics
 
 
