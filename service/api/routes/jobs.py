@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette.sse import EventSourceResponse
 
-from core.errors import BadRequest, MergelineError
+from core.errors import MergelineError
 from core.jobs import public_job
 from core.names import LINEAGE_PATTERN
 from core.spec import parse_body, parse_job_spec
