@@ -1,4 +1,4 @@
-"""Writes docs/benchmarks.md from the result files of the bench scripts (bench/.cache/results/*.json).
+"""Writes docs/benchmarks.md from the result files of the bench scripts (bench/results/*.json).
 
     .venv/bin/python -m bench.report [--command "bench/run_all"] [--seconds N]
 """
