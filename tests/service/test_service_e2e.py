@@ -250,6 +250,15 @@ def test_tenants_cannot_see_each_other(cluster, acme):
             with pytest.raises(ApiError) as info:
                 call()
             assert info.value.status == 404
+        # The store's own objects are no input: another tenant's version fails as a missing object does.
+        errors = []
+        for version in (1, 999):
+            uri = f"s3://lineages/prod/acme/{some['lineage']}/v{version}/model.safetensors"
+            job = globex.submit(spec(cluster["inputs"], "theft", [{**task(cluster["inputs"], 0), "checkpoint": uri}],
+                                     method="task_arithmetic"))
+            final = wait_final(globex, job["id"])
+            errors.append((final["status"], final["error"]["type"], final["error"]["message"].replace(uri, "URI")))
+        assert errors[0] == errors[1] and errors[0][:2] == ("failed", "fetch_failed")
     with MergelineClient(cluster["url"], "wrong") as nobody, pytest.raises(ApiError) as info:
         nobody.list()
     assert info.value.status == 401
