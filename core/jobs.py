@@ -9,17 +9,24 @@ Keys (all under the configured prefix P):
   P:lq:{tenant}:{name}       zset of the lineage's unfinished jobs by sequence: the first one may run
   P:lease:{tenant}:{name}    "job_id:token" of the attempt running the lineage's first job; expires unless renewed
   P:active                   "tenant/name" of every lineage with unfinished jobs (swept by `reconcile`)
+  P:sent:{id}                a message for the job is in the broker queue, not yet taken by a worker (expires)
   P:counts                   hash status -> number of jobs that are (or ended) in it
 
 Ordering: a job's Celery message is sent when it becomes the first of its lineage queue (at submission when
 nothing is ahead of it, else by the job ahead when that one finishes). A worker runs a job only while it holds
 the lineage lease; a worker that dies stops renewing it, and `reconcile` (run by every worker every few seconds)
 re-sends the first job of any lineage whose lease has lapsed. A duplicate message is harmless: it finds the job
-finished, not first, or leased, and does nothing.
+finished, not first, or leased, and does nothing; and a job is not re-sent while a message for it waits in the
+broker queue (`P:sent:{id}`), so a lineage queued behind busy workers does not grow the queue.
+
+A record that vanished (Redis restarted without its AOF) is never re-created piecemeal: worker-side writes go
+through scripts that touch a job's keys only while its record exists, and a record missing any contract field reads
+as absent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -41,8 +48,28 @@ log = logging.getLogger("mergeline.jobs")
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 MAX_EVENTS = 5000
+SENT_TTL_S = 600  # a message not taken by any worker this long is presumed lost, and the reconciler sends another
+RECORD_FIELDS = ("id", "tenant", "lineage", "status", "method", "created_at")
+
+# Set the progress only while the record exists; returns the cancel flag, or false when the record is gone.
+_PROGRESS_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+redis.call('HSET', KEYS[1], 'progress', ARGV[1])
+return redis.call('HGET', KEYS[1], 'cancel') or '0'
+"""
+# Append an event (trimmed to the newest ARGV[2]) only while the record exists; returns whether it did.
+_EVENT_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
+return 1
+"""
 
 Send = Callable[[str], None]
+
+
+class RecordLost(Exception):
+    """The job's record is gone from Redis (restarted without persistence): its attempt must stop."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +96,11 @@ def connect(url: str) -> redis.Redis:
 
 def body_hash(body: Any) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def is_complete(record: dict) -> bool:
+    """A record with every field the contract's Job needs (not one a stray write left behind)."""
+    return all(record.get(field) for field in RECORD_FIELDS)
 
 
 def public_job(record: dict) -> dict:
@@ -103,6 +135,8 @@ class JobStore:
         self.lease_ms = int(lease_ttl_s * 1000)
         self.max_attempts = max_attempts
         self.send = send
+        self._progress_if_exists = client.register_script(_PROGRESS_IF_EXISTS)
+        self._event_if_exists = client.register_script(_EVENT_IF_EXISTS)
 
     @classmethod
     def from_settings(cls, settings: Settings, send: Send | None = None,
@@ -129,6 +163,9 @@ class JobStore:
 
     def _lease(self, tenant: str, lineage: str) -> str:
         return f"{self.p}:lease:{tenant}:{lineage}"
+
+    def _sent(self, job_id: str) -> str:
+        return f"{self.p}:sent:{job_id}"
 
     @property
     def _active(self) -> str:
@@ -202,7 +239,7 @@ class JobStore:
             return None
         with redis_errors():
             record = self.r.hgetall(self._job(job_id))
-        return record or None
+        return record if is_complete(record) else None
 
     def get(self, tenant: str, job_id: str) -> dict:
         """The tenant's job; another tenant's job is as absent as a missing one."""
@@ -232,10 +269,11 @@ class JobStore:
                     for job_id, _ in ids:
                         pipe.hgetall(self._job(job_id))
                     records = pipe.execute()
-                stale = [job_id for (job_id, _), rec in zip(ids, records, strict=True) if not rec]
-                if stale:  # records expired (job_ttl_s): drop them from the index as we pass
+                stale = [job_id for (job_id, _), rec in zip(ids, records, strict=True) if not is_complete(rec)]
+                if stale:  # records expired (job_ttl_s) or lost: drop them from the index as we pass
                     self.r.zrem(index, *stale)
-                found += [rec for rec in records if rec and (status is None or rec["status"] == status)]
+                found += [rec for rec in records
+                          if is_complete(rec) and (status is None or rec["status"] == status)]
                 top = f"({int(ids[-1][1])}"
         return found[:limit], len(found) > limit
 
@@ -272,8 +310,9 @@ class JobStore:
             while True:
                 try:
                     pipe.watch(self._job(job_id))
+                    pipe.delete(self._sent(job_id))  # this message is taken: a lost attempt may be re-sent
                     record = pipe.hgetall(self._job(job_id))
-                    if not record:
+                    if not is_complete(record):
                         return Acquired("missing")
                     if record["status"] in FINAL:
                         return Acquired("final", record)
@@ -340,21 +379,56 @@ class JobStore:
                 return False
 
     def update_progress(self, job_id: str, progress: dict) -> bool:
-        """Store the progress; returns whether cancellation was requested (one round trip for both)."""
-        with redis_errors(), self.r.pipeline(transaction=False) as pipe:
-            pipe.hset(self._job(job_id), "progress", json.dumps(progress))
-            pipe.hget(self._job(job_id), "cancel")
-            return pipe.execute()[1] == "1"
+        """Store the progress; returns whether cancellation was requested (one round trip for both). Raises
+        RecordLost when the record is gone rather than re-creating it without its other fields."""
+        with redis_errors():
+            cancel = self._progress_if_exists(keys=[self._job(job_id)], args=[json.dumps(progress)])
+        if cancel is None:
+            raise RecordLost(f"the record of job {job_id} is gone from the job store")
+        return cancel == "1"
 
     def cancel_requested(self, job_id: str) -> bool:
         with redis_errors():
             return self.r.hget(self._job(job_id), "cancel") == "1"
 
     def add_event(self, job_id: str, type: str, message: str, data: dict | None = None) -> None:
-        with redis_errors(), self.r.pipeline(transaction=False) as pipe:
-            pipe.rpush(self._events(job_id), _event(type, message, data))
-            pipe.ltrim(self._events(job_id), -MAX_EVENTS, -1)
-            pipe.execute()
+        """Append an event; raises RecordLost when the record is gone (no orphan event list is left)."""
+        with redis_errors():
+            added = self._event_if_exists(keys=[self._job(job_id), self._events(job_id)],
+                                          args=[_event(type, message, data), MAX_EVENTS])
+        if not added:
+            raise RecordLost(f"the record of job {job_id} is gone from the job store")
+
+    def record_lost(self, record: dict, status: str, *, result: dict | None = None,
+                    error: dict | None = None) -> dict | None:
+        """Write the final record of a job whose record vanished while it ran, from the attempt's own copy (whole,
+        so `GET` shows how it ended); None when a record exists again (nothing is overwritten)."""
+        final = {**record, "status": status, "finished_at": utc_now()}
+        final.pop("progress", None)
+        if result is not None:
+            final["result"] = json.dumps(result)
+        if error is not None:
+            final["error"] = json.dumps(error)
+        with redis_errors(), self.r.pipeline() as pipe:
+            try:
+                pipe.watch(self._job(record["id"]))
+                if pipe.exists(self._job(record["id"])):
+                    return None
+                pipe.multi()
+                pipe.hset(self._job(record["id"]), mapping=final)
+                pipe.expire(self._job(record["id"]), self.job_ttl_s)
+                pipe.zadd(self._index(record["tenant"]), {record["id"]: int(record["seq"])})
+                pipe.zadd(self._index(record["tenant"], record["lineage"]), {record["id"]: int(record["seq"])})
+                pipe.hincrby(self._counts, status, 1)
+                pipe.rpush(self._events(record["id"]), _event(
+                    status, "the job store lost this job's record while it ran; this is how it ended",
+                    {"error": error} if error else None))
+                pipe.expire(self._events(record["id"]), self.job_ttl_s)
+                pipe.execute()
+            except WatchError:
+                return None
+        self._notify(final)
+        return final
 
     def finish(self, job_id: str, token: str | None, status: str, *, result: dict | None = None,
                error: dict | None = None) -> dict | None:
@@ -365,7 +439,7 @@ class JobStore:
                 try:
                     pipe.watch(self._job(job_id))
                     record = pipe.hgetall(self._job(job_id))
-                    if not record:
+                    if not is_complete(record):
                         return None
                     if record["status"] in FINAL:
                         return record
@@ -423,7 +497,14 @@ class JobStore:
                 return None
             if throttle_ms and not self.r.set(f"{self.p}:kick:{tenant}:{lineage}", "1", nx=True, px=throttle_ms):
                 return None
-        self.send(first[0])
+            if not self.r.set(self._sent(first[0]), "1", nx=True, ex=SENT_TTL_S):
+                return None  # a message for it still waits in the broker queue
+        try:
+            self.send(first[0])
+        except BaseException:
+            with contextlib.suppress(RedisError):
+                self.r.delete(self._sent(first[0]))
+            raise
         return first[0]
 
     def reconcile(self, *, throttle_ms: int = 5000) -> list[str]:

@@ -17,6 +17,7 @@ class Settings(BaseSettings):
     store: str = "file://./mergeline-data/store"
     broker_url: str | None = None
     api_tokens: str | None = None
+    metrics_token: str | None = Field(default=None, description="bearer token for /metrics; unset: /metrics is off")
     allowed_roots: str | None = Field(default=None, description="comma-separated file:// roots; default: cwd")
     allow_http: bool = False
     allow_private_http: bool = Field(default=False, description="let http(s) URIs reach private addresses")

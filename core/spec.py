@@ -19,16 +19,56 @@ from pydantic import (
     model_validator,
 )
 
-from core.errors import InvalidInput
+from core.errors import BadRequest, InvalidInput
 from core.families import FAMILIES, FamilyName
 from core.methods import METHODS, CommonParams
 from core.names import LINEAGE_PATTERN, TASK_PATTERN
 
 URI_SCHEMES = ("file://", "s3://", "http://", "https://")
+MAX_BODY_DEPTH = 32  # a job spec nests about 6 levels deep; an inline arch a few more
+MAX_ARCH_DEPTH = 8
+MAX_ARCH_BYTES = 64 * 1024
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown keys are errors, and no value is coerced into another type ("10" or true is not an integer)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def json_depth(value: Any) -> int:
+    """How deeply a decoded JSON value nests (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            depth += 1
+            deepest = max(deepest, depth)
+            stack += [(v, depth) for v in (item.values() if isinstance(item, dict) else item)]
+    return deepest
+
+
+def parse_body(raw: bytes) -> Any:
+    """A request body as JSON, refused (BadRequest) when malformed or nested deeper than any job spec is."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        body = None
+    if body is None or json_depth(body) > MAX_BODY_DEPTH:
+        raise BadRequest(f"the request body nests deeper than {MAX_BODY_DEPTH} levels")
+    return body
+
+
+def _check_arch(v: Any) -> Any:
+    """Inline configs are bounded before anything builds a model from them."""
+    if isinstance(v, dict):
+        if json_depth(v) > MAX_ARCH_DEPTH:
+            raise ValueError(f"an inline config nests at most {MAX_ARCH_DEPTH} levels deep")
+        if len(json.dumps(v)) > MAX_ARCH_BYTES:
+            raise ValueError(f"an inline config is at most {MAX_ARCH_BYTES} bytes of JSON")
+    return v
 
 
 def _check_uri(v: str | None) -> str | None:
@@ -51,6 +91,7 @@ class BaseModelSpec(Strict):
     uri: Uri
 
     _uri = field_validator("uri")(classmethod(lambda cls, v: _check_uri(v)))
+    _arch_bounds = field_validator("arch")(classmethod(lambda cls, v: _check_arch(v)))
 
     @model_validator(mode="after")
     def _arch(self) -> BaseModelSpec:

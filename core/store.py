@@ -10,13 +10,18 @@ Committing version n:
   3. every file is written, then the manifest (exclusively): the version exists from that moment on;
   4. `lineage.json` is replaced with the new head.
 A crash anywhere leaves the head at a complete version. Readers treat `lineage.json`'s head as a hint and step
-forward over any manifest written after it, so a crash between 3 and 4 loses nothing.
+forward over any manifest written after it, so a crash between 3 and 4 loses nothing, and a failure to write
+`lineage.json` after the manifest does not fail the commit. A failure before the manifest (a full disk, a store
+error) removes what was written of the version, its claim included, so the next job on the lineage goes ahead.
+Error messages never name the store's root or object paths (those go to the log).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +32,8 @@ from core.errors import Conflict, InvalidInput, MergelineError, NotFound, StoreU
 from core.ids import utc_now
 from core.names import is_lineage_name, is_tenant_name
 from core.objects import store_for_root
+
+log = logging.getLogger("mergeline.store")
 
 LINEAGE_FILE = "lineage.json"
 MANIFEST_FILE = "manifest.json"
@@ -75,6 +82,18 @@ def _manifest_entry(manifest: dict, name: str, version: int, path: str) -> dict:
     return entry
 
 
+def _reason(exc: Exception) -> str:
+    """A store failure's kind without its text (which names the store's paths or endpoint)."""
+    errno = next((e.errno for e in (exc, exc.__cause__, exc.__context__) if isinstance(e, OSError) and e.errno),
+                 None)
+    text = str(exc)
+    for marker in ("No space left", "File too large", "Permission denied", "Read-only file system",
+                   "Connection refused", "timed out"):
+        if marker in text:
+            return marker.lower()
+    return type(exc).__name__ if errno is None else f"errno {errno}"
+
+
 def _safe_rel_path(path: str) -> str:
     parts = Path(path).parts
     if not parts or path.startswith("/") or ".." in parts or path != Path(path).as_posix():
@@ -105,7 +124,8 @@ class LineageStore:
         except Exception as exc:
             if type(exc).__name__ == "AlreadyExistsError":
                 raise
-            raise StoreUnavailable(f"lineage store {self.root}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+            log.warning("lineage store call failed", extra={"reason": f"{type(exc).__name__}: {exc}"[:2000]})
+            raise StoreUnavailable(f"the lineage store failed ({_reason(exc)}); see the service log") from None
 
     def _get_json(self, key: str) -> dict | None:
         import obstore
@@ -265,19 +285,53 @@ class LineageStore:
 
         version = parent + 1
         self._claim(tenant, name, version, job_id)
+        written: list[str] = []
+        try:
+            stored = self._write_version(tenant, name, version, parent, files, manifest, job_id, written)
+        except Conflict:
+            raise  # another writer's version: nothing of it is ours to remove
+        except BaseException:
+            self._release(tenant, name, version, job_id, written)
+            raise
+        head_doc = {**lineage, "head": version, "updated_at": stored["created_at"]}
+        try:
+            self._put(self._key(tenant, name, LINEAGE_FILE), json.dumps(head_doc, indent=2).encode())
+        except StoreUnavailable:
+            # The manifest is written, so the version exists: readers step over a stale head pointer.
+            log.warning("version committed but lineage.json not updated", extra={"lineage": name, "version": version})
+        return stored
+
+    def _write_version(self, tenant: str, name: str, version: int, parent: int, files: list[FileToCommit],
+                       manifest: dict, job_id: str, written: list[str]) -> dict:
+        """Every file of the version, then its manifest; `written` collects the keys put so far."""
         entries = []
         for item in files:
             rel = _safe_rel_path(item.path)
             entries.append({"path": rel, "bytes": item.local.stat().st_size, "sha256": file_sha256(item.local)})
-            self._put_file(self._key(tenant, name, version_folder(version), rel), item.local)
+            key = self._key(tenant, name, version_folder(version), rel)
+            written.append(key)
+            self._put_file(key, item.local)
         stored = {**manifest, "version": version, "parent": parent, "job_id": job_id,
                   "created_at": utc_now(), "files": entries}
         body = json.dumps(stored, indent=2, sort_keys=False).encode()
         if not self._put(self._key(tenant, name, version_folder(version), MANIFEST_FILE), body, create=True):
             raise Conflict(f"version {version} of {name!r} was committed by another writer", param="parent_version")
-        head_doc = {**lineage, "head": version, "updated_at": stored["created_at"]}
-        self._put(self._key(tenant, name, LINEAGE_FILE), json.dumps(head_doc, indent=2).encode())
         return stored
+
+    def _release(self, tenant: str, name: str, version: int, job_id: str, written: list[str]) -> None:
+        """Remove a version that failed before its manifest: its files, then its claim (if still this job's).
+        Best effort: whatever stays behind is taken over once the claim's TTL lapses."""
+        import obstore
+
+        with contextlib.suppress(Exception):
+            if self._exists(self._key(tenant, name, version_folder(version), MANIFEST_FILE)):
+                return  # the manifest made it after all: the version exists
+            for key in written:
+                with contextlib.suppress(FileNotFoundError):
+                    self._call(obstore.delete, self._store, key)
+            claim = self._key(tenant, name, version_folder(version), CLAIM_FILE)
+            if (self._get_json(claim) or {}).get("job_id") == job_id:
+                self._call(obstore.delete, self._store, claim)
 
     def _claim(self, tenant: str, name: str, version: int, job_id: str) -> None:
         """Become the only writer of `version`, or raise Conflict. A claim left by a writer that died (older than

@@ -1,6 +1,7 @@
 """Reading the URIs a job spec names, under the configured policy, into a job's private work directory.
 
-`file://` reads only below the allowed roots (`..` and symlinks that lead out are refused); `s3://` reads from
+`file://` reads only regular files and folders below the allowed roots (`..` and symlinks that lead out are
+refused, and FIFOs or devices are never opened); `s3://` reads from
 any S3-compatible endpoint; `http(s)://` is off unless configured, and never reaches loopback, private or
 link-local addresses unless that too is configured. Every input's sha256 is recorded for the manifest.
 """
@@ -129,8 +130,12 @@ class UriReader:
                     raise AccessDenied(f"{uri}: {inner.name} links outside the allowed roots", param=field)
                 if self._store.overlaps_path(target):
                     raise missing
+                if not (target.is_dir() or target.is_file()):
+                    raise FetchFailed(f"{uri}: {inner.name} is not a regular file", param=field)
             digest, size = dir_sha256(path, self._local_sha256)
             return Fetched(uri, path, digest, size)
+        if not path.is_file():  # a FIFO or device would block or never end: never opened
+            raise FetchFailed(f"{uri}: not a regular file", param=field)
         return Fetched(uri, path, self._local_sha256(path), path.stat().st_size)
 
     def _local_sha256(self, path: Path) -> str:

@@ -42,7 +42,7 @@ from core.uris import Fetched, UriReader
 from engine.evaluate import accuracy
 from engine.families import get_family
 from engine.families.base import Family, LoadedBase, Tensors
-from engine.heads import check_head_data, tune_head
+from engine.heads import check_eval_data, check_head_data, tune_head
 from engine.inputs import Inputs
 from engine.methods import get_method
 from engine.methods.base import Method, MethodState, StepInput, StepOutput
@@ -278,13 +278,17 @@ def _load_head(store: LineageStore, tenant: str, spec: JobSpec, family: Family, 
 
 
 def _job_evals(family: Family, loaded: LoadedBase, tasks: list[TaskInputs], merged_before: int) -> dict[str, EvalTask]:
-    """The eval sets and heads this job's tasks name; the tasks follow the lineage's `merged_before` ones."""
-    return {
+    """The eval sets and heads this job's tasks name (checked against each other); the tasks follow the lineage's
+    `merged_before` ones."""
+    evals = {
         t.spec.name: EvalTask(t.spec.name, merged_before + i + 1,
                               family.load_inputs(t.eval, loaded, labelled=True, field=f"{t.field}.eval"),
                               load_state_dict(t.head.path, field=f"{t.field}.head"), f"{t.field}.head")
         for i, t in enumerate(tasks) if t.eval is not None
     }
+    for t in evals.values():
+        check_eval_data(t.data, t.head, field=t.field.removesuffix(".head") + ".eval", head_field=t.field)
+    return evals
 
 
 def _lineage_evals(store: LineageStore, tenant: str, spec: JobSpec, family: Family, loaded: LoadedBase,

@@ -22,7 +22,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ex
 
 from core import logs
 from core.errors import BrokerUnavailable, JobCancelled, MergelineError
-from core.jobs import JobStore, public_job
+from core.jobs import JobStore, RecordLost, public_job
 from core.metrics import RedisMetrics
 from core.queue import TASK_NAME
 from core.settings import Settings
@@ -135,6 +135,10 @@ class RecordProgress:
             cancelled = type not in self.NEVER_STOP and self.ctx.jobs.cancel_requested(self.job_id)
         except BrokerUnavailable:
             return
+        except RecordLost:
+            if type in self.NEVER_STOP:
+                return  # committed: the worker writes the record back as succeeded
+            raise
         if cancelled:
             raise JobCancelled("cancelled at a step boundary")
 
@@ -155,7 +159,7 @@ def strict_json(value: Any) -> Any:
 
 
 def _committed_by(store: LineageStore, tenant: str, lineage: str, job_id: str) -> dict | None:
-    """The version this job committed, if the lineage head is it (a cancel that raced the commit)."""
+    """The version this job committed, if the lineage head is it (a failure or cancel after the manifest)."""
     try:
         doc = store.get_lineage(tenant, lineage)
         if doc and doc["head"] > 0:
@@ -193,15 +197,11 @@ def execute_job(ctx: WorkerContext, job_id: str) -> str:
             result = ctx.engine(spec, ctx.store, RecordProgress(ctx, job_id, keeper), tenant=record["tenant"],
                                 job_id=job_id, settings=ctx.settings)
             status, outcome = "succeeded", {"result": strict_json(result)}
-        except LeaseLost:
-            log.warning("job abandoned: lease lost")
-            return "lease_lost"
+        except (LeaseLost, RecordLost):
+            keeper.stop()
+            return _abandon(ctx, record)
         except JobCancelled:
-            committed = _committed_by(ctx.store, record["tenant"], record["lineage"], job_id)
-            if committed is not None:
-                status, outcome = "succeeded", {"result": committed}
-            else:
-                status, outcome = "cancelled", {"error": {"type": "cancelled", "message": "cancelled by request"}}
+            status, outcome = "cancelled", {"error": {"type": "cancelled", "message": "cancelled by request"}}
         except MergelineError as exc:
             status, outcome = "failed", {"error": exc.to_dict()}  # type, message and the failing field (param)
         except Exception as exc:
@@ -210,13 +210,44 @@ def execute_job(ctx: WorkerContext, job_id: str) -> str:
             status, outcome = "failed", {"error": {"type": "internal", "message": message}}
         finally:
             keeper.stop()
+        if status != "succeeded":
+            # A version whose manifest is written exists, whatever failed after it (the head pointer, a cancel
+            # that raced the commit): the job's status follows the store.
+            committed = _committed_by(ctx.store, record["tenant"], record["lineage"], job_id)
+            if committed is not None:
+                status, outcome = "succeeded", {"result": committed}
         final = _finish(ctx.jobs, job_id, token, status, **outcome)
-        if final is None:
-            log.warning("job outcome not recorded: lease lost", extra={"status": status})
-            return "lease_lost"
+        if final is None:  # the lease or the whole record was lost meanwhile
+            return _abandon(ctx, record)
         log.info("job finished", extra={"status": final["status"], "seconds": round(time.monotonic() - started, 3)})
         _after(ctx, final, started, measured=True)
         return final["status"]
+
+
+def _abandon(ctx: WorkerContext, record: dict) -> str:
+    """Stop an attempt that lost its lease or its record. Another attempt holding the lease owns the job; but when
+    the record itself is gone (Redis came back without its data), the job is written back as it ended, whole:
+    `succeeded` if its version was committed, else `failed` with `job_lost`, so that it never vanishes silently."""
+    try:
+        if _record_exists(ctx.jobs, record["id"]):
+            log.warning("job abandoned: lease lost")
+            return "lease_lost"
+        committed = _committed_by(ctx.store, record["tenant"], record["lineage"], record["id"])
+        outcome = {"result": committed} if committed is not None else {"error": {
+            "type": "job_lost", "message": "the job store lost this job's record while it ran (Redis restarted "
+                                           "without persistence); nothing was committed: submit it again"}}
+        final = ctx.jobs.record_lost(record, "succeeded" if committed is not None else "failed", **outcome)
+    except BrokerUnavailable:
+        log.warning("job abandoned: the job store is unreachable")
+        return "lease_lost"
+    log.warning("job record lost; final record written", extra={"status": final and final["status"]})
+    return "job_lost"
+
+
+@retry(retry=retry_if_exception_type(BrokerUnavailable), stop=stop_after_attempt(6),
+       wait=wait_exponential(multiplier=0.5, max=10), reraise=True)
+def _record_exists(jobs: JobStore, job_id: str) -> bool:
+    return jobs.load(job_id) is not None
 
 
 def _after(ctx: WorkerContext, record: dict, started: float, *, measured: bool = False) -> None:

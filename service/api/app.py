@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -63,6 +64,28 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+class ServerTiming:
+    """`Server-Timing: app;dur=<ms>` on every answer: the API's own time up to the response head, so that load
+    figures can tell it apart from the network and the client (bench/service_load.py)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+
+        async def timed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                duration = f"app;dur={(time.perf_counter() - started) * 1000:.3f}".encode()
+                message = {**message, "headers": [*message.get("headers", []), (b"server-timing", duration)]}
+            await send(message)
+
+        await self.app(scope, receive, timed)
+
+
 def _validation_param(loc: tuple | list) -> tuple[str, str | None]:
     """(where, param) from a FastAPI error location such as ("query", "limit") or ("header", "idempotency-key")."""
     where = str(loc[0]) if loc else "body"
@@ -111,6 +134,7 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(ui_router, include_in_schema=False)  # the dashboard at /ui: pages only, not in the schema
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ServerTiming)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette.sse import EventSourceResponse
 
-from core.errors import BadRequest, MergelineError
+from core.errors import MergelineError
 from core.jobs import public_job
 from core.names import LINEAGE_PATTERN
-from core.spec import parse_job_spec
+from core.spec import parse_body, parse_job_spec
 from core.statuses import FINAL
 from core.uris import check_submission_policy
 from service.api.deps import Jobs, Tenant
@@ -21,6 +22,7 @@ from service.api.models import ERROR_RESPONSES, EventList, Job, JobList, JobStat
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 STREAM_POLL_S = 0.25
+EVENT_ID = re.compile(r"[0-9]{1,9}", re.ASCII)  # what `_stream` sends; anything else restarts from the first event
 
 SUBMIT_BODY = {"requestBody": {"required": True, "description": "the job spec (contract §2)",
                                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}}}}}
@@ -32,11 +34,7 @@ SUBMIT_BODY = {"requestBody": {"required": True, "description": "the job spec (c
 async def submit_job(request: Request, response: Response, tenant: Tenant, jobs: Jobs,
                      idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
                                                                    max_length=255)] = None) -> Any:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    body = parse_body(await request.body())
     spec = parse_job_spec(body)
     check_submission_policy(spec, request.app.state.services.settings)
     record, created = await run_in_threadpool(jobs.create, tenant, spec, body, idempotency_key=idempotency_key)
@@ -73,7 +71,7 @@ async def job_events(job_id: str, request: Request, tenant: Tenant, jobs: Jobs,
     events = await run_in_threadpool(jobs.events, tenant, job_id)  # 404 before any stream starts
     if "text/event-stream" not in request.headers.get("accept", ""):
         return {"data": events}
-    start = int(last_event_id) + 1 if last_event_id and last_event_id.isdigit() else 0
+    start = int(last_event_id) + 1 if last_event_id and EVENT_ID.fullmatch(last_event_id) else 0
     return EventSourceResponse(_stream(request, jobs, tenant, job_id, start), ping=15)
 
 
