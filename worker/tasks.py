@@ -1,12 +1,15 @@
 """The Celery task (thin): take the lineage lease, run the engine, record the outcome, start the next job.
 
 Every worker process also runs two daemon threads (started when the worker is ready): `reconcile`, which re-sends
-the first job of a lineage whose lease lapsed (its worker died), and the webhook delivery loop.
+the first job of a lineage whose lease lapsed (its worker died) and purges deleted lineages past their retention, and
+the webhook delivery loop. Lineage operations (rollback, fork, delete) arrive as `op_...` ids on the same task and
+run under the same lineage lease, so they keep the lineage's job order.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import threading
@@ -185,6 +188,8 @@ def execute_job(ctx: WorkerContext, job_id: str) -> str:
             return acquired.state
         record = acquired.record
         started = time.monotonic()
+        if record.get("kind") == "op":
+            return execute_lineage_op(ctx, record, token)
         log.info("job started", extra={"attempt": int(record["attempts"]), "lineage": record["lineage"]})
         keeper = LeaseKeeper(ctx.jobs, record, token, ctx.settings.lease_ttl_s).start()
         outcome: dict[str, Any] = {}
@@ -217,6 +222,44 @@ def execute_job(ctx: WorkerContext, job_id: str) -> str:
         log.info("job finished", extra={"status": final["status"], "seconds": round(time.monotonic() - started, 3)})
         _after(ctx, final, started, measured=True)
         return final["status"]
+
+
+def apply_lineage_op(store: LineageStore, settings: Settings, tenant: str, lineage: str, op: dict,
+                     op_id: str) -> dict:
+    """Run one lineage operation on the store; returns what the API answers."""
+    if op["op"] == "rollback":
+        return store.rollback(tenant, lineage, op["version"], job_id=op_id)
+    if op["op"] == "fork":
+        return store.fork(tenant, lineage, op["version"], op["name"], job_id=op_id)
+    if op["op"] == "delete":
+        return store.delete_lineage(tenant, lineage, retention_s=settings.retention_days * 86400, job_id=op_id)
+    raise MergelineError(f"unknown lineage operation {op['op']!r}")
+
+
+def execute_lineage_op(ctx: WorkerContext, record: dict, token: str) -> str:
+    """Run a lineage operation that holds the lineage lease, record its outcome and start the lineage's next job."""
+    started = time.monotonic()
+    keeper = LeaseKeeper(ctx.jobs, record, token, ctx.settings.lease_ttl_s).start()
+    try:
+        keeper.confirm()
+        result = apply_lineage_op(ctx.store, ctx.settings, record["tenant"], record["lineage"],
+                                  json.loads(record["spec"]), record["id"])
+        status, outcome = "succeeded", {"result": result}
+    except LeaseLost:
+        return "lease_lost"
+    except MergelineError as exc:
+        status, outcome = "failed", {"error": exc.to_dict()}
+    except Exception as exc:
+        log.exception("lineage operation failed with an unexpected error")
+        status, outcome = "failed", {"error": {"type": "internal", "message": f"internal error ({type(exc).__name__})"}}
+    finally:
+        keeper.stop()
+    final = _finish(ctx.jobs, record["id"], token, status, **outcome)
+    if final is None:
+        return "lease_lost"
+    log.info("lineage operation finished", extra={"status": final["status"], "lineage": record["lineage"]})
+    _after(ctx, final, started)
+    return final["status"]
 
 
 def _after(ctx: WorkerContext, record: dict, started: float, *, measured: bool = False) -> None:
@@ -262,6 +305,12 @@ def _reconcile_loop(context: Callable[[], WorkerContext], stop: threading.Event)
                 log.info("reconciler re-sent jobs", extra={"jobs": ",".join(sent)})
         except Exception:
             log.exception("reconciler pass failed")
+        try:
+            purged = context().store.purge_due()
+            if purged:
+                log.info("purged deleted lineages", extra={"lineages": ",".join(purged)})
+        except Exception:
+            log.exception("purge pass failed")
 
 
 def start_housekeeping(context: Callable[[], WorkerContext], stop: threading.Event) -> list[threading.Thread]:
