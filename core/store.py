@@ -42,7 +42,7 @@ CLAIM_FILE = ".claim"
 STATE_FILE = "state.safetensors"  # a version's method state, carried to the next step
 TUNED_HEAD_FILE = "head.safetensors"  # the name a head re-fitted by the job is stored under
 TASKS_FOLDER = "tasks/"  # a version's task eval sets and heads
-PURGE_FOLDER = "_purge"  # {PURGE_FOLDER}/{tenant}/{lineage}.json: deleted lineages awaiting purge ("_" starts no tenant)
+PURGE_FOLDER = "_purge"  # _purge/{tenant}/{lineage}.json: deleted lineages awaiting purge ("_" starts no tenant)
 CARRIED_KEYS = ("base", "method", "params", "metrics", "code_version", "device")  # what a copied version keeps
 
 

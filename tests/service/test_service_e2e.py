@@ -172,7 +172,7 @@ def test_job_runs_with_progress_downloads_and_makes_v2(cluster, acme, receiver, 
         time.sleep(0.1)
     headers, body = received[0]
     assert verify("s3cr3t", body, headers[SIGNATURE_HEADER])
-    assert json.loads(body)["id"] == job["id"] and json.loads(body)["status"] == "succeeded"
+    assert json.loads(body)["data"]["id"] == job["id"] and json.loads(body)["data"]["status"] == "succeeded"
     import httpx
 
     metrics = httpx.get(f"{cluster['url']}/metrics").text
