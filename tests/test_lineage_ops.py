@@ -1,5 +1,6 @@
 """Lineage operations on the store, over a local folder and a real S3 endpoint: rollback, fork, delete and purge."""
 
+import json
 import time
 
 import pytest
@@ -130,3 +131,37 @@ def test_purge_of_a_file_store_leaves_no_folder(tmp_path):
     store.delete_lineage("acme", "lin", retention_s=0)
     store.purge_due()
     assert not (tmp_path / "store" / "acme" / "lin").exists()
+
+
+def test_cli_rollback_fork_delete_on_a_local_store(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from mergeline.cli import app as cli
+
+    store = LineageStore((tmp_path / "store").as_uri())
+    for i, task in enumerate(("a", "b")):
+        commit(store, tmp_path, "lin", i, task)
+    local = ["--store", str(tmp_path / "store"), "--tenant", "acme", "--json"]
+
+    def invoke(*args):
+        result = CliRunner().invoke(cli, ["lineage", *args, *local])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    assert invoke("rollback", "lin", "1")["rollback_of"] == 1
+    assert shas(store.manifest("acme", "lin", 3)) == shas(store.manifest("acme", "lin", 1))
+    assert invoke("fork", "lin@2", "lin-fork")["forked_from"] == {"lineage": "lin", "version": 2}
+    monkeypatch.setenv("MERGELINE_RETENTION_DAYS", "0")
+    from core.settings import get_settings
+
+    get_settings.cache_clear()
+    try:
+        assert invoke("delete", "lin")["name"] == "lin"
+    finally:
+        get_settings.cache_clear()
+    assert not (tmp_path / "store" / "acme" / "lin").exists(), "with no retention the CLI purges at once"
+    assert store.get_lineage("acme", "lin-fork")["head"] == 1
+    missing = CliRunner().invoke(cli, ["lineage", "rollback", "lin", "1", *local[:-1]])
+    assert missing.exit_code == 1 and "not_found" in missing.output
+    bad = CliRunner().invoke(cli, ["lineage", "fork", "lin-fork", "x", *local[:-1]])
+    assert bad.exit_code == 1 and "NAME@VERSION" in bad.output

@@ -90,24 +90,26 @@ def test_rollback_waits_its_turn_and_the_next_job_merges_onto_k(cluster, acme, r
     first = run(acme, merge(inputs, "roll", 0, metadata={"run": "r1", "team": "vision"}))
     assert first["metadata"] == {"run": "r1", "team": "vision"}
     assert first["result"]["manifest"]["metadata"] == {"run": "r1", "team": "vision"}
-    # A job with a webhook asking for every event; the rollback is queued while it is still queued or running.
-    second = acme.submit(merge(inputs, "roll", 1, with_base=False,
+    # Two more jobs (one running, one queued behind it), then the rollback, which waits behind both; the second job
+    # has a webhook asking for every event.
+    acme.submit(spec(inputs, "roll", [task(inputs, 1)], steps=30, with_base=False))
+    second = acme.submit(merge(inputs, "roll", 2, with_base=False,
                                webhook={"url": hook_url, "secret": SECRET, "events": ["job.running", "job.succeeded"]}))
     rolled = acme.rollback("roll", 1)
-    assert acme.get(second["id"])["status"] == "succeeded", "the rollback ran after the job queued before it"
+    assert acme.get(second["id"])["status"] == "succeeded", "the rollback ran after the jobs queued before it"
     v1 = acme.manifest("roll", 1)
-    assert (rolled["version"], rolled["parent"], rolled["rollback_of"]) == (3, 2, 1)
+    assert (rolled["version"], rolled["parent"], rolled["rollback_of"]) == (4, 3, 1)
     assert {f["path"]: f["sha256"] for f in rolled["files"]} == {f["path"]: f["sha256"] for f in v1["files"]}
-    assert acme.lineage("roll")["head"] == 3
+    assert acme.lineage("roll")["head"] == 4
 
     after = run(acme, merge(inputs, "roll", 2, with_base=False))
-    assert after["result"]["version"] == 4
-    assert set(after["result"]["metrics"]["tasks"]) == {"task0", "task2"}, "task1 was rolled back"
+    assert after["result"]["version"] == 5
+    assert set(after["result"]["metrics"]["tasks"]) == {"task0", "task2"}, "task1 and task2 were rolled back"
     run(acme, merge(inputs, "straight", 0))
     run(acme, merge(inputs, "straight", 2, with_base=False))
-    rolled_on, straight = weights(acme, "roll", 4, tmp_path / "a"), weights(acme, "straight", 2, tmp_path / "b")
+    rolled_on, straight = weights(acme, "roll", 5, tmp_path / "a"), weights(acme, "straight", 2, tmp_path / "b")
     assert rolled_on.keys() == straight.keys()
-    assert all((rolled_on[k] == straight[k]).all() for k in straight), "v4 = task2 merged onto v1's weights"
+    assert all((rolled_on[k] == straight[k]).all() for k in straight), "v5 = task2 merged onto v1's weights"
 
     with pytest.raises(ApiError) as info:
         acme.rollback("roll", 9)

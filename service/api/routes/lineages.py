@@ -103,6 +103,7 @@ async def delete_lineage(name: str, tenant: Tenant, jobs: Jobs,
 async def _lineage_op(services: Services, jobs: JobStore, tenant: str, name: str, op: dict) -> Any:
     """Queue `op` behind the lineage's jobs and wait for a worker to run it; its result, or its error re-raised."""
     _lineage_name(name)
+    await run_in_threadpool(services.store.require_lineage, tenant, name)  # a 404 needs no turn in the queue
     record = await run_in_threadpool(jobs.create_op, tenant, name, op)
     deadline = time.monotonic() + services.settings.lineage_op_timeout_s
     while record["status"] not in FINAL:
