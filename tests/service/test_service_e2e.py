@@ -337,7 +337,8 @@ def test_killed_pool_process_is_redelivered_and_the_job_finishes_once(cluster, a
 
 def test_schemathesis_finds_no_server_error(cluster, tmp_path):
     """Fuzz every route from the OpenAPI schema (against an API whose queue no worker reads)."""
-    env = {**cluster["env"], "MERGELINE_KEY_PREFIX": f"fuzz{uuid.uuid4().hex[:6]}", "MERGELINE_QUEUE": "fuzz"}
+    env = {**cluster["env"], "MERGELINE_KEY_PREFIX": f"fuzz{uuid.uuid4().hex[:6]}", "MERGELINE_QUEUE": "fuzz",
+           "MERGELINE_LINEAGE_OP_TIMEOUT_S": "1"}  # lineage operations wait for no worker here
     api, url = start_api(env, cluster["logs"])
     try:
         result = subprocess.run(

@@ -324,3 +324,19 @@ def test_active_job_cap(cluster):
             assert client.submit(merge(inputs, "capped-3", 0))["status"] == "queued", "a finished job frees a slot"
     finally:
         api.stop()
+
+
+def test_an_operation_that_never_gets_its_turn_changes_nothing(cluster, acme):
+    run(acme, merge(cluster["inputs"], "busy", 0))
+    api, url = quiet_api(cluster, lineage_op_timeout_s="1")  # its queue has no worker: the turn never comes
+    try:
+        with MergelineClient(url, "tok-acme") as client:
+            with pytest.raises(ApiError) as info:
+                client.rollback("busy", 1)
+            assert (info.value.status, info.value.type) == (409, "conflict")
+            with pytest.raises(ApiError) as info:
+                client.delete_lineage("busy")
+            assert info.value.status == 409
+    finally:
+        api.stop()
+    assert acme.lineage("busy")["head"] == 1

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from core.errors import BrokerUnavailable, MergelineError, NotFound
+from core.errors import BrokerUnavailable, Conflict, MergelineError, NotFound
 from core.jobs import JobStore
 from core.names import is_lineage_name
 from core.statuses import FINAL
@@ -117,7 +117,8 @@ async def _lineage_op(services: Services, jobs: JobStore, tenant: str, name: str
     if record["status"] == "succeeded":
         return json.loads(record["result"])
     error = json.loads(record.get("error") or "{}")
-    if record["status"] == "cancelled":
-        raise BrokerUnavailable(f"no worker ran the operation within {services.settings.lineage_op_timeout_s:g} s "
-                                "(MERGELINE_LINEAGE_OP_TIMEOUT_S); nothing was changed")
+    if record["status"] == "cancelled":  # the lineage stayed busy (or no worker is running): nothing was changed
+        raise Conflict(f"the lineage's earlier jobs did not let the operation run within "
+                       f"{services.settings.lineage_op_timeout_s:g} s (MERGELINE_LINEAGE_OP_TIMEOUT_S); nothing was "
+                       "changed, try again later", param="name")
     raise MergelineError.from_dict(error)
