@@ -1,9 +1,10 @@
 """The Celery task (thin): take the lineage lease, run the engine, record the outcome, start the next job.
 
 Every worker process also runs two daemon threads (started when the worker is ready): `reconcile`, which re-sends
-the first job of a lineage whose lease lapsed (its worker died) and purges deleted lineages past their retention, and
-the webhook delivery loop. Lineage operations (rollback, fork, delete) arrive as `op_...` ids on the same task and
-run under the same lineage lease, so they keep the lineage's job order.
+the first job of a lineage whose lease lapsed (its worker died) and, every few passes, asks for a purge of deleted
+lineages past their retention (a task run by a pool process: the main process, which forks the pool, never does
+store I/O), and the webhook delivery loop. Lineage operations (rollback, fork, delete) arrive as `op_...` ids on the
+same task and run under the same lineage lease, so they keep the lineage's job order.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from core import logs
 from core.errors import BrokerUnavailable, JobCancelled, MergelineError
 from core.jobs import JobStore, public_job
 from core.metrics import RedisMetrics
-from core.queue import TASK_NAME
+from core.queue import PURGE_TASK_NAME, TASK_NAME, send_purge
 from core.settings import Settings
 from core.spec import parse_job_spec
 from core.store import LineageStore
@@ -291,12 +292,21 @@ def register(app: Celery, context: Callable[[], WorkerContext]) -> None:
     def run_merge_job(self, job_id: str) -> str:
         return execute_job(context(), job_id)
 
+    @app.task(name=PURGE_TASK_NAME, ignore_result=True)
+    def purge_deleted_lineages() -> list[str]:
+        purged = context().store.purge_due()
+        if purged:
+            log.info("purged deleted lineages", extra={"lineages": ",".join(purged)})
+        return purged
+
     stop = threading.Event()
-    worker_ready.connect(lambda **_: start_housekeeping(context, stop), weak=False)
+    worker_ready.connect(lambda **_: start_housekeeping(context, stop, lambda: send_purge(app, context().settings)),
+                         weak=False)
     worker_shutdown.connect(lambda **_: stop.set(), weak=False)
 
 
-def _reconcile_loop(context: Callable[[], WorkerContext], stop: threading.Event) -> None:
+def _reconcile_loop(context: Callable[[], WorkerContext], stop: threading.Event,
+                    request_purge: Callable[[], None] | None = None) -> None:
     while not stop.wait(context().settings.reconcile_interval_s):
         try:
             ctx = context()
@@ -306,18 +316,22 @@ def _reconcile_loop(context: Callable[[], WorkerContext], stop: threading.Event)
         except Exception:
             log.exception("reconciler pass failed")
         try:
-            purged = context().store.purge_due()
-            if purged:
-                log.info("purged deleted lineages", extra={"lineages": ",".join(purged)})
+            ctx = context()
+            every_s = max(5 * ctx.settings.reconcile_interval_s, 5.0)  # one request per interval for all workers
+            key = f"{ctx.jobs.p}:purge-requested"
+            if request_purge and ctx.jobs.r.set(key, "1", nx=True, px=int(every_s * 1000)):
+                request_purge()
         except Exception:
-            log.exception("purge pass failed")
+            log.exception("purge request failed")
 
 
-def start_housekeeping(context: Callable[[], WorkerContext], stop: threading.Event) -> list[threading.Thread]:
-    """The reconciler and the webhook delivery loop, as daemon threads that end when `stop` is set."""
+def start_housekeeping(context: Callable[[], WorkerContext], stop: threading.Event,
+                       request_purge: Callable[[], None] | None = None) -> list[threading.Thread]:
+    """The reconciler (which also requests purges) and the webhook delivery loop, as daemon threads that end when
+    `stop` is set."""
     stop.clear()
-    threads = [threading.Thread(target=_reconcile_loop, args=(context, stop), name="mergeline-reconcile",
-                                daemon=True),
+    threads = [threading.Thread(target=_reconcile_loop, args=(context, stop, request_purge),
+                                name="mergeline-reconcile", daemon=True),
                threading.Thread(target=context().webhooks.run, args=(stop,), name="mergeline-webhooks", daemon=True)]
     for thread in threads:
         thread.start()

@@ -111,6 +111,7 @@ async def _lineage_op(services: Services, jobs: JobStore, tenant: str, name: str
         if time.monotonic() > deadline and record["status"] == "queued":
             await run_in_threadpool(jobs.finish, record["id"], None, "cancelled",
                                     error={"type": "cancelled", "message": "timed out waiting for its turn"})
+            await run_in_threadpool(jobs.kick, tenant, name)  # the next job in the lineage, if it was first
         record = await run_in_threadpool(jobs.load_op, record["id"])
         if record is None:
             raise BrokerUnavailable("the lineage operation's record was lost (Redis restarted?); check the lineage")
