@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(default=8, ge=1)
     webhook_backoff_s: float = Field(default=2.0, gt=0, description="first retry delay; doubles per attempt")
     webhook_allow_private: bool = Field(default=False, description="let webhooks reach private/loopback addresses")
+    retention_days: float = Field(default=7.0, ge=0, description="a deleted lineage's files are purged this much later")
+    rate_limit: int = Field(default=600, ge=0, description="API requests per tenant per minute (0: no limit)")
+    max_active_jobs: int = Field(default=100, ge=0, description="queued or running jobs per tenant (0: no cap)")
+    lineage_op_timeout_s: float = Field(default=600.0, gt=0, description="how long a lineage operation may wait "
+                                        "behind the lineage's jobs before the API gives up on it")
     log_level: str = "INFO"
 
     _device = field_validator("device")(classmethod(lambda cls, v: check_device(v)))

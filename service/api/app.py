@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import core
 from core import logs
-from core.errors import BrokerUnavailable, MergelineError, RequestTooLarge
+from core.errors import BrokerUnavailable, MergelineError, RateLimited, RequestTooLarge
 from core.spec import JobSpec
 from service.api.deps import Services
 from service.api.routes import jobs, lineages, ops
@@ -97,6 +97,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MergelineError)
     async def mergeline_error(_: Request, exc: MergelineError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        if isinstance(exc, RateLimited):
+            headers = {"Retry-After": str(exc.retry_after)}
         if exc.status_code >= 500 and not isinstance(exc, BrokerUnavailable):
             log.warning("request failed", extra={"type": exc.type, "reason": exc.message})
         return error_response(exc.status_code, exc.type, exc.message, exc.param, headers)

@@ -173,7 +173,7 @@ def test_job_runs_with_progress_downloads_and_makes_v2(cluster, acme, receiver, 
         time.sleep(0.1)
     headers, body = received[0]
     assert verify("s3cr3t", body, headers[SIGNATURE_HEADER])
-    assert json.loads(body)["id"] == job["id"] and json.loads(body)["status"] == "succeeded"
+    assert json.loads(body)["data"]["id"] == job["id"] and json.loads(body)["data"]["status"] == "succeeded"
     import httpx
 
     metrics = httpx.get(f"{cluster['url']}/metrics", headers={"Authorization": "Bearer metrics-token"}).text
@@ -347,7 +347,8 @@ def test_killed_pool_process_is_redelivered_and_the_job_finishes_once(cluster, a
 
 def test_schemathesis_finds_no_server_error(cluster, tmp_path):
     """Fuzz every route from the OpenAPI schema (against an API whose queue no worker reads)."""
-    env = {**cluster["env"], "MERGELINE_KEY_PREFIX": f"fuzz{uuid.uuid4().hex[:6]}", "MERGELINE_QUEUE": "fuzz"}
+    env = {**cluster["env"], "MERGELINE_KEY_PREFIX": f"fuzz{uuid.uuid4().hex[:6]}", "MERGELINE_QUEUE": "fuzz",
+           "MERGELINE_LINEAGE_OP_TIMEOUT_S": "1"}  # lineage operations wait for no worker here
     api, url = start_api(env, cluster["logs"])
     try:
         result = subprocess.run(

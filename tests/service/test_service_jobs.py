@@ -41,7 +41,7 @@ def test_create_get_and_public_shape(jobs, sent):
     job = public_job(jobs.get("acme", record["id"]))
     assert job["status"] == "queued" and job["lineage"] == "vision" and job["method"] == "task_arithmetic"
     assert set(job) == {"id", "lineage", "status", "method", "created_at", "started_at", "finished_at", "progress",
-                        "result", "error"}
+                        "result", "error", "metadata"}
     assert sent == [record["id"]], "the first job of a lineage is sent at once"
     assert [e["type"] for e in jobs.events("acme", record["id"])] == ["queued"]
 

@@ -11,10 +11,10 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette.sse import EventSourceResponse
 
-from core.errors import MergelineError
+from core.errors import BadRequest, MergelineError
 from core.jobs import public_job
 from core.names import LINEAGE_PATTERN
-from core.spec import parse_body, parse_job_spec
+from core.spec import MAX_METADATA_VALUE, METADATA_KEY, parse_body, parse_job_spec
 from core.statuses import FINAL
 from core.uris import check_submission_policy
 from service.api.deps import Jobs, Tenant
@@ -36,7 +36,7 @@ async def submit_job(request: Request, response: Response, tenant: Tenant, jobs:
                                                                    max_length=255)] = None) -> Any:
     body = parse_body(await request.body())
     spec = parse_job_spec(body)
-    check_submission_policy(spec, request.app.state.services.settings)
+    await run_in_threadpool(check_submission_policy, spec, request.app.state.services.settings)
     record, created = await run_in_threadpool(jobs.create, tenant, spec, body, idempotency_key=idempotency_key)
     if not created:
         response.status_code = 200
@@ -44,13 +44,30 @@ async def submit_job(request: Request, response: Response, tenant: Tenant, jobs:
 
 
 @router.get("", response_model=JobList)
-def list_jobs(tenant: Tenant, jobs: Jobs,
+def list_jobs(request: Request, tenant: Tenant, jobs: Jobs,
               lineage: Annotated[str | None, Query(pattern=LINEAGE_PATTERN)] = None,
               status: JobStatus | None = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20,
               after: Annotated[str | None, Query(min_length=1, max_length=64, description="a job id")] = None) -> Any:
-    records, has_more = jobs.list(tenant, lineage=lineage, status=status, limit=limit, after=after)
+    """Newest first. `metadata.KEY=VALUE` query parameters (any number) keep the jobs whose metadata has them."""
+    records, has_more = jobs.list(tenant, lineage=lineage, status=status, limit=limit, after=after,
+                                  metadata=_metadata_filter(request))
     return {"data": [public_job(r) for r in records], "has_more": has_more}
+
+
+def _metadata_filter(request: Request) -> dict[str, str]:
+    wanted: dict[str, str] = {}
+    for name, value in request.query_params.multi_items():
+        if not name.startswith("metadata."):
+            continue
+        key = name.removeprefix("metadata.")
+        if not METADATA_KEY.fullmatch(key) or len(value) > MAX_METADATA_VALUE:
+            raise BadRequest(f"{name}: metadata keys match ^[a-z0-9_.-]{{1,64}}$ and values are at most "
+                             f"{MAX_METADATA_VALUE} characters", param=name)
+        if key in wanted:
+            raise BadRequest(f"{name} is given twice", param=name)
+        wanted[key] = value
+    return wanted
 
 
 @router.get("/{job_id}", response_model=Job)
