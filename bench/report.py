@@ -6,11 +6,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
 from bench.accuracy import targets
 from bench.common import DOCS, machine, now, read_result
+from bench.lora_cost import RESULT as LORA_RESULT
+from bench.lora_cost import section as lora_section
 
 DOC = DOCS / "benchmarks.md"
 
@@ -278,7 +281,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.notes and Path(args.notes).exists():
         lines += [Path(args.notes).read_text().strip(), ""]
     lines += targets_section(acc, cost)
-    for section in (accuracy_section(acc), peers_section(peers), cost_section(cost), service_section(svc)):
+    lora = json.loads(LORA_RESULT.read_text()) if LORA_RESULT.exists() else None
+    for section in (accuracy_section(acc), peers_section(peers), cost_section(cost), service_section(svc),
+                    lora_section(lora)):
         lines += section
     results = [(n, x) for n, x in (("accuracy", acc), ("peers", peers), ("engine_cost", cost),
                                    ("service_load", svc)) if x]

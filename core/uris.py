@@ -224,7 +224,8 @@ class UriReader:
         except ValueError as exc:
             raise AccessDenied(str(exc), param=field) from None
         view = fetch_hf(ref, uri, self._dest(uri, is_dir=True), self.settings, field)
-        digest, size = dir_sha256(view, self._local_sha256)
+        # Digests are remembered per cached file (the link's target), so a repository is hashed once, not per job.
+        digest, size = dir_sha256(view, lambda link: self._local_sha256(link.resolve()))
         return Fetched(uri, view, digest, size)
 
     # -- helpers -------------------------------------------------------------------------------------------

@@ -120,6 +120,7 @@ def test_fetch_fills_huggingface_hubs_cache_and_offline_mode_reads_it(tmp_path, 
         again = fetch(tmp_path, uri)
         assert (again.sha256, again.bytes) == (fetched.sha256, fetched.bytes)
     assert len(hub.requests) == asked  # offline: the cache answered
+    assert len(list((tmp_path / "digests" / "sha256").iterdir())) == 3  # each cached file hashed once, not per fetch
     for uri in ("hf://acme/never-fetched", "hf://acme/tiny-llama@v1"):  # a tag never resolved online is not cached
         with pytest.raises(FetchFailed, match="not in the Hugging Face cache"):
             fetch(tmp_path, uri)
