@@ -88,7 +88,9 @@ def section(result: dict | None) -> list[str]:
         f"{size['base'] / 2**20:.0f} MiB); the task is a LoRA adapter (rank {result['model']['lora']['r']} on "
         f"{', '.join(result['model']['lora']['target_modules'])}; {size['adapter'] / 2**20:.1f} MiB) or the full "
         f"checkpoint `merge_and_unload()` makes of it ({size['full'] / 2**20:.0f} MiB). One task, `scaling_factor` 1, "
-        f"each job in a fresh process. Command: `{result['command']}` ({result['generated_at']}).",
+        f"each job in a fresh process. Command: `{result['command']}` ({result['generated_at']}; 1-min load average "
+        f"{result['machine']['load_avg_1m']} on {result['machine']['cores']} cores, so the times carry the noise of a "
+        "shared machine).",
         "",
         "| method | task given as | job (s) | process wall (s) | peak RSS (MiB) |",
         "| --- | --- | ---: | ---: | ---: |",
@@ -98,7 +100,9 @@ def section(result: dict | None) -> list[str]:
                      f"{run['peak_rss_mib']:.0f} |")
     lines += ["", "The two versions of each method agree to "
               + ", ".join(f"{m}: {d:.1e}" for m, d in result["max_abs_difference"].items())
-              + " (largest absolute difference of any weight).", ""]
+              + " (largest absolute difference of any weight). The adapter job skips reading and hashing the full "
+              "checkpoint and holds only the task tensors the adapter changes (θ0's own tensors stand for the rest).",
+              ""]
     return lines
 
 
