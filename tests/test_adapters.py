@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from helpers_models import fetched, write_tiny_hf
@@ -98,10 +99,14 @@ def test_adapter_job_equals_merge_and_unload_and_generates(tmp_path):
         assert model.generate(torch.tensor([[1, 4, 9]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
 
 
-@pytest.mark.parametrize("method", ["ties", "opcm", "weight_average"])
-def test_every_data_free_method_takes_adapters(tmp_path, method):
+@pytest.mark.parametrize("method", ["ties", "opcm", "weight_average", "otmf"])
+def test_every_method_takes_adapters(tmp_path, method):
     """Two adapters merged by each method give what the method gives on merge_and_unload()'s full checkpoints."""
     base = write_tiny_hf(tmp_path / "base", "llama")
+    calibration = np.random.default_rng(0).integers(3, 96, size=(8, 6))
+    np.savez(tmp_path / "calib.npz", input_ids=calibration)
+    extra = ({"calibration": (tmp_path / "calib.npz").as_uri()} if method == "otmf" else {})
+    params = {"steps": 3, "batch_size": 4} if method == "otmf" else {}
     settings = Settings(store=(tmp_path / "store").as_uri(), allowed_roots=str(tmp_path))
     store = LineageStore(settings.store)
     for i in (1, 2):
@@ -111,8 +116,8 @@ def test_every_data_free_method_takes_adapters(tmp_path, method):
         model.save_pretrained(tmp_path / f"full{i}")
     for lineage, kind in (("adapters", "adapter"), ("full", "full")):
         spec = parse_job_spec({"lineage": lineage, "base": {"family": "hf", "uri": base.as_uri() + "/"},
-                               "tasks": [{"name": f"t{i}", "checkpoint": (tmp_path / f"{kind}{i}").as_uri() + "/"}
-                                         for i in (1, 2)], "method": method})
+                               "tasks": [{"name": f"t{i}", "checkpoint": (tmp_path / f"{kind}{i}").as_uri() + "/",
+                                          **extra} for i in (1, 2)], "method": method, "params": params})
         run_job(spec, store, settings=settings)
         store.download_version("default", lineage, 1, tmp_path / lineage)
     ours, full = load_file(tmp_path / "adapters/model.safetensors"), load_file(tmp_path / "full/model.safetensors")
