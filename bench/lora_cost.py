@@ -18,10 +18,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from bench.common import CACHE, ROOT, machine, now, repo_env, run_measured
+from bench.common import CACHE, ROOT, repo_env, run_measured, write_result
 
 WORK = CACHE / "lora"
-RESULT = ROOT / "bench" / "results" / "lora_cost.json"
 LORA = dict(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
@@ -123,12 +122,10 @@ def main(argv: list[str] | None = None) -> None:
         differences[method] = versions_agree(pair)
     command = "python -m bench.lora_cost" + (f" --methods {args.methods}" if args.methods != "task_arithmetic,ties"
                                              else "") + (f" --layers {args.layers}" if args.layers != 12 else "")
-    result = {"model": model, "runs": runs, "max_abs_difference": differences, "command": command,
-              "generated_at": now(), "machine": machine()}
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_result("lora_cost", {"model": model, "runs": runs, "max_abs_difference": differences,
+                                      "command": command})
     shutil.rmtree(WORK, ignore_errors=True)
-    print("\n".join(section(result)))
+    print("\n".join(section(json.loads(path.read_text()))))
 
 
 if __name__ == "__main__":
