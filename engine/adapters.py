@@ -89,14 +89,16 @@ class LoraFactors:
 class LoraAdapter:
     """The task weights an adapter stands for, keyed like the base's tower."""
 
-    factors: dict[str, LoraFactors] = field(default_factory=dict)
+    # Per tower key; a tied weight adapted under both its names (embeddings and lm_head) gets both deltas.
+    factors: dict[str, list[LoraFactors]] = field(default_factory=dict)
     replaced: Tensors = field(default_factory=dict)  # modules_to_save: the adapter's own tensors
 
     def task_tensor(self, key: str, base_tensor: torch.Tensor) -> torch.Tensor:
         """θ_t[key] in float32 from θ0[key]; θ0's own tensor (not a copy) where the adapter leaves it."""
-        start = self.replaced.get(key, base_tensor).to(torch.float32)
-        factors = self.factors.get(key)
-        return start if factors is None else start + factors.delta()
+        out = self.replaced.get(key, base_tensor).to(torch.float32)
+        for factors in self.factors.get(key, ()):
+            out = out + factors.delta()
+        return out
 
     def task_tower(self, base_tower: Mapping[str, torch.Tensor]) -> Tensors:
         return {k: self.task_tensor(k, v) for k, v in base_tower.items()}
@@ -134,7 +136,8 @@ def read_adapter(folder: Path, shapes: Mapping[str, torch.Size], resolve: KeyRes
     for module, pair in pairs.items():
         if "A" not in pair or "B" not in pair:
             raise InvalidInput(f"{field}: adapter module {module!r} lacks lora_A or lora_B", param=field)
-        adapter.factors.update([_factors(module, pair, config, shapes, resolve, field)])
+        key, factors = _factors(module, pair, config, shapes, resolve, field)
+        adapter.factors.setdefault(key, []).append(factors)
     if not adapter.factors and not adapter.replaced:
         raise InvalidInput(f"{field}: the adapter holds no LoRA weights", param=field)
     return adapter

@@ -191,3 +191,16 @@ def test_state_dict_family_takes_adapters_keyed_like_its_file(tmp_path):
     for key, value in task.items():
         torch.testing.assert_close(value, reference[key], rtol=1e-6, atol=1e-6, msg=key)
     assert not torch.equal(task["lm_head.weight"], loaded.tower["lm_head.weight"])
+
+
+def test_a_tied_weight_adapted_under_both_names_gets_both_deltas(tmp_path):
+    """Llama's tied embeddings adapted as `embed_tokens` and as `lm_head`: one tower tensor, both deltas, like PEFT."""
+    base = write_tiny_hf(tmp_path / "base", "llama")
+    write_adapter(base, tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["embed_tokens", "lm_head", "q_proj"])
+    family = get_family("hf")
+    loaded = family.load_base(fetched(base), None)
+    adapter_task = family.load_checkpoint(fetched(tmp_path / "adapter"), loaded, field="tasks.0.checkpoint")
+    reference = peft_merged(base, tmp_path / "adapter")
+    assert torch.equal(reference["lm_head.weight"], reference["model.embed_tokens.weight"])
+    for key, value in adapter_task.items():
+        torch.testing.assert_close(value, reference[key], rtol=1e-6, atol=1e-6, msg=key)
