@@ -11,6 +11,7 @@ from pathlib import Path
 
 from bench.accuracy import targets
 from bench.common import DOCS, machine, now, read_result
+from bench.lora_cost import section as lora_section
 
 DOC = DOCS / "benchmarks.md"
 
@@ -278,10 +279,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.notes and Path(args.notes).exists():
         lines += [Path(args.notes).read_text().strip(), ""]
     lines += targets_section(acc, cost)
-    for section in (accuracy_section(acc), peers_section(peers), cost_section(cost), service_section(svc)):
+    lora = read_result("lora_cost")
+    for section in (accuracy_section(acc), peers_section(peers), cost_section(cost), service_section(svc),
+                    lora_section(lora)):
         lines += section
     results = [(n, x) for n, x in (("accuracy", acc), ("peers", peers), ("engine_cost", cost),
-                                   ("service_load", svc)) if x]
+                                   ("service_load", svc), ("lora_cost", lora)) if x]
     lines += ["## When and where each part was measured", "", "| part | written | machine load (1-min avg) |",
               "| --- | --- | ---: |"]
     for name, x in results:

@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     allowed_roots: str | None = Field(default=None, description="comma-separated file:// roots; default: cwd")
     allow_http: bool = False
     allow_private_http: bool = Field(default=False, description="let http(s) URIs reach private addresses")
+    allow_hf: bool = Field(default=False, description="allow hf://org/name[@revision] inputs (Hugging Face Hub)")
+    hf_orgs: str = Field(default="", description="comma-separated Hub organisations hf:// may read, or * for any")
     device: str = "auto"
     cache_dir: str = "./mergeline-data/cache"
     max_download_bytes: int = 64 * 2**30
@@ -71,6 +73,11 @@ class Settings(BaseSettings):
         if self.broker_url and self.broker_url.startswith(("redis://", "rediss://", "unix://")):
             return self.broker_url
         return None
+
+    def hf_org_allowed(self, org: str) -> bool:
+        """`org` is on MERGELINE_HF_ORGS (organisation names compare case-insensitively, as on the Hub)."""
+        listed = {item.strip().lower() for item in self.hf_orgs.split(",") if item.strip()}
+        return "*" in listed or org.lower() in listed
 
     def allowed_root_paths(self) -> list[Path]:
         """The roots `file://` URIs may read from, resolved (symlinks followed) once here."""

@@ -24,10 +24,12 @@ from pydantic import (
 
 from core.errors import BadRequest, InvalidInput
 from core.families import FAMILIES, FamilyName
+from core.hub import SCHEME as HF_SCHEME
+from core.hub import parse_hf_uri
 from core.methods import METHODS, CommonParams
 from core.names import LINEAGE_PATTERN, TASK_PATTERN
 
-URI_SCHEMES = ("file://", "s3://", "http://", "https://")
+URI_SCHEMES = ("file://", "s3://", "http://", "https://", HF_SCHEME)
 MAX_BODY_DEPTH = 32  # a job spec nests about 6 levels deep; an inline arch a few more
 MAX_ARCH_DEPTH = 8
 MAX_ARCH_BYTES = 64 * 1024
@@ -108,10 +110,12 @@ def _check_uri(v: str | None, *, lineage_ok: bool = False) -> str | None:
             raise ValueError(f"bad lineage URI {v!r}: use lineage://NAME@VERSION")
         return v
     if not v.startswith(URI_SCHEMES):
-        raise ValueError(f"unsupported URI {v!r}: use file://, s3:// or http(s)://"
+        raise ValueError(f"unsupported URI {v!r}: use file://, s3://, http(s):// or hf://"
                          + (", or lineage://NAME@VERSION" if lineage_ok else ""))
     if v.startswith("s3://") and len(v[5:].split("/", 1)) < 2:
         raise ValueError(f"s3 URI {v!r} needs a bucket and a key")
+    if v.startswith(HF_SCHEME):
+        parse_hf_uri(v)
     return v
 
 

@@ -3,8 +3,9 @@
 `file://` reads only regular files and folders below the allowed roots (`..` and symlinks that lead out are
 refused, and FIFOs or devices are never opened); `s3://` reads from
 any S3-compatible endpoint; `http(s)://` is off unless configured, and never reaches loopback, private or
-link-local addresses unless that too is configured; `lineage://NAME@K` reads version K of the caller's own lineage
-(its model files) from the lineage store. Every input's sha256 is recorded for the manifest.
+link-local addresses unless that too is configured; `hf://` (core.hub) is off unless configured, and then reads only
+the organisations allowed; `lineage://NAME@K` reads version K of the caller's own lineage (its model files) from the
+lineage store. Every input's sha256 is recorded for the manifest.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponen
 from core.addresses import check_public_host
 from core.digests import CHUNK, cached_file_sha256, dir_sha256
 from core.errors import AccessDenied, BadRequest, FetchFailed, NotFound
+from core.hub import SCHEME as HF_SCHEME
+from core.hub import check_hf_allowed, fetch_hf, parse_hf_uri
 from core.objects import s3_store_for_bucket
 from core.settings import Settings
 from core.spec import JobSpec, parse_lineage_uri
@@ -45,21 +48,21 @@ class Fetched:
 
 
 def check_submission_policy(spec: JobSpec, settings: Settings) -> None:
-    """Refuse at submission what every worker would refuse: http(s) inputs while they are disabled, and a webhook
-    whose host resolves to a loopback, private or link-local address (unless allowed). Resolves names: call it
-    off the event loop."""
+    """Refuse at submission what every worker would refuse: http(s) inputs while they are disabled, hf:// inputs
+    while they are disabled or outside the organisations allowed, and a webhook whose host resolves to a loopback,
+    private or link-local address (unless allowed). Resolves names: call it off the event loop."""
     if spec.webhook is not None and not settings.webhook_allow_private:
         url = spec.webhook.url
         try:
             check_public_host(urllib.parse.urlsplit(url).hostname or "", url, "webhook.url")
         except FetchFailed as exc:
             raise BadRequest(exc.message, param="webhook.url") from None
-    if settings.allow_http:
-        return
     for field, uri in spec.input_uris():
-        if uri.startswith(("http://", "https://")):
+        if uri.startswith(("http://", "https://")) and not settings.allow_http:
             raise AccessDenied(f"{field}: http(s) URIs are disabled on this service (MERGELINE_ALLOW_HTTP)",
                                param=field)
+        if uri.startswith(HF_SCHEME):
+            check_hf_allowed(parse_hf_uri(uri), settings, f"{field}: {uri}", field)
 
 
 def file_uri_path(uri: str) -> Path:
@@ -120,6 +123,8 @@ class UriReader:
                 return self._fetch_http(uri, field)
             if uri.startswith("lineage://"):
                 return self._fetch_lineage(uri, field)
+            if uri.startswith(HF_SCHEME):
+                return self._fetch_hf(uri, field)
         except (AccessDenied, FetchFailed):
             raise
         except OSError as exc:
@@ -249,6 +254,17 @@ class UriReader:
         if expected is not None and size != int(expected):
             raise FetchFailed(f"{uri}: download cut off at {size} of {expected} bytes", param=field)
         return Fetched(uri, dest, digest, size)
+
+    # -- hf:// ---------------------------------------------------------------------------------------------
+    def _fetch_hf(self, uri: str, field: str | None) -> Fetched:
+        try:
+            ref = parse_hf_uri(uri)
+        except ValueError as exc:
+            raise AccessDenied(str(exc), param=field) from None
+        view = fetch_hf(ref, uri, self._dest(uri, is_dir=True), self.settings, field)
+        # Digests are remembered per cached file (the link's target), so a repository is hashed once, not per job.
+        digest, size = dir_sha256(view, lambda link: self._local_sha256(link.resolve()))
+        return Fetched(uri, view, digest, size)
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _dest(self, uri: str, *, is_dir: bool = False) -> Path:

@@ -132,6 +132,10 @@ def test_tenants_are_isolated(client, settings, tmp_path):
     (json.dumps({**SPEC, "params": {"nope": 1}}).encode(), 422, "invalid_input", "params.nope"),
     (json.dumps({**SPEC, "tasks": [{"name": "x", "checkpoint": "https://example.com/x.safetensors"}]}).encode(),
      422, "access_denied", "tasks.0.checkpoint"),
+    (json.dumps({**SPEC, "tasks": [{"name": "x", "checkpoint": "hf://acme/model@main"}]}).encode(),
+     422, "access_denied", "tasks.0.checkpoint"),  # hf:// is off unless MERGELINE_ALLOW_HF
+    (json.dumps({**SPEC, "tasks": [{"name": "x", "checkpoint": "hf://acme/model@../../x"}]}).encode(),
+     422, "invalid_input", "tasks.0.checkpoint"),
 ])
 def test_bad_specs_name_the_field_and_create_nothing(client, sent, body, status, type, param):
     response = client.post("/v1/jobs", headers={**A, "Content-Type": "application/json"}, content=body)
