@@ -197,6 +197,45 @@ def pull(
 
 
 @app.command()
+def rebuild(
+    ref: str = typer.Argument(..., help="NAME@VERSION"),
+    store: str | None = StoreOpt,
+    tenant: str = TenantOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Re-run a version from its manifest (same inputs, method, params, seed, parent) without committing, and check
+    every file's sha256 against the manifest; exit 0 only if all match."""
+    from engine.job import rebuild_version
+
+    name, _, version = ref.partition("@")
+    try:
+        if not version.isdigit() or int(version) == 0:
+            raise InvalidInput(f"bad version {version!r} in {ref!r}: use NAME@N with N ≥ 1", param="version")
+        report = rebuild_version(_store(store), tenant, name, int(version))
+    except MergelineError as exc:
+        if as_json:
+            _print_json({"error": exc.to_dict()})
+            raise typer.Exit(1) from None
+        fail(exc)
+    if as_json:
+        _print_json(report)
+    else:
+        table = Table(title=f"{name}@{version} rebuilt")
+        for col in ("file", "sha256 (manifest)", "sha256 (rebuilt)", "match"):
+            table.add_column(col)
+        for f in report["files"]:
+            table.add_row(f["path"], (f["sha256"] or "–")[:16], (f["rebuilt_sha256"] or "–")[:16],
+                          "[green]yes" if f["match"] else "[red]NO")
+        console.print(table)
+        if report["inputs_changed"]:
+            console.print("inputs changed since the version was made: " + ", ".join(report["inputs_changed"]))
+        verdict = "[green]every file matches its manifest" if report["match"] else "[red]files differ from the manifest"
+        console.print(verdict)
+    if not report["match"]:
+        raise typer.Exit(1)
+
+
+@app.command()
 def demo(
     workdir: Path = typer.Option(Path("mergeline-data/demo"), help="where the demo's models, data and store go"),
     tasks: int = typer.Option(4, min=2, max=8, help="how many tasks to merge continually"),
