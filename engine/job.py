@@ -422,6 +422,9 @@ def merge_steps(
         if task.name in evals:
             data["accuracy"] = _accuracies(family, loaded, merged, [evals[task.name]], device)[task.name]
         progress.event("task_merged", f"merged {task.name}", data)
+        if "warning" in out.metrics:  # e.g. OTMF's masks never bettered: the step is not what the method promises
+            progress.event("step_warning", f"{task.name}: {out.metrics['warning']}",
+                           {"task_index": i, "name": task.name})
         if on_step is not None:
             on_step(i, out)
     return MergeResult(merged, state, steps)

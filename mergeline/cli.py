@@ -128,6 +128,7 @@ def merge(
     if metrics.get("tasks"):
         console.print(accuracy_table(f"{spec.lineage} v{result['version']}", {spec.method: metrics},
                                      list(metrics["tasks"])))
+    cli_remote.print_step_warnings(metrics)
 
 
 @lineage_app.command("show")

@@ -83,6 +83,26 @@ def test_same_seed_gives_bit_identical_versions(env, tmp_path):
     assert digests[0] == digests[1]
 
 
+def test_cli_merge_says_when_a_step_kept_the_all_ones_masks(env, tmp_path, monkeypatch):
+    data, root, _, _ = env
+    monkeypatch.setenv("MERGELINE_ALLOWED_ROOTS", f"{root},{tmp_path}")
+    from core.settings import get_settings
+
+    get_settings.cache_clear()
+    folder, runner = str(tmp_path / "store"), CliRunner()
+    # The same checkpoint merged onto itself: the all-ones masks already match both teachers, training cannot win.
+    again = {**task_entry(data, "mnist"), "name": "mnist-again"}
+    for i, spec in enumerate((job(data, ["mnist"]).model_dump(),
+                              {**job(data, ["mnist"], base=False).model_dump(), "tasks": [again]})):
+        (tmp_path / f"job{i}.json").write_text(json.dumps(spec))
+        out = runner.invoke(app, ["merge", str(tmp_path / f"job{i}.json"), "--store", folder])
+        assert out.exit_code == 0, out.output
+    assert "warning mnist-again: the masks never beat the all-ones start" in " ".join(out.output.split())
+    step = LineageStore((tmp_path / "store").as_uri()).manifest("default", "vision", 2)["metrics"]["steps"][0]
+    assert step["masks_kept_all_ones"] is True and step["best_iteration"] == 0
+    get_settings.cache_clear()
+
+
 def test_cli_rebuild_reports_every_file_matching_and_a_tampered_input_as_a_mismatch(env, tmp_path, monkeypatch):
     data, root, _, _ = env
     monkeypatch.setenv("MERGELINE_ALLOWED_ROOTS", f"{root},{tmp_path}")

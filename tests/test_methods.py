@@ -401,6 +401,29 @@ def test_otmf_masks_bring_the_merge_closer_to_both_teachers_than_the_alpha_blend
     assert two_task.second.metrics["best_iteration"] > 0
 
 
+def test_otmf_says_plainly_when_its_masks_never_beat_the_all_ones_start(world: World, two_task: OTMFRun):
+    assert two_task.second.metrics["masks_kept_all_ones"] is False and "warning" not in two_task.second.metrics
+    # Merging a checkpoint onto itself: the α-blend is the checkpoint, both teachers agree with it exactly (held-out
+    # loss 0), and any mask update can only lose. The step must keep the all-ones masks and say so.
+    events: list[tuple[str, str, dict]] = []
+
+    class Events(NullProgress):
+        def event(self, type: str, message: str, data: dict | None = None) -> None:
+            events.append((type, message, data or {}))
+
+    task = StepTask("again", lambda: world.tasks[0], calibration=Inputs({"x": world.calibration[0]}))
+    result = merge_steps(world.family, world.loaded, get_method("otmf"), OTMFParams(steps=6, eval_every=2), [task],
+                         merged=world.tasks[0], state=MethodState(), position=1, device=CPU, progress=Events())
+    m = result.steps[0]
+    assert m["best_iteration"] == 0 and m["masks_kept_all_ones"] is True and "α-blend" in m["warning"]
+    blend = merge_from_masks(world.base, world.tasks[0], world.tasks[0], None, None, OTMFParams().alpha)
+    assert all(torch.equal(result.tower[k], blend[k]) for k in world.base)
+    merged_event = next(data for type, _, data in events if type == "task_merged")
+    assert merged_event["masks_kept_all_ones"] is True
+    assert [(type, message) for type, message, _ in events if type == "step_warning"] == [
+        ("step_warning", f"again: {m['warning']}")]
+
+
 def test_otmf_is_bit_identical_for_the_same_seed(world: World, two_task: OTMFRun):
     again = step("otmf", world, two_task.first.merged, 1, two_task.first.state, TWO_TASK)
     assert all(torch.equal(again.merged[k], two_task.second.merged[k]) for k in world.base)

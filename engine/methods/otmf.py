@@ -196,9 +196,14 @@ def _train_masks(
         "loss_final": final,
         "loss_best": best.loss,
         "best_iteration": best.iteration,
+        "masks_kept_all_ones": best.iteration == 0,
         "pre_inputs": len(pre),
         "held_out": [int(schedule.pre_hold.shape[0]), int(schedule.post_hold.shape[0])],
     }
+    if best.iteration == 0:
+        metrics["warning"] = (
+            f"the masks never beat the all-ones start on the held-out batches (held-out loss {initial:.4g}, "
+            f"{final:.4g} after training): this step is the plain α-blend of the two task vectors")
     return best.pre, best.post, metrics
 
 
