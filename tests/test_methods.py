@@ -524,3 +524,51 @@ def test_otmf_pre_iterations_train_only_the_pre_mask(world: World):
     torch.testing.assert_close(out.merged["5.weight"], untouched_post, rtol=0, atol=1e-7)
     untouched_pre = base["0.weight"] + alpha * (head["0.weight"] - base["0.weight"])
     assert (out.merged["0.weight"] - untouched_pre).abs().max() > 1e-4
+
+
+def _one_mask_per_layer_step(world: World, params: OTMFParams) -> tuple[StepOutput, torch.Tensor]:
+    """A step where τ_pre lives only in the first layer; returns the output and, for that layer, the ratio of the
+    merged update to the all-ones update α·τ_pre: M_pre itself, element by element."""
+    base = world.base
+    head = {k: world.tasks[0][k] if k == "0.weight" else v for k, v in base.items()}
+    task = {k: world.tasks[1][k] if k == "5.weight" else v for k, v in base.items()}
+    out = get_method("otmf").step(StepInput(
+        base=base, merged=head, task=task, index=1, state=MethodState(), params=params, device=CPU,
+        family=world.family, loaded=world.loaded, calibration=Inputs({"x": world.calibration[1]})))
+    tau = head["0.weight"] - base["0.weight"]
+    return out, (out.merged["0.weight"] - base["0.weight"]) / (params.alpha * tau)
+
+
+@pytest.mark.parametrize("granularity", ["element", "row", "tensor"])
+def test_otmf_mask_granularity_learns_one_value_per_element_row_or_tensor(world: World, granularity: str):
+    params = OTMFParams(steps=1, eval_every=1, alpha=0.05, lr=0.05, pre_data="current", mask_granularity=granularity)
+    out, mask = _one_mask_per_layer_step(world, params)  # mask [32, 8]
+    assert out.metrics["best_iteration"] == 1 and (mask - 1).abs().max() > 0.02  # the mask moved
+    # The kept masks are bfloat16 copies (0.4%), and the ratio divides by τ: equal values agree within 1%.
+    spread_in_rows, spread = mask.std(dim=1).max().item(), mask.std().item()
+    if granularity == "element":
+        assert spread_in_rows > 0.01
+    elif granularity == "row":
+        assert spread_in_rows < 0.01 < spread
+    else:
+        assert spread < 0.01
+
+
+@pytest.mark.parametrize("bound", ["clamp", "sigmoid"])
+def test_otmf_bounded_masks_stay_in_the_unit_interval(world: World, bound: str):
+    params = OTMFParams(steps=20, eval_every=2, alpha=0.05, lr=0.2, pre_data="current", mask_bound=bound)
+    out, mask = _one_mask_per_layer_step(world, params)
+    low, high = out.metrics["mask_range"]
+    assert out.metrics["best_iteration"] > 0 and 0.0 <= low < high <= 1.0
+    assert mask.min().item() > -0.01 and mask.max().item() < 1.01
+    unbounded, _ = _one_mask_per_layer_step(world, params.model_copy(update={"mask_bound": "none"}))
+    assert unbounded.metrics["mask_range"][1] > 1.1  # the same training leaves [0, 1] when nothing bounds it
+
+
+def test_otmf_epochs_are_passes_over_the_task_calibration_data(world: World):
+    calls: list[tuple] = []
+    params = OTMFParams(epochs=2, pre_data="current", eval_every=5)
+    out = step("otmf", world, world.tasks[0], 1, MethodState(), params, lambda *a: calls.append(a))
+    # 96 inputs: 16 held out, 80 for training = 5 batches of 16 per pass; each pass updates both masks per batch.
+    assert out.metrics["iterations"] == 2 * 2 * 5 == len(calls) and calls[-1][:2] == (20, 20)
+    assert out.metrics["held_out"] == [16, 16]
