@@ -171,7 +171,7 @@ def _train_masks(
     same_data = pre is post
     gen = generator(params.seed, inp.index, _DATA_STREAM)
     schedule = _draw_schedule(len(pre), None if same_data else len(post), params, gen)
-    steps = len(schedule.batches)
+    steps = schedule.steps
     # Each teacher's features are computed once, for exactly the inputs the step will use.
     chunk = params.batch_size
     pre_side = _Side(pre, schedule.pre_hold, _teacher_features(
@@ -184,9 +184,12 @@ def _train_masks(
     initial = final = tower.held_out_loss(pre_side, post_side, same_data, params.blur, all_ones=True)
     best = _BestMasks(initial)
     for s in range(steps):
-        on_pre = s % 2 == 0  # alternately M_pre on D_pre against the head and M_post on D_t against θ_t
-        side = pre_side if on_pre else post_side
-        loss = tower.train_iteration(side, schedule.batches[s], train_pre=on_pre, blur=params.blur)
+        if params.mask_update == "joint":  # both masks on the sum of both sides' losses
+            loss = tower.train_joint(pre_side, post_side, schedule.pre[s], schedule.post[s], blur=params.blur)
+        else:  # alternately M_pre on D_pre against the head and M_post on D_t against θ_t
+            on_pre = s % 2 == 0
+            side, index = (pre_side, schedule.pre[s // 2]) if on_pre else (post_side, schedule.post[s // 2])
+            loss = tower.train_iteration(side, index, train_pre=on_pre, blur=params.blur)
         inp.progress(s + 1, steps, loss)
         if (s + 1) % params.eval_every == 0 or s + 1 == steps:
             final = tower.held_out_loss(pre_side, post_side, same_data, params.blur)
@@ -215,17 +218,20 @@ def _train_masks(
 @dataclass
 class _Schedule:
     """Every input a step uses, drawn before training starts: one held-out batch per side, for choosing masks, and
-    the training batch of every iteration (even iterations from D_pre, odd ones from D_t)."""
+    the training batches of each side in the order iterations use them (alternate: even iterations take the next
+    D_pre batch, odd ones the next D_t batch; joint: every iteration one of each)."""
 
+    steps: int
     pre_hold: torch.Tensor
     post_hold: torch.Tensor
-    batches: list[torch.Tensor]
+    pre: list[torch.Tensor]
+    post: list[torch.Tensor]
 
     def used_pre(self) -> torch.Tensor:
-        return torch.unique(torch.cat([self.pre_hold, *self.batches[0::2]]))
+        return torch.unique(torch.cat([self.pre_hold, *self.pre]))
 
     def used_post(self) -> torch.Tensor:
-        return torch.unique(torch.cat([self.post_hold, *self.batches[1::2]]))
+        return torch.unique(torch.cat([self.post_hold, *self.post]))
 
 
 def _draw_schedule(n_pre: int, n_post: int | None, params: OTMFParams, gen: torch.Generator) -> _Schedule:
@@ -238,8 +244,14 @@ def _draw_schedule(n_pre: int, n_post: int | None, params: OTMFParams, gen: torc
         steps = params.steps or OTMFParams.DEFAULT_STEPS
     else:
         steps = 2 * params.epochs * (post_pool.shape[0] // post_batches.size)
-    batches = [pre_batches.next() if s % 2 == 0 else post_batches.next() for s in range(steps)]
-    return _Schedule(pre_hold, post_hold, batches)
+    n_pre, n_post = (steps, steps) if params.mask_update == "joint" else ((steps + 1) // 2, steps // 2)
+    pre: list[torch.Tensor] = []
+    post: list[torch.Tensor] = []
+    for i in range(n_pre):  # drawn interleaved, in the order the iterations use them
+        pre.append(pre_batches.next())
+        if i < n_post:
+            post.append(post_batches.next())
+    return _Schedule(steps, pre_hold, post_hold, pre, post)
 
 
 @dataclass
@@ -309,20 +321,60 @@ class _MaskedTower:
         return self.family.features(self.loaded, tower, source.batch(index, self.device, self.dtype)).float()  # [B, D]
 
     def train_iteration(self, side: _Side, index: torch.Tensor, *, train_pre: bool, blur: float) -> float:
-        """One Adam step on one mask (M_pre or M_post) against `side`'s teacher; the other mask is a constant, so no
-        gradient is built for it (its grad stays None, and Adam skips it). Returns the batch's loss."""
-        if train_pre:
-            tower = self.compose(self._mask(self.p_pre), self._fixed(self.p_post))
-        else:
-            tower = self.compose(self._fixed(self.p_pre), self._mask(self.p_post))
+        """One Adam step on one mask (M_pre or M_post) against `side`'s teacher; the other mask is a constant (its
+        grad stays None, and Adam skips it). Returns the batch's loss."""
+        trained = self.p_pre if train_pre else self.p_post
+        tower = self._differentiable_tower({"pre": self.p_pre} if train_pre else {"post": self.p_post})
         loss = sinkhorn_divergence(self.features(tower, side.source, index), side.teacher.take(index), blur)
+        return self._step(loss, [trained])
+
+    def train_joint(self, pre: _Side, post: _Side, pre_index: torch.Tensor, post_index: torch.Tensor, *,
+                    blur: float) -> float:
+        """One Adam step on both masks against the sum of both sides' losses, the objective the held-out check
+        scores. Returns the loss."""
+        tower = self._differentiable_tower({"pre": self.p_pre, "post": self.p_post})
+        loss = sinkhorn_divergence(self.features(tower, pre.source, pre_index), pre.teacher.take(pre_index), blur)
+        loss = loss + sinkhorn_divergence(self.features(tower, post.source, post_index), post.teacher.take(post_index),
+                                          blur)
+        return self._step(loss, [self.p_pre, self.p_post])
+
+    def _differentiable_tower(self, trained: dict[str, Tensors]) -> Tensors:
+        """θ_M as leaf tensors whose gradient, as soon as backward has produced it, becomes the trained masks'
+        gradient (∂L/∂M = Σ ∂L/∂θ_M ⊙ a, summed over the mask's broadcast dimensions) and is freed.
+
+        Autograd through the composition would keep the gradient of every tensor of θ_M until the end of backward
+        (the composition's nodes run last): a whole tower more of memory. A leaf's gradient is accumulated the
+        moment it is computed, so the hook holds one tensor's gradient at a time."""
+        with torch.no_grad():
+            tower = self.compose(*self.masks())
+        scaled = {"pre": self.a, "post": self.b}
+        for k, w in tower.items():
+            w.requires_grad_(True)
+            pairs = [(p[k], scaled[side][k]) for side, p in trained.items()]
+            w.register_post_accumulate_grad_hook(lambda w, pairs=pairs: self._to_mask_grads(w, pairs))
+        return tower
+
+    def _to_mask_grads(self, w: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Each trained mask parameter's gradient from θ_M's (`pairs`: the parameter and its scaled task vector)."""
+        assert w.grad is not None
+        grad = w.grad.float()
+        w.grad = None
+        for p, vector in pairs:
+            g = (grad * vector).sum_to_size(p.shape)
+            if self.bound == "sigmoid":  # ∂M/∂logit = M (1 − M)
+                m = torch.sigmoid(p.detach())
+                g = g * m * (1.0 - m)
+            p.grad = g if p.grad is None else p.grad + g
+
+    def _step(self, loss: torch.Tensor, trained: list[Tensors]) -> float:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         if self.bound == "clamp":
             with torch.no_grad():
-                for v in (self.p_pre if train_pre else self.p_post).values():
-                    v.clamp_(0.0, 1.0)
+                for masks in trained:
+                    for v in masks.values():
+                        v.clamp_(0.0, 1.0)
         return loss.detach().item()
 
     @torch.no_grad()
