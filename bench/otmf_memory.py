@@ -103,6 +103,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(measure(*json.loads(args.child))))
         return {}
     result = json.loads(RESULT.read_text()) if RESULT.exists() else {"runs": {}}
+    # Runs accumulate across invocations; every invocation's command is kept.
+    command = "python -m bench.otmf_memory " + " ".join(argv if argv is not None else sys.argv[1:])
+    result["commands"] = [*result.get("commands", []), *([result.pop("command")] if "command" in result else []),
+                          command]
     for arch in args.archs.split(","):
         base_file(arch)
         for granularity in args.granularities.split(","):
@@ -118,8 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
                       f"step +{r['step_peak_increment_mib']:.0f} MiB = "
                       f"{r['step_x_tower']:.2f}× tower, process {r['process_x_tower']:.2f}×, "
                       f"{r['iterations_per_s']:.3f} it/s", flush=True)
-                result.update({"machine": machine(), "command": "python -m bench.otmf_memory " +
-                               " ".join(argv if argv is not None else sys.argv[1:])})
+                result["machine"] = machine()
                 RESULT.parent.mkdir(parents=True, exist_ok=True)
                 RESULT.write_text(json.dumps(result, indent=2))
     return result

@@ -41,8 +41,8 @@ class OTMFParams(CommonParams):
     steps: int | None = Field(None, ge=1, le=100_000, description="mask-training iterations (100 unless `epochs` "
                               "is given), alternating M_pre and M_post")
     epochs: int | None = Field(None, ge=1, le=10_000, description="instead of `steps`: passes over the task's "
-                               "calibration inputs (the paper trains 100 epochs); each pass is one D_t batch per "
-                               "training batch of the task and as many D_pre batches")
+                               "calibration inputs (the paper trains 100 epochs); a pass takes each training batch "
+                               "of D_t once, with as many D_pre batches")
     mask_bound: Literal["none", "clamp", "sigmoid"] = Field(
         "none", description="none: real-valued masks; clamp: kept in [0, 1] after every update; sigmoid: "
                             "sigmoid of a learnt logit (masks that select components, as the paper describes them)")

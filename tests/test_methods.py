@@ -572,6 +572,8 @@ def test_otmf_epochs_are_passes_over_the_task_calibration_data(world: World):
     # 96 inputs: 16 held out, 80 for training = 5 batches of 16 per pass; each pass updates both masks per batch.
     assert out.metrics["iterations"] == 2 * 2 * 5 == len(calls) and calls[-1][:2] == (20, 20)
     assert out.metrics["held_out"] == [16, 16]
+    joint = step("otmf", world, world.tasks[0], 1, MethodState(), params.model_copy(update={"mask_update": "joint"}))
+    assert joint.metrics["iterations"] == 2 * 5  # one iteration per batch, both masks each time
 
 
 def test_otmf_joint_updates_descend_where_alternate_updates_climb_in_the_papers_mode(world: World):

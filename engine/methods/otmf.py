@@ -236,14 +236,16 @@ class _Schedule:
 
 def _draw_schedule(n_pre: int, n_post: int | None, params: OTMFParams, gen: torch.Generator) -> _Schedule:
     """The step's schedule; `n_post` None when D_t is D_pre itself (both sides then share their split). Its length
-    is `steps`, or with `epochs` two iterations (one per side) per training batch of D_t, per epoch."""
+    is `steps`, or with `epochs` as many iterations as take every training batch of D_t once, per epoch (two per
+    batch when the masks alternate, one when both train on every iteration)."""
     pre_hold, pre_pool = _split(n_pre, params.batch_size, gen)
     post_hold, post_pool = (pre_hold, pre_pool) if n_post is None else _split(n_post, params.batch_size, gen)
     pre_batches, post_batches = _Batches(pre_pool, params.batch_size, gen), _Batches(post_pool, params.batch_size, gen)
     if params.epochs is None:
         steps = params.steps or OTMFParams.DEFAULT_STEPS
     else:
-        steps = 2 * params.epochs * (post_pool.shape[0] // post_batches.size)
+        per_batch = 1 if params.mask_update == "joint" else 2  # iterations that use one training batch of D_t
+        steps = per_batch * params.epochs * (post_pool.shape[0] // post_batches.size)
     n_pre, n_post = (steps, steps) if params.mask_update == "joint" else ((steps + 1) // 2, steps // 2)
     pre: list[torch.Tensor] = []
     post: list[torch.Tensor] = []
