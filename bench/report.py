@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -195,6 +196,31 @@ def cost_section(r: dict | None) -> list[str]:
     return out
 
 
+OTMF_MEMORY = Path(__file__).resolve().parent / "results" / "otmf_memory.json"
+
+
+def otmf_memory_section() -> list[str]:
+    """OTMF's memory, element against row masks (bench/otmf_memory.py, results committed under bench/results/)."""
+    if not OTMF_MEMORY.exists():
+        return []
+    r = json.loads(OTMF_MEMORY.read_text())
+    commands = "`, `".join(r["commands"])
+    out = ["**OTMF memory: element-wise against row masks** (`" + commands + "`; random towers from OpenCLIP's "
+           "registry; one step per fresh process holding the base, head and task in float32; the step's working "
+           "memory is its peak RSS above the RSS before it; target for `row`: ≤ 3.5× the float32 tower). "
+           "`mmap` rows ran with `MALLOC_MMAP_THRESHOLD_` set, so that glibc returns freed tensors to the kernel at "
+           "once and the peak is the live memory's; the others with the default allocator, as a job runs:", "",
+           "| tower | masks | dtype | allocator | tower MiB | step peak MiB | step ÷ tower | process peak ÷ tower "
+           "| iterations/s |", "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for e in r["runs"].values():
+        allocator = f"mmap ≥ {e['malloc_mmap_threshold'] // 1024} KiB" if e.get("malloc_mmap_threshold") else "default"
+        out.append(f"| {e['arch']} | {e['granularity']} | {e['dtype']} | {allocator} | {e['tower_mib']:.0f} | "
+                   f"{e['step_peak_increment_mib']:.0f} | **{e['step_x_tower']:.2f}×** | {e['process_x_tower']:.2f}× | "
+                   f"{e['iterations_per_s']:.3f} |")
+    return [*out, "", f"Batch {next(iter(r['runs'].values()))['batch']}, measured {r['machine']['cpu']}, "
+            f"{r['machine']['cores']} cores; iterations/s are CPU figures on a shared machine.", ""]
+
+
 def service_section(r: dict | None) -> list[str]:
     out = ["## 4. Service cost", ""]
     if r is None:
@@ -280,8 +306,8 @@ def main(argv: list[str] | None = None) -> None:
         lines += [Path(args.notes).read_text().strip(), ""]
     lines += targets_section(acc, cost)
     lora = read_result("lora_cost")
-    for section in (accuracy_section(acc), peers_section(peers), cost_section(cost), service_section(svc),
-                    lora_section(lora)):
+    for section in (accuracy_section(acc), peers_section(peers), cost_section(cost), otmf_memory_section(),
+                    service_section(svc), lora_section(lora)):
         lines += section
     results = [(n, x) for n, x in (("accuracy", acc), ("peers", peers), ("engine_cost", cost),
                                    ("service_load", svc), ("lora_cost", lora)) if x]

@@ -23,12 +23,13 @@ import torch
 from safetensors import safe_open
 
 from core import __version__ as code_version
+from core.digests import file_sha256
 from core.errors import Conflict, InvalidInput
 from core.ids import new_job_id
 from core.methods import CommonParams
 from core.progress import NullProgress, Progress
 from core.settings import Settings, get_settings
-from core.spec import JobSpec, TaskSpec
+from core.spec import JobSpec, TaskSpec, parse_job_spec
 from core.store import (
     STATE_FILE,
     FileToCommit,
@@ -146,14 +147,7 @@ def run_job(
 
     with tempfile.TemporaryDirectory(prefix="mergeline-job-") as tmp:
         work = Path(tmp)
-        base_file, tasks = _fetch_inputs(spec, plan, UriReader(settings, work, store=store, tenant=tenant), progress)
-        inputs = _read_inputs(spec, plan, store, tenant, base_file, tasks, work)
-        # Every input is read and checked; from here on only a cancellation or the store can stop the job.
-        merged = merge_steps(
-            plan.family, inputs.loaded, plan.method, spec.params, _step_tasks(plan, inputs), merged=inputs.head,
-            state=inputs.state, position=len(plan.merged_before), device=plan.device, evals=inputs.evals,
-            progress=progress)
-
+        inputs, merged = _merge(spec, plan, store, tenant, settings, work, progress)
         metrics = _evaluate_all(plan.family, inputs.loaded, merged.tower, inputs.evals, plan.device)
         metrics["steps"] = merged.steps
         metrics["seconds"] = round(time.monotonic() - started, 3)
@@ -166,6 +160,72 @@ def run_job(
                                       manifest=_manifest(spec, plan, inputs, metrics), job_id=job_id)
     progress.event("committed", f"committed v{stored['version']}", {"version": stored["version"]})
     return _result(stored)
+
+
+def _merge(spec: JobSpec, plan: JobPlan, store: LineageStore, tenant: str, settings: Settings, work: Path,
+           progress: Progress) -> tuple[JobInputs, MergeResult]:
+    """Fetch and read every input, then run the continual steps (nothing is written to the store)."""
+    base_file, tasks = _fetch_inputs(spec, plan, UriReader(settings, work, store=store, tenant=tenant), progress)
+    inputs = _read_inputs(spec, plan, store, tenant, base_file, tasks, work)
+    # Every input is read and checked; from here on only a cancellation or the store can stop the job.
+    merged = merge_steps(
+        plan.family, inputs.loaded, plan.method, spec.params, _step_tasks(plan, inputs), merged=inputs.head,
+        state=inputs.state, position=len(plan.merged_before), device=plan.device, evals=inputs.evals,
+        progress=progress)
+    return inputs, merged
+
+
+def rebuild_version(store: LineageStore, tenant: str, lineage: str, version: int, *,
+                    settings: Settings | None = None, progress: Progress | None = None) -> dict:
+    """Re-run version `version` from its manifest (its inputs by URI, method, params and seed, onto its parent
+    version from the store, on its device and thread count) into a temporary folder, without committing, and
+    compare every file's sha256 with the manifest's. Returns {"version", "match", "files": [{path, sha256,
+    rebuilt_sha256, match}], "inputs_changed": [fields whose sha256 differs from the one recorded]}."""
+    settings = settings or get_settings()
+    progress = progress or NullProgress()
+    manifest = store.manifest(tenant, lineage, version)
+    doc = store.require_lineage(tenant, lineage)
+    spec = _spec_of(manifest)
+    history = [store.manifest(tenant, lineage, v) for v in range(1, manifest["parent"] + 1)]
+    plan = _plan_job(spec, {**doc, "head": manifest["parent"]}, history, settings)
+    plan.device = resolve_device(manifest.get("device"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(manifest.get("threads", threads))
+    torch.manual_seed(spec.params.seed)
+    try:
+        with tempfile.TemporaryDirectory(prefix="mergeline-rebuild-") as tmp:
+            work = Path(tmp)
+            inputs, merged = _merge(spec, plan, store, tenant, settings, work, progress)
+            rebuilt = {f.path: file_sha256(f.local) for f in _version_files(spec, plan, inputs, merged, work / "v")}
+    finally:
+        torch.set_num_threads(threads)
+    recorded = {f["path"]: f["sha256"] for f in manifest["files"]}
+    files = [{"path": path, "sha256": recorded.get(path), "rebuilt_sha256": rebuilt.get(path),
+              "match": recorded.get(path) == rebuilt.get(path)} for path in sorted(recorded.keys() | rebuilt.keys())]
+    changed = _changed_inputs(manifest, plan, inputs)
+    return {"version": version, "match": all(f["match"] for f in files), "files": files, "inputs_changed": changed}
+
+
+def _spec_of(manifest: dict) -> JobSpec:
+    """The job that made a version, as its manifest records it (task names may repeat earlier ones: replaced)."""
+    kinds = ("calibration", "eval", "head", "head_data")
+    tasks = [{"name": t["name"], "checkpoint": t["checkpoint"], "replace": True,
+              **{k: t[k]["uri"] for k in kinds if k in t}} for t in manifest["tasks"]]
+    return parse_job_spec({"lineage": manifest["lineage"], "method": manifest["method"],
+                           "params": manifest["params"], "tasks": tasks})
+
+
+def _changed_inputs(manifest: dict, plan: JobPlan, inputs: JobInputs) -> list[str]:
+    """The inputs whose sha256 now differs from the one the manifest recorded, by spec field."""
+    changed = ["base.uri"] if plan.base_ref.get("sha256") != manifest["base"].get("sha256") else []
+    for t, record in zip(inputs.tasks, manifest["tasks"], strict=True):
+        if t.checkpoint.sha256 != record["sha256"]:
+            changed.append(f"{t.field}.checkpoint")
+        for kind in ("calibration", "eval", "head", "head_data"):
+            fetched: Fetched | None = getattr(t, kind)
+            if fetched is not None and fetched.sha256 != record[kind]["sha256"]:
+                changed.append(f"{t.field}.{kind}")
+    return changed
 
 
 def _result(manifest: dict) -> dict:
@@ -368,6 +428,9 @@ def merge_steps(
         if task.name in evals:
             data["accuracy"] = _accuracies(family, loaded, merged, [evals[task.name]], device)[task.name]
         progress.event("task_merged", f"merged {task.name}", data)
+        if "warning" in out.metrics:  # e.g. OTMF's masks never bettered: the step is not what the method promises
+            progress.event("step_warning", f"{task.name}: {out.metrics['warning']}",
+                           {"task_index": i, "name": task.name})
         if on_step is not None:
             on_step(i, out)
     return MergeResult(merged, state, steps)
@@ -432,6 +495,7 @@ def _manifest(spec: JobSpec, plan: JobPlan, inputs: JobInputs, metrics: dict) ->
         "code_version": code_version,
         "device": str(plan.device),
         **({"metadata": spec.metadata} if spec.metadata else {}),
+        "threads": torch.get_num_threads(),  # CPU reductions, and so the version's bytes, depend on it
     }
 
 

@@ -7,6 +7,7 @@ Every failure becomes an `InvalidInput` naming the spec field, never a stack tra
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import zipfile
@@ -134,8 +135,25 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: 
         out[key] = value
     tmp = path.with_name(path.name + ".part")
     save_file(out, tmp, metadata=metadata)
+    if metadata and len(metadata) > 1:
+        _sort_header_metadata(tmp)
     os.replace(tmp, path)
     return path
+
+
+def _sort_header_metadata(path: Path) -> None:
+    """Rewrite the header's `__metadata__` in sorted key order, in place: the writer emits it in hash-map order,
+    which varies between processes, so the same tensors would not give the same bytes (and sha256) twice.
+    Reordering keeps the header's length; the header is padded with spaces, as the format allows."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # never: the same keys and values, serialised as compactly
+            raise ValueError(f"{path.name}: sorted safetensors header outgrew the original")
+        f.seek(8)
+        f.write(text.ljust(size, b" "))
 
 
 def resolve_device(requested: str | None) -> torch.device:

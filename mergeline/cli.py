@@ -129,6 +129,7 @@ def merge(
     if metrics.get("tasks"):
         console.print(accuracy_table(f"{spec.lineage} v{result['version']}", {spec.method: metrics},
                                      list(metrics["tasks"])))
+    cli_remote.print_step_warnings(metrics)
 
 
 @lineage_app.command("show")
@@ -257,6 +258,45 @@ def _lineage_op(url: str | None, token: str | None, store: str | None, remote, l
         return local(_store(store))
     except (ApiError, MergelineError) as exc:
         fail(exc)
+
+
+@app.command()
+def rebuild(
+    ref: str = typer.Argument(..., help="NAME@VERSION"),
+    store: str | None = StoreOpt,
+    tenant: str = TenantOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Re-run a version from its manifest (same inputs, method, params, seed, parent) without committing, and check
+    every file's sha256 against the manifest; exit 0 only if all match."""
+    from engine.job import rebuild_version
+
+    name, _, version = ref.partition("@")
+    try:
+        if not version.isdigit() or int(version) == 0:
+            raise InvalidInput(f"bad version {version!r} in {ref!r}: use NAME@N with N ≥ 1", param="version")
+        report = rebuild_version(_store(store), tenant, name, int(version))
+    except MergelineError as exc:
+        if as_json:
+            _print_json({"error": exc.to_dict()})
+            raise typer.Exit(1) from None
+        fail(exc)
+    if as_json:
+        _print_json(report)
+    else:
+        table = Table(title=f"{name}@{version} rebuilt")
+        for col in ("file", "sha256 (manifest)", "sha256 (rebuilt)", "match"):
+            table.add_column(col)
+        for f in report["files"]:
+            table.add_row(f["path"], (f["sha256"] or "–")[:16], (f["rebuilt_sha256"] or "–")[:16],
+                          "[green]yes" if f["match"] else "[red]NO")
+        console.print(table)
+        if report["inputs_changed"]:
+            console.print("inputs changed since the version was made: " + ", ".join(report["inputs_changed"]))
+        verdict = "[green]every file matches its manifest" if report["match"] else "[red]files differ from the manifest"
+        console.print(verdict)
+    if not report["match"]:
+        raise typer.Exit(1)
 
 
 @app.command()
