@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.errors import InvalidInput
 from core.names import check_device
@@ -37,9 +37,9 @@ def parse_size(value: object) -> int:
 
 
 class CommonParams(BaseModel):
-    """Every method's params; unknown keys are errors, not ignored."""
+    """Every method's params; unknown keys are errors, not ignored, and no value is coerced ("10" is no integer)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     seed: int = Field(0, ge=0, le=2**31 - 1)
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -58,10 +58,27 @@ class CommonParams(BaseModel):
 class OTMFParams(CommonParams):
     """lr and blur differ from the paper's (0.01, 0.05): with those, the masks move too little in 100 steps and OTMF
     fell to a moving average of the task vectors. α 0.7 (paper 0.8) was best with a strong base and small task
-    vectors; far-moved fine-tunes of a weak base want α 0.5 (docs/benchmarks.md has both measurements)."""
+    vectors; far-moved fine-tunes of a weak base want α 0.5 (docs/benchmarks.md has both measurements).
+    docs/otmf.md lists every way the method departs from the paper."""
+
+    DEFAULT_STEPS: ClassVar[int] = 100
 
     alpha: float = Field(0.7, gt=0.0, lt=1.0, description="weight of the previous head's masked task vector")
-    steps: int = Field(100, ge=1, le=100_000)
+    steps: int | None = Field(None, ge=1, le=100_000, description="mask-training iterations (100 unless `epochs` "
+                              "is given), alternating M_pre and M_post")
+    epochs: int | None = Field(None, ge=1, le=10_000, description="instead of `steps`: passes over the task's "
+                               "calibration inputs (the paper trains 100 epochs); a pass takes each training batch "
+                               "of D_t once, with as many D_pre batches")
+    mask_bound: Literal["none", "clamp", "sigmoid"] = Field(
+        "none", description="none: real-valued masks; clamp: kept in [0, 1] after every update; sigmoid: "
+                            "sigmoid of a learnt logit (masks that select components, as the paper describes them)")
+    mask_update: Literal["alternate", "joint"] = Field(
+        "alternate", description="alternate: the paper's scheme, M_pre on D_pre against the head and M_post on D_t "
+                                 "against θ_t on alternate iterations; joint: both masks every iteration on the sum "
+                                 "of both losses, the objective the held-out check scores")
+    mask_granularity: Literal["element", "row", "tensor"] = Field(
+        "element", description="one learnable mask value per weight (the paper's), per output row of every 2-D "
+                               "weight (and per tensor otherwise), or per tensor: less memory")
     lr: float = Field(0.1, gt=0.0, le=10.0)
     batch_size: int = Field(16, ge=2, le=4096)
     blur: float = Field(0.01, gt=0.0, le=10.0, description="entropic regularisation on normalised features")
@@ -69,6 +86,12 @@ class OTMFParams(CommonParams):
     reservoir_per_task: int = Field(64, ge=1, le=100_000)
     reservoir_size: int = Field(512, ge=1, le=1_000_000)
     eval_every: int = Field(10, ge=1, le=100_000, description="iterations between held-out checks of the masks")
+
+    @model_validator(mode="after")
+    def _one_length(self) -> OTMFParams:
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give `steps` or `epochs`, not both: exactly one of them sets how long the masks train")
+        return self
 
 
 class TaskArithmeticParams(CommonParams):

@@ -23,12 +23,13 @@ import torch
 from safetensors import safe_open
 
 from core import __version__ as code_version
+from core.digests import file_sha256
 from core.errors import Conflict, InvalidInput
 from core.ids import new_job_id
 from core.methods import CommonParams
 from core.progress import NullProgress, Progress
 from core.settings import Settings, get_settings
-from core.spec import JobSpec, TaskSpec
+from core.spec import JobSpec, TaskSpec, parse_job_spec
 from core.store import (
     STATE_FILE,
     FileToCommit,
@@ -36,13 +37,14 @@ from core.store import (
     task_eval_path,
     task_head_path,
     tuned_head_path,
+    version_chain,
     version_file_label,
 )
 from core.uris import Fetched, UriReader
 from engine.evaluate import accuracy
 from engine.families import get_family
 from engine.families.base import Family, LoadedBase, Tensors, VersionFormat
-from engine.heads import check_head_data, tune_head
+from engine.heads import check_eval_data, check_head_data, tune_head
 from engine.inputs import Inputs
 from engine.methods import get_method
 from engine.methods.base import Method, MethodState, StepInput, StepOutput
@@ -137,7 +139,9 @@ def run_job(
     started = time.monotonic()
 
     lineage = store.get_lineage(tenant, spec.lineage)
-    history = store.manifests(tenant, spec.lineage) if lineage else []
+    if lineage is None:
+        store.check_name_free(tenant, spec.lineage)
+    history = version_chain(store.manifests(tenant, spec.lineage)) if lineage else []
     if history and history[-1].get("job_id") == job_id:
         # A redelivered job whose version is already committed: report it, never merge twice.
         return _result(history[-1])
@@ -146,31 +150,91 @@ def run_job(
 
     with tempfile.TemporaryDirectory(prefix="mergeline-job-") as tmp:
         work = Path(tmp)
-        base_file, tasks = _fetch_inputs(spec, plan, settings, work, progress)
-        inputs = _read_inputs(spec, plan, store, tenant, base_file, tasks, work)
-        # Every input is read and checked; from here on only a cancellation or the store can stop the job.
-        # A data-free method streams: it reads every input tensor by tensor and writes the version as it goes.
-        fmt = VersionFormat.of(spec.params)
-        open_version = partial(plan.family.open_version, inputs.loaded, work / "version", fmt)
-        stream = None if plan.method.data_driven else Streaming(
-            work / "steps", inputs.loaded.tower, open_version, elementwise=plan.method.elementwise)
-        merged = merge_steps(
-            plan.family, inputs.loaded, plan.method, spec.params, _step_tasks(plan, inputs), merged=inputs.head,
-            state=inputs.state, position=len(plan.merged_before), device=plan.device, evals=inputs.evals,
-            progress=progress, stream=stream)
-
+        inputs, merged = _merge(spec, plan, store, tenant, settings, work, progress)
         metrics = _evaluate_all(plan.family, inputs.loaded, merged.tower, inputs.evals, plan.device)
         metrics["steps"] = merged.steps
         metrics["seconds"] = round(time.monotonic() - started, 3)
         progress.event("evaluated", f"accuracy on {len(inputs.evals)} task(s)",
                        {"avg_accuracy": metrics["avg_accuracy"]})
 
-        files = _version_files(spec, plan, inputs, merged, work / "version", fmt)
+        files = _version_files(spec, plan, inputs, merged, work / "version")
         progress.event("committing", f"writing v{plan.parent + 1}")
         stored = store.commit_version(tenant, spec.lineage, parent=plan.parent, base=plan.base_ref, files=files,
                                       manifest=_manifest(spec, plan, inputs, metrics), job_id=job_id)
     progress.event("committed", f"committed v{stored['version']}", {"version": stored["version"]})
     return _result(stored)
+
+
+def _merge(spec: JobSpec, plan: JobPlan, store: LineageStore, tenant: str, settings: Settings, work: Path,
+           progress: Progress) -> tuple[JobInputs, MergeResult]:
+    """Fetch and read every input, then run the continual steps (nothing is written to the store)."""
+    base_file, tasks = _fetch_inputs(spec, plan, UriReader(settings, work, store=store, tenant=tenant), progress)
+    inputs = _read_inputs(spec, plan, store, tenant, base_file, tasks, work)
+    # Every input is read and checked; from here on only a cancellation or the store can stop the job.
+    # A data-free method streams: it reads every input tensor by tensor and writes the version (into
+    # work/version, where `_version_files` finds it) as it goes.
+    open_version = partial(plan.family.open_version, inputs.loaded, work / "version", VersionFormat.of(spec.params))
+    stream = None if plan.method.data_driven else Streaming(
+        work / "steps", inputs.loaded.tower, open_version, elementwise=plan.method.elementwise)
+    merged = merge_steps(
+        plan.family, inputs.loaded, plan.method, spec.params, _step_tasks(plan, inputs), merged=inputs.head,
+        state=inputs.state, position=len(plan.merged_before), device=plan.device, evals=inputs.evals,
+        progress=progress, stream=stream)
+    return inputs, merged
+
+
+def rebuild_version(store: LineageStore, tenant: str, lineage: str, version: int, *,
+                    settings: Settings | None = None, progress: Progress | None = None) -> dict:
+    """Re-run version `version` from its manifest (its inputs by URI, method, params and seed, onto its parent
+    version from the store, on its device and thread count) into a temporary folder, without committing, and
+    compare every file's sha256 with the manifest's. Returns {"version", "match", "files": [{path, sha256,
+    rebuilt_sha256, match}], "inputs_changed": [fields whose sha256 differs from the one recorded]}."""
+    settings = settings or get_settings()
+    progress = progress or NullProgress()
+    manifest = store.manifest(tenant, lineage, version)
+    doc = store.require_lineage(tenant, lineage)
+    spec = _spec_of(manifest)
+    history = [store.manifest(tenant, lineage, v) for v in range(1, manifest["parent"] + 1)]
+    plan = _plan_job(spec, {**doc, "head": manifest["parent"]}, history, settings)
+    plan.device = resolve_device(manifest.get("device"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(manifest.get("threads", threads))
+    torch.manual_seed(spec.params.seed)
+    try:
+        with tempfile.TemporaryDirectory(prefix="mergeline-rebuild-") as tmp:
+            work = Path(tmp)
+            inputs, merged = _merge(spec, plan, store, tenant, settings, work, progress)
+            written = _version_files(spec, plan, inputs, merged, work / "version")
+            rebuilt = {f.path: file_sha256(f.local) for f in written}
+    finally:
+        torch.set_num_threads(threads)
+    recorded = {f["path"]: f["sha256"] for f in manifest["files"]}
+    files = [{"path": path, "sha256": recorded.get(path), "rebuilt_sha256": rebuilt.get(path),
+              "match": recorded.get(path) == rebuilt.get(path)} for path in sorted(recorded.keys() | rebuilt.keys())]
+    changed = _changed_inputs(manifest, plan, inputs)
+    return {"version": version, "match": all(f["match"] for f in files), "files": files, "inputs_changed": changed}
+
+
+def _spec_of(manifest: dict) -> JobSpec:
+    """The job that made a version, as its manifest records it (task names may repeat earlier ones: replaced)."""
+    kinds = ("calibration", "eval", "head", "head_data")
+    tasks = [{"name": t["name"], "checkpoint": t["checkpoint"], "replace": True,
+              **{k: t[k]["uri"] for k in kinds if k in t}} for t in manifest["tasks"]]
+    return parse_job_spec({"lineage": manifest["lineage"], "method": manifest["method"],
+                           "params": manifest["params"], "tasks": tasks})
+
+
+def _changed_inputs(manifest: dict, plan: JobPlan, inputs: JobInputs) -> list[str]:
+    """The inputs whose sha256 now differs from the one the manifest recorded, by spec field."""
+    changed = ["base.uri"] if plan.base_ref.get("sha256") != manifest["base"].get("sha256") else []
+    for t, record in zip(inputs.tasks, manifest["tasks"], strict=True):
+        if t.checkpoint.sha256 != record["sha256"]:
+            changed.append(f"{t.field}.checkpoint")
+        for kind in ("calibration", "eval", "head", "head_data"):
+            fetched: Fetched | None = getattr(t, kind)
+            if fetched is not None and fetched.sha256 != record[kind]["sha256"]:
+                changed.append(f"{t.field}.{kind}")
+    return changed
 
 
 def _result(manifest: dict) -> dict:
@@ -222,10 +286,9 @@ def _check_task_names(spec: JobSpec, merged_before: list[str]) -> None:
 
 
 # -- loading inputs ---------------------------------------------------------------------------------------------
-def _fetch_inputs(spec: JobSpec, plan: JobPlan, settings: Settings, work: Path,
+def _fetch_inputs(spec: JobSpec, plan: JobPlan, reader: UriReader,
                   progress: Progress) -> tuple[Fetched, list[TaskInputs]]:
     """The base and every task's files, fetched under the URI policy; records the base's sha256 in the plan."""
-    reader = UriReader(settings, work)
     base_file = reader.fetch(plan.base_ref["uri"], field="base.uri")
     if plan.lineage and base_file.sha256 != plan.lineage["base"].get("sha256"):
         raise Conflict(f"the base at {plan.base_ref['uri']} changed since the lineage was created", param="base")
@@ -290,13 +353,17 @@ def _load_head(store: LineageStore, tenant: str, spec: JobSpec, family: Family, 
 
 
 def _job_evals(family: Family, loaded: LoadedBase, tasks: list[TaskInputs], merged_before: int) -> dict[str, EvalTask]:
-    """The eval sets and heads this job's tasks name; the tasks follow the lineage's `merged_before` ones."""
-    return {
+    """The eval sets and heads this job's tasks name (checked against each other); the tasks follow the lineage's
+    `merged_before` ones."""
+    evals = {
         t.spec.name: EvalTask(t.spec.name, merged_before + i + 1,
                               family.load_inputs(t.eval, loaded, labelled=True, field=f"{t.field}.eval"),
                               load_state_dict(t.head.path, field=f"{t.field}.head"), f"{t.field}.head")
         for i, t in enumerate(tasks) if t.eval is not None
     }
+    for t in evals.values():
+        check_eval_data(t.data, t.head, field=t.field.removesuffix(".head") + ".eval", head_field=t.field)
+    return evals
 
 
 def _lineage_evals(store: LineageStore, tenant: str, spec: JobSpec, family: Family, loaded: LoadedBase,
@@ -387,6 +454,9 @@ def merge_steps(
         if task.name in evals:
             data["accuracy"] = _accuracies(family, loaded, merged, [evals[task.name]], device)[task.name]
         progress.event("task_merged", f"merged {task.name}", data)
+        if "warning" in out.metrics:  # e.g. OTMF's masks never bettered: the step is not what the method promises
+            progress.event("step_warning", f"{task.name}: {out.metrics['warning']}",
+                           {"task_index": i, "name": task.name})
         if on_step is not None:
             on_step(i, out)
     return MergeResult(merged, state, steps, stream.version.files if stream and stream.version else None)
@@ -419,11 +489,12 @@ def _evaluate_all(family: Family, loaded: LoadedBase, tower: Tensors, evals: dic
 
 
 # -- the version ------------------------------------------------------------------------------------------------
-def _version_files(spec: JobSpec, plan: JobPlan, inputs: JobInputs, merged: MergeResult, out_dir: Path,
-                   fmt: VersionFormat) -> list[FileToCommit]:
+def _version_files(spec: JobSpec, plan: JobPlan, inputs: JobInputs, merged: MergeResult,
+                   out_dir: Path) -> list[FileToCommit]:
     """The version's files, written under `out_dir`: the family's model files (already there when the merge
     streamed), the method state, and every task's eval set and head (the tuned head where the task was tuned),
     which later versions measure the task with. Weight files record the dtype of the merged weights."""
+    fmt = VersionFormat.of(spec.params)
     written = merged.files
     if written is None:
         written = plan.family.save_version(inputs.loaded, merged.tower, out_dir, fmt)
@@ -457,6 +528,8 @@ def _manifest(spec: JobSpec, plan: JobPlan, inputs: JobInputs, metrics: dict) ->
         "metrics": metrics,
         "code_version": code_version,
         "device": str(plan.device),
+        **({"metadata": spec.metadata} if spec.metadata else {}),
+        "threads": torch.get_num_threads(),  # CPU reductions, and so the version's bytes, depend on it
     }
 
 

@@ -23,6 +23,7 @@ from engine.tensorfiles import (
     PlannedTensor,
     ShardedWriter,
     piece_infos,
+    read_rows,
     row_pieces,
     shape_of,
 )
@@ -71,8 +72,7 @@ class PieceView(Mapping[str, torch.Tensor]):
         if self.lazy is not None:
             return self.lazy[name]
         key, first, stop = self.pieces[name]
-        value = self.tensors[key]
-        return value if name == key else value[first:stop]
+        return self.tensors[key] if name == key else read_rows(self.tensors, key, first, stop)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.pieces)

@@ -199,23 +199,25 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     def shape_of(self, key: str) -> tuple[int, ...]:
         return self.infos[key].shape
 
+    def rows(self, key: str, first: int, stop: int) -> torch.Tensor:
+        """Rows [first, stop) of `key`, reading only their bytes."""
+        return LazyTensors({key: self.infos[key].rows(first, stop)}, dtype=self.dtype, field=self.field,
+                           check_finite=self.check_finite)[key]
+
     def __len__(self) -> int:
         return len(self.infos)
-
-
-def _finite(value: torch.Tensor) -> bool:
-    """No NaN or Inf in `value`: min and max in one reduction (NaN propagates into both), far cheaper on the CPU
-    than `isfinite(value).all()`."""
-    if not value.numel():
-        return True
-    low, high = torch.aminmax(value)
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def shape_of(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
     """A tensor's shape, without reading it when `tensors` is lazy (has its own `shape_of`)."""
     own = getattr(tensors, "shape_of", None)
     return own(key) if own is not None else tuple(tensors[key].shape)
+
+
+def read_rows(tensors: Mapping[str, torch.Tensor], key: str, first: int, stop: int) -> torch.Tensor:
+    """Rows [first, stop) of `tensors[key]`, reading only them when `tensors` can (has its own `rows`)."""
+    own = getattr(tensors, "rows", None)
+    return own(key, first, stop) if own is not None else tensors[key][first:stop]
 
 
 def dtype_of(tensors: Mapping[str, torch.Tensor], key: str) -> torch.dtype:

@@ -51,6 +51,13 @@ def error_line(type: str, message: str) -> Text:
     return Text.assemble(("error", "red"), f" ({type}): {message}")
 
 
+def print_step_warnings(metrics: dict) -> None:
+    """One line per step whose method warned (e.g. OTMF's masks never beat the all-ones start)."""
+    for step in metrics.get("steps") or []:
+        if step.get("warning"):
+            console.print(Text.assemble(("warning", "yellow"), f" {step['task']}: {step['warning']}"))
+
+
 def _print_job(job: Job, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(job, indent=2) + "\n")
@@ -65,6 +72,7 @@ def _print_job(job: Job, as_json: bool) -> None:
         metrics = job["result"].get("metrics") or {}
         avg = metrics.get("avg_accuracy")
         console.print(f"  version {job['result']['version']}" + ("" if avg is None else f"  avg accuracy {avg:.4f}"))
+        print_step_warnings(metrics)
     if job.get("error"):
         console.print(Text.assemble("  ", (job["error"]["type"], "red"), f": {job['error']['message']}"))
 

@@ -77,6 +77,69 @@ def test_same_seed_gives_bit_identical_versions(env, tmp_path):
         files.append(load_file(tmp_path / f"out{i}" / "model.safetensors"))
     assert files[0].keys() == files[1].keys()
     assert all(torch.equal(files[0][k], files[1][k]) for k in files[0])
+    # Byte for byte, every file of the version (model, method state, eval copies): the same sha256.
+    digests = [{f["path"]: f["sha256"] for f in LineageStore((tmp_path / f"s{i}").as_uri())
+                .manifest("default", "vision", 1)["files"]} for i in range(2)]
+    assert digests[0] == digests[1]
+
+
+def test_cli_merge_says_when_a_step_kept_the_all_ones_masks(env, tmp_path, monkeypatch):
+    data, root, _, _ = env
+    monkeypatch.setenv("MERGELINE_ALLOWED_ROOTS", f"{root},{tmp_path}")
+    from core.settings import get_settings
+
+    get_settings.cache_clear()
+    folder, runner = str(tmp_path / "store"), CliRunner()
+    # The same checkpoint merged onto itself: the all-ones masks already match both teachers, training cannot win.
+    again = {**task_entry(data, "mnist"), "name": "mnist-again"}
+    for i, spec in enumerate((job(data, ["mnist"]).model_dump(),
+                              {**job(data, ["mnist"], base=False).model_dump(), "tasks": [again]})):
+        (tmp_path / f"job{i}.json").write_text(json.dumps(spec))
+        out = runner.invoke(app, ["merge", str(tmp_path / f"job{i}.json"), "--store", folder])
+        assert out.exit_code == 0, out.output
+    assert "warning mnist-again: the masks never beat the all-ones start" in " ".join(out.output.split())
+    step = LineageStore((tmp_path / "store").as_uri()).manifest("default", "vision", 2)["metrics"]["steps"][0]
+    assert step["masks_kept_all_ones"] is True and step["best_iteration"] == 0
+    get_settings.cache_clear()
+
+
+def test_cli_rebuild_reports_every_file_matching_and_a_tampered_input_as_a_mismatch(env, tmp_path, monkeypatch):
+    data, root, _, _ = env
+    monkeypatch.setenv("MERGELINE_ALLOWED_ROOTS", f"{root},{tmp_path}")
+    from core.settings import get_settings
+
+    get_settings.cache_clear()
+    copy = tmp_path / "shapes"  # the second task's files, copied so that the test may tamper with them
+    shutil.copytree(root / "tasks" / "shapes", copy)
+    shapes = {**task_entry(data, "shapes"), **{k: (copy / f).as_uri() for k, f in (
+        ("checkpoint", "checkpoint.safetensors"), ("calibration", "calibration.npz"))}}
+    folder = str(tmp_path / "store")
+    runner = CliRunner()
+    for i, spec in enumerate((job(data, ["mnist"]).model_dump(),
+                              {**job(data, ["mnist"], base=False).model_dump(), "tasks": [shapes]})):
+        (tmp_path / f"job{i}.json").write_text(json.dumps(spec))
+        out = runner.invoke(app, ["merge", str(tmp_path / f"job{i}.json"), "--store", folder, "--json"])
+        assert out.exit_code == 0, out.output
+
+    out = runner.invoke(app, ["rebuild", "vision@2", "--store", folder, "--json"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.output)
+    assert report["match"] and report["inputs_changed"] == []
+    assert {f["path"] for f in report["files"]} >= {"model.safetensors", "state.safetensors"}
+    assert all(f["match"] and f["sha256"] == f["rebuilt_sha256"] for f in report["files"])
+
+    tensors = load_file(copy / "checkpoint.safetensors")
+    key = next(k for k, v in tensors.items() if v.ndim == 2)
+    tensors[key][0, 0] += 0.5
+    save_file(tensors, copy / "checkpoint.safetensors")
+    out = runner.invoke(app, ["rebuild", "vision@2", "--store", folder])
+    assert out.exit_code == 1, out.output
+    assert "tasks.0.checkpoint" in out.output and "differ" in out.output
+    out = runner.invoke(app, ["rebuild", "vision@2", "--store", folder, "--json"])
+    mismatched = {f["path"] for f in json.loads(out.output)["files"] if not f["match"]}
+    assert "model.safetensors" in mismatched and "state.safetensors" not in mismatched
+    assert runner.invoke(app, ["rebuild", "vision", "--store", folder]).exit_code == 1
+    get_settings.cache_clear()
 
 
 def test_conflicts_task_names_and_base(env):

@@ -23,6 +23,7 @@ from helpers_models import (
     write_text_jsonl,
     write_token_npz,
 )
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from core.errors import IncompatibleCheckpoint, InvalidInput
@@ -87,6 +88,18 @@ def test_save_safetensors_handles_views_and_shared_storage(tmp_path):
     back = load_file(path)
     assert all(torch.equal(back[k], v) for k, v in tensors.items())
     assert not (tmp_path / "sub" / "x.safetensors.part").exists()
+
+
+def test_save_safetensors_writes_the_same_bytes_for_the_same_tensors_and_metadata(tmp_path):
+    # The writer orders metadata as a hash map: a version's sha256 would differ from run to run without sorting.
+    tensors = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)}
+    metadata = {key: f"value of {key} é" for key in ("method", "meta", "format", "family", "layout", "z", "a")}
+    written = {save_safetensors(tensors, tmp_path / f"{i}.safetensors", metadata=metadata).read_bytes()
+               for i in range(8)}
+    assert len(written) == 1
+    with safe_open(tmp_path / "0.safetensors", framework="pt") as f:
+        assert f.metadata() == metadata
+        assert torch.equal(f.get_tensor("w"), tensors["w"])
 
 
 def test_resolve_device(monkeypatch):

@@ -26,6 +26,7 @@ from engine.methods import get_method
 from engine.methods.base import MethodState
 from engine.streaming import Streaming
 from engine.tensorfiles import materialize, read_weights
+from engine.tensors import open_state_dict
 
 CPU = torch.device("cpu")
 DATA_FREE = sorted(name for name, entry in METHODS.items() if not entry.data_driven)
@@ -167,7 +168,7 @@ def tiny_llama(folder: Path, seed: int, base: Path | None = None) -> Path:
 
 
 def test_a_sharded_hf_version_loads_with_from_pretrained(tmp_path):
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     base = tiny_llama(tmp_path / "base", 0)
     tasks = [tiny_llama(tmp_path / f"task{i}", i + 1, base) for i in range(2)]
@@ -176,13 +177,13 @@ def test_a_sharded_hf_version_loads_with_from_pretrained(tmp_path):
     names = {f["path"] for f in result["manifest"]["files"]}
     assert "model.safetensors.index.json" in names and "model-00001-of-" in " ".join(names)
     assert "model.safetensors" not in names
-    merged = AutoModel.from_pretrained(tmp_path / "v1")
-    b, t0, t1 = (AutoModel.from_pretrained(p).state_dict() for p in (base, *tasks))
+    # The checkpoint's own architecture (LlamaForCausalLM) is merged: its untied lm_head too.
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "v1")
+    b, t0, t1 = (AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (base, *tasks))
+    assert "lm_head.weight" in merged.state_dict()
     for k, v in merged.state_dict().items():
         expected = b[k] + 0.5 * (t0[k] - b[k]) + 0.5 * (t1[k] - b[k])
         assert torch.allclose(v, expected, atol=1e-6), k
-    lm = AutoModelForCausalLM.from_pretrained(tmp_path / "v1")  # the carried lm_head comes back too
-    assert torch.equal(lm.lm_head.weight, AutoModelForCausalLM.from_pretrained(base).lm_head.weight)
     # A sharded version is a sharded input: the next job reads it back as the head.
     second, _ = run(tmp_path, base, [tasks[0]], family="hf", params={"max_shard_size": 4000}, first=2)
     assert second["version"] == 2
@@ -266,3 +267,37 @@ def test_max_shard_size_takes_bytes_or_units():
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_sharded_version_rebuilds_rolls_back_forks_and_is_a_lineage_input(tmp_path):
+    """A sharded bf16 version: `rebuild` writes the same bytes; a rollback and a fork copy its shards, index and
+    dtypes; `lineage://` reads it (a folder of shards) as another job's task."""
+    from engine.job import rebuild_version
+
+    base, tasks = write_world(tmp_path / "in", torch.bfloat16, n_tasks=2)
+    params = {"max_shard_size": 900}
+    run(tmp_path, base, tasks[:1], method="ties", params=params)
+    two, store = run(tmp_path, base, tasks[1:], method="ties", params=params, first=1)
+    files = [(f["path"], f["sha256"], f.get("dtype")) for f in two["manifest"]["files"]]
+    shards = [p for p, _, dtype in files if p.startswith("model-") and dtype == "bfloat16"]
+    assert len(shards) > 2 and "model.safetensors.index.json" in {p for p, _, _ in files}
+    settings = Settings(store=(tmp_path / "store").as_uri(), allowed_roots=str(tmp_path))
+    report = rebuild_version(store, "default", "big", 2, settings=settings)
+    assert report["match"] and {f["path"] for f in report["files"]} >= set(shards)
+
+    rolled = store.rollback("default", "big", 2, job_id="rollback")
+    store.fork("default", "big", 2, "forked", job_id="fork")
+    for manifest in (rolled, store.manifest("default", "forked", 1)):
+        assert [(f["path"], f["sha256"], f.get("dtype")) for f in manifest["files"]] == files
+    store.download_version("default", "forked", 1, tmp_path / "fork")
+    assert read_weights(tmp_path / "fork", field="v").keys() == load_file(base).keys()
+
+    spec = parse_job_spec({"lineage": "reuse", "base": {"family": "state_dict", "uri": base.as_uri()},
+                           "method": "task_arithmetic", "params": {"scaling_factor": 1.0},
+                           "tasks": [{"name": "big", "checkpoint": "lineage://big@2"}]})
+    reused = run_job(spec, store, settings=settings)
+    assert reused["manifest"]["tasks"][0]["checkpoint"] == "lineage://big@2"
+    store.download_version("default", "reuse", 1, tmp_path / "reuse")
+    version = materialize(open_state_dict(tmp_path / "fork", field="v"))  # θ0 + 1·(v2 − θ0) is v2, exactly
+    assert all(torch.equal(value, version[key])
+               for key, value in load_file(tmp_path / "reuse" / "model.safetensors").items())

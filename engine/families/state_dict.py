@@ -2,7 +2,8 @@
 with their `model.safetensors.index.json`), for data-free methods on any architecture.
 
 Every floating tensor is merged; integer/bool tensors (step counters, index buffers) are carried from the base.
-There is no model to run, so no feature function and no calibration data.
+There is no model to run, so no feature function and no calibration data. A task may be a LoRA adapter folder whose
+module names are the file's keys (engine.adapters).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from core.errors import IncompatibleCheckpoint, InvalidInput
 from core.uris import Fetched
+from engine.adapters import is_adapter, read_adapter
 from engine.families.base import Family, LoadedBase, VersionPlan
 from engine.tensorfiles import dtype_of, float_dtype, rekey, shape_of
 from engine.tensors import as_tower, check_compatible, open_state_dict
@@ -34,6 +36,10 @@ class StateDictFamily(Family):
                           info={"dtypes": {k: str(dtype_of(state, k)) for k in state}}, dtype=float_dtype(state))
 
     def load_checkpoint(self, checkpoint: Fetched, base: LoadedBase, *, field: str) -> Tensors:
+        if is_adapter(checkpoint.path):  # a LoRA adapter whose module names are the file's keys
+            shapes = {k: shape_of(base.tower, k) for k in base.tower}
+            adapter = read_adapter(checkpoint.path, shapes, lambda name: name if name in shapes else None, field=field)
+            return adapter.task_tower(base.tower)
         return self._tower_of(_read(checkpoint.path, field), base, field=field, what="checkpoint")
 
     def load_version(self, folder: Path, base: LoadedBase) -> Tensors:

@@ -165,12 +165,13 @@ def _train_masks(
     inp: StepInput, params: OTMFParams, pre: InputSource, post: InputSource
 ) -> tuple[Tensors | None, Tensors | None, dict]:
     """Train M_pre and M_post; returns the masks with the lowest held-out loss (on the device; None while the
-    initial all-ones masks were never bettered) and the metrics."""
+    all-ones masks, the α-blend, were never bettered) and the metrics."""
     device = torch.device(inp.device)
     dtype = torch.bfloat16 if params.dtype == "bfloat16" else torch.float32
     same_data = pre is post
     gen = generator(params.seed, inp.index, _DATA_STREAM)
     schedule = _draw_schedule(len(pre), None if same_data else len(post), params, gen)
+    steps = schedule.steps
     # Each teacher's features are computed once, for exactly the inputs the step will use.
     chunk = params.batch_size
     pre_side = _Side(pre, schedule.pre_hold, _teacher_features(
@@ -178,53 +179,81 @@ def _train_masks(
     post_side = _Side(post, schedule.post_hold, _teacher_features(
         inp.family, inp.loaded, inp.task, post, schedule.used_post(), device, dtype, chunk))
 
-    tower = _MaskedTower(inp, params.alpha, params.lr, device, dtype)
-    initial = final = tower.held_out_loss(pre_side, post_side, same_data, params.blur)
+    tower = _MaskedTower(inp, params, device, dtype)
+    # The α-blend (all-ones masks) is what any trained masks must beat, whatever the masks start from.
+    initial = final = tower.held_out_loss(pre_side, post_side, same_data, params.blur, all_ones=True)
     best = _BestMasks(initial)
-    for s in range(params.steps):
-        on_pre = s % 2 == 0  # alternately M_pre on D_pre against the head and M_post on D_t against θ_t
-        side = pre_side if on_pre else post_side
-        loss = tower.train_iteration(side, schedule.batches[s], train_pre=on_pre, blur=params.blur)
-        inp.progress(s + 1, params.steps, loss)
-        if (s + 1) % params.eval_every == 0 or s + 1 == params.steps:
+    for s in range(steps):
+        if params.mask_update == "joint":  # both masks on the sum of both sides' losses
+            loss = tower.train_joint(pre_side, post_side, schedule.pre[s], schedule.post[s], blur=params.blur)
+        else:  # alternately M_pre on D_pre against the head and M_post on D_t against θ_t
+            on_pre = s % 2 == 0
+            side, index = (pre_side, schedule.pre[s // 2]) if on_pre else (post_side, schedule.post[s // 2])
+            loss = tower.train_iteration(side, index, train_pre=on_pre, blur=params.blur)
+        inp.progress(s + 1, steps, loss)
+        if (s + 1) % params.eval_every == 0 or s + 1 == steps:
             final = tower.held_out_loss(pre_side, post_side, same_data, params.blur)
-            best.offer(final, s + 1, tower.m_pre, tower.m_post)
+            best.offer(final, s + 1, *tower.masks())
 
     metrics = {
-        "iterations": params.steps,
+        "iterations": steps,
         "loss_initial": initial,
         "loss_final": final,
         "loss_best": best.loss,
         "best_iteration": best.iteration,
+        "masks_kept_all_ones": best.iteration == 0,
         "pre_inputs": len(pre),
         "held_out": [int(schedule.pre_hold.shape[0]), int(schedule.post_hold.shape[0])],
     }
+    if best.pre is not None and best.post is not None:
+        values = [v for masks in (best.pre, best.post) for v in masks.values()]
+        metrics["mask_range"] = [min(v.min().item() for v in values), max(v.max().item() for v in values)]
+    if best.iteration == 0:
+        metrics["warning"] = (
+            f"the masks never beat the all-ones start on the held-out batches (held-out loss {initial:.4g}, "
+            f"{final:.4g} after training): this step is the plain α-blend of the two task vectors")
     return best.pre, best.post, metrics
 
 
 @dataclass
 class _Schedule:
     """Every input a step uses, drawn before training starts: one held-out batch per side, for choosing masks, and
-    the training batch of every iteration (even iterations from D_pre, odd ones from D_t)."""
+    the training batches of each side in the order iterations use them (alternate: even iterations take the next
+    D_pre batch, odd ones the next D_t batch; joint: every iteration one of each)."""
 
+    steps: int
     pre_hold: torch.Tensor
     post_hold: torch.Tensor
-    batches: list[torch.Tensor]
+    pre: list[torch.Tensor]
+    post: list[torch.Tensor]
 
     def used_pre(self) -> torch.Tensor:
-        return torch.unique(torch.cat([self.pre_hold, *self.batches[0::2]]))
+        return torch.unique(torch.cat([self.pre_hold, *self.pre]))
 
     def used_post(self) -> torch.Tensor:
-        return torch.unique(torch.cat([self.post_hold, *self.batches[1::2]]))
+        return torch.unique(torch.cat([self.post_hold, *self.post]))
 
 
 def _draw_schedule(n_pre: int, n_post: int | None, params: OTMFParams, gen: torch.Generator) -> _Schedule:
-    """The step's schedule; `n_post` None when D_t is D_pre itself (both sides then share their split)."""
+    """The step's schedule; `n_post` None when D_t is D_pre itself (both sides then share their split). Its length
+    is `steps`, or with `epochs` as many iterations as take every training batch of D_t once, per epoch (two per
+    batch when the masks alternate, one when both train on every iteration)."""
     pre_hold, pre_pool = _split(n_pre, params.batch_size, gen)
     post_hold, post_pool = (pre_hold, pre_pool) if n_post is None else _split(n_post, params.batch_size, gen)
     pre_batches, post_batches = _Batches(pre_pool, params.batch_size, gen), _Batches(post_pool, params.batch_size, gen)
-    batches = [pre_batches.next() if s % 2 == 0 else post_batches.next() for s in range(params.steps)]
-    return _Schedule(pre_hold, post_hold, batches)
+    if params.epochs is None:
+        steps = params.steps or OTMFParams.DEFAULT_STEPS
+    else:
+        per_batch = 1 if params.mask_update == "joint" else 2  # iterations that use one training batch of D_t
+        steps = per_batch * params.epochs * (post_pool.shape[0] // post_batches.size)
+    n_pre, n_post = (steps, steps) if params.mask_update == "joint" else ((steps + 1) // 2, steps // 2)
+    pre: list[torch.Tensor] = []
+    post: list[torch.Tensor] = []
+    for i in range(n_pre):  # drawn interleaved, in the order the iterations use them
+        pre.append(pre_batches.next())
+        if i < n_post:
+            post.append(post_batches.next())
+    return _Schedule(steps, pre_hold, post_hold, pre, post)
 
 
 @dataclass
@@ -236,21 +265,56 @@ class _Side:
     teacher: _TeacherFeatures
 
 
+# A sigmoid mask starts from this logit (mask 0.95): at 1 exactly the logit would be infinite.
+SIGMOID_START = 3.0
+
+
+def mask_shape(t: torch.Tensor, granularity: str) -> tuple[int, ...]:
+    """The shape of a tensor's mask, broadcast against it: the tensor's own (element), one value per output row of
+    a 2-D weight (row), else one value for the whole tensor."""
+    if granularity == "element":
+        return tuple(t.shape)
+    if granularity == "row" and t.ndim == 2:
+        return (t.shape[0], 1)
+    return (1,) * t.ndim
+
+
 class _MaskedTower:
     """θ_M as a function of the two masks, with the masks' optimiser.
 
-    On the device: θ0 and the pre-scaled task vectors a = α·τ_pre, b = (1 − α)·τ_post (in the forward's dtype), two
-    float32 masks and Adam's four moments: 9× the tower in float32 whatever the lineage's length, plus per iteration
-    θ_M and one mask's gradient, and a bfloat16 copy of the best masks (1×) once the held-out loss has improved."""
+    On the device: θ0 and the pre-scaled task vectors a = α·τ_pre, b = (1 − α)·τ_post (in the forward's dtype; θ0
+    is not copied for float32 on the CPU), the two masks' parameters in float32 and Adam's four moments, plus per
+    iteration θ_M and one mask's gradient, and a bfloat16 copy of the best masks once the held-out loss has
+    improved. Element-wise masks: 9× the tower in float32, whatever the lineage's length; row or tensor masks are
+    negligible beside the tower, leaving θ0, a, b and θ_M (about 3×, 1.5× in bfloat16 with θ0 copied)."""
 
-    def __init__(self, inp: StepInput, alpha: float, lr: float, device: torch.device, dtype: torch.dtype):
+    def __init__(self, inp: StepInput, params: OTMFParams, device: torch.device, dtype: torch.dtype):
         self.family, self.loaded, self.device, self.dtype = inp.family, inp.loaded, device, dtype
+        self.bound = params.mask_bound
+        alpha = params.alpha
         self.theta0 = {k: to_device(v, device, dtype) for k, v in inp.base.items()}
         self.a = {k: to_device((inp.merged[k] - inp.base[k]).mul_(alpha), device, dtype) for k in inp.base}
         self.b = {k: to_device((inp.task[k] - inp.base[k]).mul_(1.0 - alpha), device, dtype) for k in inp.base}
-        self.m_pre = {k: torch.ones_like(v, dtype=torch.float32, requires_grad=True) for k, v in self.theta0.items()}
-        self.m_post = {k: torch.ones_like(v, dtype=torch.float32, requires_grad=True) for k, v in self.theta0.items()}
-        self.opt = torch.optim.Adam([*self.m_pre.values(), *self.m_post.values()], lr=lr)
+        start = SIGMOID_START if self.bound == "sigmoid" else 1.0
+
+        def parameters() -> Tensors:
+            return {k: torch.full(mask_shape(v, params.mask_granularity), start, dtype=torch.float32, device=device,
+                                  requires_grad=True) for k, v in self.theta0.items()}
+
+        self.p_pre, self.p_post = parameters(), parameters()
+        self.opt = torch.optim.Adam([*self.p_pre.values(), *self.p_post.values()], lr=params.lr)
+        self.ones = {k: torch.ones((), device=device) for k in self.theta0}
+
+    def _mask(self, p: Tensors) -> Tensors:
+        return {k: torch.sigmoid(v) for k, v in p.items()} if self.bound == "sigmoid" else p
+
+    @torch.no_grad()
+    def _fixed(self, p: Tensors) -> Tensors:
+        return {k: v.detach() for k, v in self._mask(p).items()}
+
+    def masks(self) -> tuple[Tensors, Tensors]:
+        """The current (M_pre, M_post), not tracked by autograd."""
+        return self._fixed(self.p_pre), self._fixed(self.p_post)
 
     def compose(self, m_pre: Tensors, m_post: Tensors) -> Tensors:
         return compose(self.theta0, self.a, self.b, m_pre, m_post, self.dtype)
@@ -259,21 +323,66 @@ class _MaskedTower:
         return self.family.features(self.loaded, tower, source.batch(index, self.device, self.dtype)).float()  # [B, D]
 
     def train_iteration(self, side: _Side, index: torch.Tensor, *, train_pre: bool, blur: float) -> float:
-        """One Adam step on one mask (M_pre or M_post) against `side`'s teacher; the other mask is a constant, so no
-        gradient is built for it (its grad stays None, and Adam skips it). Returns the batch's loss."""
-        if train_pre:
-            tower = self.compose(self.m_pre, {k: v.detach() for k, v in self.m_post.items()})
-        else:
-            tower = self.compose({k: v.detach() for k, v in self.m_pre.items()}, self.m_post)
+        """One Adam step on one mask (M_pre or M_post) against `side`'s teacher; the other mask is a constant (its
+        grad stays None, and Adam skips it). Returns the batch's loss."""
+        trained = self.p_pre if train_pre else self.p_post
+        tower = self._differentiable_tower({"pre": self.p_pre} if train_pre else {"post": self.p_post})
         loss = sinkhorn_divergence(self.features(tower, side.source, index), side.teacher.take(index), blur)
+        return self._step(loss, [trained])
+
+    def train_joint(self, pre: _Side, post: _Side, pre_index: torch.Tensor, post_index: torch.Tensor, *,
+                    blur: float) -> float:
+        """One Adam step on both masks against the sum of both sides' losses, the objective the held-out check
+        scores. Returns the loss."""
+        tower = self._differentiable_tower({"pre": self.p_pre, "post": self.p_post})
+        loss = sinkhorn_divergence(self.features(tower, pre.source, pre_index), pre.teacher.take(pre_index), blur)
+        loss = loss + sinkhorn_divergence(self.features(tower, post.source, post_index), post.teacher.take(post_index),
+                                          blur)
+        return self._step(loss, [self.p_pre, self.p_post])
+
+    def _differentiable_tower(self, trained: dict[str, Tensors]) -> Tensors:
+        """θ_M as leaf tensors whose gradient, as soon as backward has produced it, becomes the trained masks'
+        gradient (∂L/∂M = Σ ∂L/∂θ_M ⊙ a, summed over the mask's broadcast dimensions) and is freed.
+
+        Autograd through the composition would keep the gradient of every tensor of θ_M until the end of backward
+        (the composition's nodes run last): a whole tower more of memory. A leaf's gradient is accumulated the
+        moment it is computed, so the hook holds one tensor's gradient at a time."""
+        with torch.no_grad():
+            tower = self.compose(*self.masks())
+        scaled = {"pre": self.a, "post": self.b}
+        for k, w in tower.items():
+            w.requires_grad_(True)
+            pairs = [(p[k], scaled[side][k]) for side, p in trained.items()]
+            w.register_post_accumulate_grad_hook(lambda w, pairs=pairs: self._to_mask_grads(w, pairs))
+        return tower
+
+    def _to_mask_grads(self, w: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Each trained mask parameter's gradient from θ_M's (`pairs`: the parameter and its scaled task vector)."""
+        assert w.grad is not None
+        grad = w.grad.float()
+        w.grad = None
+        for p, vector in pairs:
+            g = (grad * vector).sum_to_size(p.shape)
+            if self.bound == "sigmoid":  # ∂M/∂logit = M (1 − M)
+                m = torch.sigmoid(p.detach())
+                g = g * m * (1.0 - m)
+            p.grad = g if p.grad is None else p.grad + g
+
+    def _step(self, loss: torch.Tensor, trained: list[Tensors]) -> float:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        if self.bound == "clamp":
+            with torch.no_grad():
+                for masks in trained:
+                    for v in masks.values():
+                        v.clamp_(0.0, 1.0)
         return loss.detach().item()
 
     @torch.no_grad()
-    def held_out_loss(self, pre: _Side, post: _Side, same_data: bool, blur: float) -> float:
-        tower = self.compose(self.m_pre, self.m_post)
+    def held_out_loss(self, pre: _Side, post: _Side, same_data: bool, blur: float, *, all_ones: bool = False) -> float:
+        """The loss on the held-out batches of the current masks, or of the all-ones masks (the α-blend)."""
+        tower = self.compose(self.ones, self.ones) if all_ones else self.compose(*self.masks())
         f_pre = self.features(tower, pre.source, pre.hold)
         f_post = f_pre if same_data else self.features(tower, post.source, post.hold)
         loss = sinkhorn_divergence(f_pre, pre.teacher.take(pre.hold), blur)
