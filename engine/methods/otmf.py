@@ -185,7 +185,7 @@ def _train_masks(
         on_pre = s % 2 == 0  # alternately M_pre on D_pre against the head and M_post on D_t against θ_t
         side = pre_side if on_pre else post_side
         loss = tower.train_iteration(side, schedule.batches[s], train_pre=on_pre, blur=params.blur)
-        inp.progress(s + 1, params.steps, loss)
+        inp.progress(s + 1, params.steps, loss, "pre" if on_pre else "post")
         if (s + 1) % params.eval_every == 0 or s + 1 == params.steps:
             final = tower.held_out_loss(pre_side, post_side, same_data, params.blur)
             best.offer(final, s + 1, tower.m_pre, tower.m_post)

@@ -1,4 +1,5 @@
-"""Operations: liveness, readiness (job store, broker and lineage store reachable), Prometheus metrics."""
+"""Operations: liveness, readiness (job store, broker and lineage store reachable), Prometheus metrics, and `/`,
+which sends a browser to the interactive docs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from core.errors import BrokerUnavailable, MergelineError
 from core.metrics import render
@@ -14,6 +15,11 @@ from service.api.deps import Services, get_services
 from service.api.models import ERROR_RESPONSES, Health
 
 router = APIRouter(tags=["operations"])
+
+
+@router.get("/", include_in_schema=False)
+def root() -> RedirectResponse:
+    return RedirectResponse("/docs", status_code=307)
 
 
 @router.get("/healthz", response_model=Health)
