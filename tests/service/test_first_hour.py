@@ -62,19 +62,19 @@ def test_the_docs_show_the_client(served):
 def test_client_snippets_run_as_printed(served, outcome):
     cwd = served["cwd"] / outcome
     inputs = make_inputs(cwd / "data", n_tasks=1)
-    lineage = f"snippet-{outcome}"
     prefix = None if outcome == "succeeded" else f"file://{inputs['root']}/missing-"  # a checkpoint that is not there
-    (cwd / "job.json").write_text(json.dumps(spec(inputs, lineage, [task(inputs, 0, prefix=prefix)],
-                                                  method="task_arithmetic")))
     env = {**served["env"], "MERGELINE_URL": served["url"], "MERGELINE_TOKEN": served["token"]}
-    for doc, code in client_snippets():
+    for i, (doc, code) in enumerate(client_snippets()):
+        body = spec(inputs, f"snippet-{outcome}-{i}", [task(inputs, 0, prefix=prefix)], method="task_arithmetic")
+        (cwd / "job.json").write_text(json.dumps(body))
         ran = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
                              timeout=240)
         if outcome == "succeeded":
             assert ran.returncode == 0, f"{doc}: {ran.stderr}"
             assert (cwd / "out" / "model.safetensors").exists(), doc
         else:
-            assert ran.returncode == 1 and "failed" in ran.stderr and "fetch_failed" in ran.stderr, f"{doc}: {ran.stderr}"
+            assert ran.returncode == 1, f"{doc}: {ran.stderr}"
+            assert ran.stderr.startswith("failed: ") and "fetch_failed" in ran.stderr, f"{doc}: {ran.stderr}"
             assert "Traceback" not in ran.stderr, doc
 
 
