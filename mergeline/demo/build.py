@@ -22,9 +22,9 @@ TASK_FILES = {"checkpoint": "checkpoint.safetensors", "calibration": "calibratio
 
 
 def pretrained_base(family: Family, root: Path, arch: dict, images: np.ndarray, labels: np.ndarray | None, *,
-                    steps: int, seed: int, proxy: str, on_step: OnStep | None = None, **training: float) -> Path:
+                    steps: int, seed: int, proxy: str, on_step: OnStep | None = None) -> Path:
     """A fresh tower of `arch` (drawn from torch's global generator) pretrained on `images` with the `proxy`
-    objective (`training`: pretrain's lr and batch_size), saved under `root/base`; returns its weights file."""
+    objective, saved under `root/base`; returns its weights file."""
     import open_clip
 
     init, proxy_file = root / "base-init.safetensors", root / "proxy.npz"
@@ -33,7 +33,7 @@ def pretrained_base(family: Family, root: Path, arch: dict, images: np.ndarray, 
     np.savez(proxy_file, **as_uint8_npz(images, labels))
     proxy_data = family.load_inputs(local(proxy_file), loaded, labelled=labels is not None, field="proxy")
     tower = pretrain(family, loaded, proxy_data.tensors["pixels"], labels=proxy_data.labels, steps=steps, seed=seed,
-                     proxy=proxy, on_step=on_step, **training)
+                     proxy=proxy, on_step=on_step)
     base_file = family.save_version(loaded, tower, root / "base")[0]
     init.unlink()
     proxy_file.unlink()
