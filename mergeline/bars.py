@@ -16,7 +16,7 @@ from rich.progress import (
 
 def step_bars(**kwargs: Any) -> Progress:
     """Bars with the step count, a note (losses, accuracy), the elapsed time and the time left."""
-    columns = (TextColumn("{task.description}"), BarColumn(bar_width=30), MofNCompleteColumn(),
+    columns = (TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
                TextColumn("{task.fields[note]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     return Progress(*columns, **kwargs)
 

@@ -162,7 +162,7 @@ def _local_lineages(store, tenant: str) -> list[dict]:
 @lineage_app.command("list")
 def lineage_list(store: str | None = StoreOpt, tenant: str = TenantOpt, as_json: bool = JsonOpt,
                  url: str | None = ApiUrlOpt, token: str | None = ApiTokenOpt) -> None:
-    """Every lineage: its head, the head's method and tasks, and its average accuracy."""
+    """Every lineage: its head version, the head's method, how many tasks it measures and their average accuracy."""
     from service.client import MergelineClient
 
     try:

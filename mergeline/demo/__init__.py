@@ -111,7 +111,7 @@ def _build_models(root: Path, names: list[str], config: DemoConfig, bars: Progre
     torch.manual_seed(config.seed)
     root.mkdir(parents=True)
     t0 = time.monotonic()
-    row = bars.add_task("making the data", total=len(names) + 1, note="")
+    row = bars.add_task("data", total=len(names) + 1, note="")
     images, labels = glyphs(np.random.default_rng([config.seed, 999]), config.glyphs)
     bars.advance(row)
     datasets = {}
@@ -123,7 +123,7 @@ def _build_models(root: Path, names: list[str], config: DemoConfig, bars: Progre
     seconds["data"] = round(time.monotonic() - t0, 1)
 
     t0 = time.monotonic()
-    row = bars.add_task("pretraining the base", total=config.pretrain_steps, note="")
+    row = bars.add_task("pretraining", total=config.pretrain_steps, note="")
     base_file = pretrained_base(family, root, TINY_CLIP, images, labels, steps=config.pretrain_steps,
                                 seed=config.seed, proxy="glyphs", on_step=_on_step(bars, row))
     seconds["pretraining"] = round(time.monotonic() - t0, 1)
@@ -132,7 +132,7 @@ def _build_models(root: Path, names: list[str], config: DemoConfig, bars: Progre
     loaded = family.load_base(local(base_file), TINY_CLIP)
     tasks = {}
     for i, (name, data) in enumerate(datasets.items()):
-        row = bars.add_task(f"fine-tuning {name}", total=config.finetune_steps, note="")
+        row = bars.add_task(f"fine-tune {name}", total=config.finetune_steps, note="")
         tasks[name] = finetuned_task(family, loaded, root / "tasks" / name, data, steps=config.finetune_steps,
                                      lr=config.finetune_lr, seed=config.seed * 1000 + i, on_step=_on_step(bars, row))
         bars.update(row, note=f"accuracy {100 * tasks[name]['individual_accuracy']:.1f}%")
@@ -156,7 +156,7 @@ def _merge_continually(suite: dict, names: list[str], method: str, params: dict,
         if i == 0:
             spec["base"] = suite["base"]
         (jobs_dir / f"{lineage}-{i + 1}.json").write_text(json.dumps(spec, indent=2))
-        row = StepRow(bars, f"{method}: {name} into v{i + 1}")
+        row = StepRow(bars, f"{lineage} v{i + 1}: +{name}")
         results.append(run_job(JobSpec.model_validate(spec), store, row, settings=settings))
     return results
 
