@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--otmf-steps", type=int, default=None, help="override OTMF's `steps` (default: its own)")
     parser.add_argument("--otmf-params", default="{}", help="extra OTMF params as JSON, e.g. '{\"lr\": 0.02}'")
-    parser.add_argument("--name", default="accuracy", help="result file name under bench/.cache/results")
+    parser.add_argument("--name", default="accuracy", help="result file name under bench/results")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
 

@@ -1,5 +1,5 @@
 """Combine engine-cost parts measured by separate invocations (e.g. `--part iteration --name engine_cost-iter`)
-into bench/.cache/results/engine_cost.json, keeping when and under what load each part was measured.
+into bench/results/engine_cost.json, keeping when and under what load each part was measured.
 
     .venv/bin/python -m bench.merge_results engine_cost iteration=engine_cost-iter lineage=engine_cost-lineage ...
 """

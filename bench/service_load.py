@@ -5,7 +5,11 @@ Redis as broker and job store, and one Celery worker (`mergeline worker`); then 
 bounded in count and in time) posts tiny data-free jobs (state_dict family, a 4 KiB checkpoint, task arithmetic)
 and polls their status. Everything it started is stopped at the end, by process id.
 
-    .venv/bin/python -m bench.service_load [--jobs 300] [--polls 2000] [--concurrency 16] [--seconds 60]
+    .venv/bin/python -m bench.service_load [--jobs 1000] [--polls 3000] [--concurrency 32] [--seconds 60]
+
+Each phase reports the client's latency (p50/p99) and the API's own (`Server-Timing`), requests per second and
+errors: submission, status polls while the worker runs the submitted jobs, and status polls once it is idle. Every
+submitted job is then followed to its end (`jobs_outcome`: a lost job would show as `http 404`).
 """
 
 from __future__ import annotations
@@ -108,6 +112,21 @@ class Services:
                 proc.wait()
 
 
+def server_ms(response) -> float | None:
+    """The API's own time from its `Server-Timing: app;dur=<ms>` header."""
+    timing = response.headers.get("server-timing", "")
+    return float(timing.split("dur=", 1)[1]) if "dur=" in timing else None
+
+
+def stats(client_s: list[float], server: list[float], elapsed: float, codes: dict[int, int]) -> dict:
+    ms = [x * 1000 for x in client_s]
+    return {"requests": len(ms), "seconds": elapsed, "per_s": len(ms) / elapsed if elapsed else 0.0,
+            "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99),
+            "mean_ms": statistics.fmean(ms) if ms else float("nan"),
+            "server_p50_ms": percentile(server, 50), "server_p99_ms": percentile(server, 99),
+            "errors": sum(n for code, n in codes.items() if code >= 400), "status_codes": codes}
+
+
 async def load(url: str, base: Path, task: Path, *, jobs: int, polls: int, concurrency: int, seconds: float) -> dict:
     import httpx
 
@@ -115,83 +134,71 @@ async def load(url: str, base: Path, task: Path, *, jobs: int, polls: int, concu
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=30) as client:
         ready = await client.get("/readyz")
-        submit_lat: list[float] = []
-        statuses: dict[int, int] = {}
         ids: list[str] = []
-        counter = iter(range(jobs))
-        deadline = time.monotonic() + seconds
 
-        async def submitter() -> None:
-            for i in counter:
-                if time.monotonic() > deadline:
-                    return
-                spec = {"lineage": f"load-{i}", "method": "task_arithmetic",
-                        "base": {"family": "state_dict", "uri": base.as_uri()},
-                        "tasks": [{"name": "t", "checkpoint": task.as_uri()}]}
-                t0 = time.perf_counter()
-                r = await client.post("/v1/jobs", json=spec)
-                submit_lat.append(time.perf_counter() - t0)
-                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-                if r.status_code in (200, 201, 202):
-                    ids.append(r.json()["id"])
+        async def run_phase(requests, on_response=None) -> dict:
+            """`requests` (an iterator of (method, path, json)) sent by `concurrency` clients, time-bounded."""
+            client_s: list[float] = []
+            server: list[float] = []
+            codes: dict[int, int] = {}
+            deadline = time.monotonic() + seconds
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(submitter() for _ in range(concurrency)))
-        submit_elapsed = time.perf_counter() - t0
+            async def one_client() -> None:
+                for method, path, body in requests:
+                    if time.monotonic() > deadline:
+                        return
+                    t0 = time.perf_counter()
+                    r = await client.request(method, path, json=body)
+                    client_s.append(time.perf_counter() - t0)
+                    if (ms := server_ms(r)) is not None:
+                        server.append(ms)
+                    codes[r.status_code] = codes.get(r.status_code, 0) + 1
+                    if on_response:
+                        on_response(r)
 
-        poll_lat: list[float] = []
-        poll_status: dict[int, int] = {}
-        job_status: dict[str, str] = {}
-        poll_counter = iter(range(polls))
-        deadline = time.monotonic() + seconds
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one_client() for _ in range(concurrency)))
+            return stats(client_s, server, time.perf_counter() - t0, codes)
 
-        async def poller() -> None:
-            for i in poll_counter:
-                if time.monotonic() > deadline or not ids:
-                    return
-                job_id = ids[i % len(ids)]
-                t0 = time.perf_counter()
-                r = await client.get(f"/v1/jobs/{job_id}")
-                poll_lat.append(time.perf_counter() - t0)
-                poll_status[r.status_code] = poll_status.get(r.status_code, 0) + 1
-                if r.status_code == 200:
-                    job_status[job_id] = r.json()["status"]
+        def submits():
+            for i in range(jobs):
+                yield "POST", "/v1/jobs", {"lineage": f"load-{i}", "method": "task_arithmetic",
+                                           "base": {"family": "state_dict", "uri": base.as_uri()},
+                                           "tasks": [{"name": "t", "checkpoint": task.as_uri()}]}
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(poller() for _ in range(concurrency)))
-        poll_elapsed = time.perf_counter() - t0
+        def polls_of():
+            for i in range(polls):
+                yield "GET", f"/v1/jobs/{ids[i % len(ids)]}", None
 
-        # How far the single worker got: wait (bounded) for the submitted jobs to finish.
-        drain_deadline = time.monotonic() + seconds
+        submit = await run_phase(iter(submits()),
+                                 lambda r: ids.append(r.json()["id"]) if r.status_code in (200, 202) else None)
+        poll_busy = await run_phase(iter(polls_of()))  # while the worker runs the submitted jobs
+
+        # Every submitted job must still be there and end: wait (bounded) for the worker to finish them.
+        drain_deadline = time.monotonic() + 10 * seconds
         final: dict[str, str] = {}
         while time.monotonic() < drain_deadline:
             pending = [j for j in ids if final.get(j) not in ("succeeded", "failed", "cancelled")]
             if not pending:
                 break
-            for job_id in pending[:50]:
+            for job_id in pending[:100]:
                 r = await client.get(f"/v1/jobs/{job_id}")
-                if r.status_code == 200:
-                    final[job_id] = r.json()["status"]
+                final[job_id] = r.json()["status"] if r.status_code == 200 else f"http {r.status_code}"
             await asyncio.sleep(0.5)
         outcome: dict[str, int] = {}
         for job_id in ids:
             outcome[final.get(job_id, "unknown")] = outcome.get(final.get(job_id, "unknown"), 0) + 1
+        poll_idle = await run_phase(iter(polls_of()))  # the worker idle: the API's cost alone
 
-    def stats(lat: list[float], elapsed: float, codes: dict[int, int]) -> dict:
-        ms = [x * 1000 for x in lat]
-        return {"requests": len(lat), "seconds": elapsed, "per_s": len(lat) / elapsed if elapsed else 0.0,
-                "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99),
-                "mean_ms": statistics.fmean(ms) if ms else float("nan"), "status_codes": codes}
-
-    return {"readyz": ready.status_code, "submit": stats(submit_lat, submit_elapsed, statuses),
-            "poll": stats(poll_lat, poll_elapsed, poll_status), "jobs_outcome": outcome}
+    return {"readyz": ready.status_code, "submit": submit, "poll": poll_idle, "poll_while_worker_busy": poll_busy,
+            "jobs_submitted": len(ids), "jobs_outcome": outcome}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=300)
-    parser.add_argument("--polls", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--polls", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=60.0, help="time bound of each phase")
     args = parser.parse_args(argv)
     base, task = make_files()
@@ -205,9 +212,11 @@ def main(argv: list[str] | None = None) -> dict:
     result.update({"jobs": args.jobs, "polls": args.polls, "concurrency": args.concurrency,
                    "seconds_bound": args.seconds, "setup": "redis-server + `mergeline serve` (uvicorn) + one "
                    "`mergeline worker`, all on 127.0.0.1; load generator in the same machine (httpx, asyncio)"})
-    print(f"[service_load] submit {result['submit']['per_s']:.0f}/s p50 {result['submit']['p50_ms']:.1f} ms "
-          f"p99 {result['submit']['p99_ms']:.1f} ms; poll {result['poll']['per_s']:.0f}/s p50 "
-          f"{result['poll']['p50_ms']:.1f} ms p99 {result['poll']['p99_ms']:.1f} ms; jobs {result['jobs_outcome']}")
+    for phase in ("submit", "poll_while_worker_busy", "poll"):
+        r = result[phase]
+        print(f"[service_load] {phase}: {r['per_s']:.0f}/s p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms "
+              f"(API p50 {r['server_p50_ms']:.1f} p99 {r['server_p99_ms']:.1f} ms), errors {r['errors']}")
+    print(f"[service_load] jobs {result['jobs_outcome']}")
     write_result("service_load", result)
     return result
 

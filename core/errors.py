@@ -21,6 +21,19 @@ class MergelineError(Exception):
             out["param"] = self.param
         return out
 
+    @staticmethod
+    def from_dict(error: dict) -> MergelineError:
+        """The typed error that `to_dict` described (an error carried through a job record)."""
+        pending, kinds = [MergelineError], {}
+        while pending:
+            kind = pending.pop()
+            kinds.setdefault(kind.type, kind)
+            pending += kind.__subclasses__()
+        kind = kinds.get(error.get("type"), MergelineError)
+        if kind is RateLimited:
+            return RateLimited(error.get("message", ""), retry_after=1, param=error.get("param"))
+        return kind(error.get("message", ""), param=error.get("param"))
+
 
 class InvalidInput(MergelineError):
     """The spec or one of the files it names is unusable (bad format, wrong shape, NaN weights, ...)."""
@@ -87,6 +100,17 @@ class Unauthorized(MergelineError):
 class RequestTooLarge(MergelineError):
     type = "request_too_large"
     status_code = 413
+
+
+class RateLimited(MergelineError):
+    """The tenant is over its request rate or its active-job cap; `retry_after` (seconds) goes in Retry-After."""
+
+    type = "rate_limited"
+    status_code = 429
+
+    def __init__(self, message: str, *, retry_after: int, param: str | None = None):
+        super().__init__(message, param=param)
+        self.retry_after = retry_after
 
 
 class BrokerUnavailable(MergelineError):

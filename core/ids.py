@@ -9,13 +9,14 @@ from datetime import UTC, datetime
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
-def new_job_id() -> str:
+def new_job_id(kind: str = "job") -> str:
+    """`job_...` for a job, `op_...` for a lineage operation."""
     value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
     chars = []
     for _ in range(26):
         value, digit = divmod(value, 32)
         chars.append(_CROCKFORD[digit])
-    return "job_" + "".join(reversed(chars))
+    return f"{kind}_" + "".join(reversed(chars))
 
 
 def utc_now() -> str:

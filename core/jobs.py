@@ -9,20 +9,35 @@ Keys (all under the configured prefix P):
   P:lq:{tenant}:{name}       zset of the lineage's unfinished jobs by sequence: the first one may run
   P:lease:{tenant}:{name}    "job_id:token" of the attempt running the lineage's first job; expires unless renewed
   P:active                   "tenant/name" of every lineage with unfinished jobs (swept by `reconcile`)
+  P:sent:{id}                a message for the job is in the broker queue, not yet taken by a worker (expires)
   P:counts                   hash status -> number of jobs that are (or ended) in it
+  P:open:{tenant}            set of the tenant's queued or running jobs (the active-job cap)
+  P:jobs:{tenant}:m:{sha}    zset of the tenant's jobs carrying one metadata key=value (filtered listings)
+  P:rate:{tenant}:{minute}   the tenant's requests in that minute (the rate limit)
+
+A lineage operation (rollback, fork, delete) is an `op_...` record in the lineage queue, run by a worker under the
+lineage lease like a job, so it waits behind the lineage's queued jobs; it is in no job listing or count.
 
 Ordering: a job's Celery message is sent when it becomes the first of its lineage queue (at submission when
 nothing is ahead of it, else by the job ahead when that one finishes). A worker runs a job only while it holds
 the lineage lease; a worker that dies stops renewing it, and `reconcile` (run by every worker every few seconds)
 re-sends the first job of any lineage whose lease has lapsed. A duplicate message is harmless: it finds the job
-finished, not first, or leased, and does nothing.
+finished, not first, or leased, and does nothing; and a job is not re-sent while a message for it waits in the
+broker queue (`P:sent:{id}`), so a lineage queued behind busy workers does not grow the queue.
+
+A record that vanished (Redis restarted without its AOF) is never re-created piecemeal: worker-side writes go
+through scripts that touch a job's keys only while its record exists, and a record missing any contract field reads
+as absent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +46,7 @@ from typing import Any
 import redis
 from redis.exceptions import RedisError, WatchError
 
-from core.errors import BadRequest, BrokerUnavailable, Conflict, NotFound
+from core.errors import BadRequest, BrokerUnavailable, Conflict, NotFound, RateLimited
 from core.ids import new_job_id, utc_now
 from core.settings import Settings
 from core.spec import JobSpec
@@ -41,8 +56,29 @@ log = logging.getLogger("mergeline.jobs")
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 MAX_EVENTS = 5000
+SENT_TTL_S = 600  # a message not taken by any worker this long is presumed lost, and the reconciler sends another
+RECORD_FIELDS = ("id", "tenant", "lineage", "status", "method", "created_at")
+
+# Set the progress only while the record exists; returns the cancel flag, or false when the record is gone.
+_PROGRESS_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+redis.call('HSET', KEYS[1], 'progress', ARGV[1])
+return redis.call('HGET', KEYS[1], 'cancel') or '0'
+"""
+# Append an event (trimmed to the newest ARGV[2]) only while the record exists; returns whether it did.
+_EVENT_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
+return 1
+"""
+ACTIVE_CAP_RETRY_AFTER_S = 30
 
 Send = Callable[[str], None]
+
+
+class RecordLost(Exception):
+    """The job's record is gone from Redis (restarted without persistence): its attempt must stop."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +107,11 @@ def body_hash(body: Any) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def is_complete(record: dict) -> bool:
+    """A record with every field the contract's Job needs (not one a stray write left behind)."""
+    return all(record.get(field) for field in RECORD_FIELDS)
+
+
 def public_job(record: dict) -> dict:
     """The contract's Job object from a stored record (the spec, tenant and webhook secret stay inside)."""
 
@@ -89,20 +130,26 @@ def public_job(record: dict) -> dict:
         "progress": load("progress"),
         "result": load("result"),
         "error": load("error"),
+        "metadata": load("metadata") or {},
     }
 
 
 class JobStore:
     def __init__(self, client: redis.Redis, prefix: str = "mergeline", *, job_ttl_s: int = 30 * 86400,
                  lease_ttl_s: float = 30.0, max_attempts: int = 3, send: Send | None = None,
-                 on_final: Callable[[dict], None] | None = None):
+                 on_final: Callable[[dict], None] | None = None, max_active_jobs: int = 0, rate_limit: int = 0):
         self.r = client
         self.on_final = on_final
+        self.on_started: Callable[[dict], None] | None = None  # called once, when a job first starts running
+        self.max_active_jobs = max_active_jobs
+        self.rate_limit = rate_limit
         self.p = prefix
         self.job_ttl_s = job_ttl_s
         self.lease_ms = int(lease_ttl_s * 1000)
         self.max_attempts = max_attempts
         self.send = send
+        self._progress_if_exists = client.register_script(_PROGRESS_IF_EXISTS)
+        self._event_if_exists = client.register_script(_EVENT_IF_EXISTS)
 
     @classmethod
     def from_settings(cls, settings: Settings, send: Send | None = None,
@@ -112,7 +159,7 @@ class JobStore:
             raise BrokerUnavailable("no job store: set MERGELINE_BROKER_URL (redis://...) or MERGELINE_REDIS_URL")
         return cls(connect(url), settings.key_prefix, job_ttl_s=settings.job_ttl_s,
                    lease_ttl_s=settings.lease_ttl_s, max_attempts=settings.max_attempts, send=send,
-                   on_final=on_final)
+                   on_final=on_final, max_active_jobs=settings.max_active_jobs, rate_limit=settings.rate_limit)
 
     # -- keys ------------------------------------------------------------------------------------------------
     def _job(self, job_id: str) -> str:
@@ -129,6 +176,15 @@ class JobStore:
 
     def _lease(self, tenant: str, lineage: str) -> str:
         return f"{self.p}:lease:{tenant}:{lineage}"
+
+    def _sent(self, job_id: str) -> str:
+        return f"{self.p}:sent:{job_id}"
+
+    def _open(self, tenant: str) -> str:
+        return f"{self.p}:open:{tenant}"
+
+    def _by_metadata(self, tenant: str, key: str, value: str) -> str:
+        return f"{self.p}:jobs:{tenant}:m:{hashlib.sha256(f'{key}={value}'.encode()).hexdigest()[:32]}"
 
     @property
     def _active(self) -> str:
@@ -167,6 +223,9 @@ class JobStore:
                                     raise Conflict("the job created with this Idempotency-Key no longer exists",
                                                    param="Idempotency-Key")
                                 return record, False
+                        if self.max_active_jobs:
+                            pipe.watch(self._open(tenant))
+                            self._check_active_cap(pipe, tenant)
                         job_id = new_job_id()
                         seq = self.r.incr(f"{self.p}:seq")
                         record = {
@@ -174,10 +233,15 @@ class JobStore:
                             "method": spec.method, "created_at": utc_now(), "seq": str(seq),
                             "spec": json.dumps(body), "attempts": "0", "cancel": "0",
                         }
+                        if spec.metadata:
+                            record["metadata"] = json.dumps(spec.metadata)
                         pipe.multi()
                         pipe.hset(self._job(job_id), mapping=record)
                         pipe.zadd(self._index(tenant), {job_id: seq})
                         pipe.zadd(self._index(tenant, spec.lineage), {job_id: seq})
+                        for key, value in (spec.metadata or {}).items():
+                            pipe.zadd(self._by_metadata(tenant, key, value), {job_id: seq})
+                        pipe.sadd(self._open(tenant), job_id)
                         pipe.zadd(self._queue(tenant, spec.lineage), {job_id: seq})
                         pipe.sadd(self._active, f"{tenant}/{spec.lineage}")
                         pipe.hincrby(self._counts, "queued", 1)
@@ -197,12 +261,65 @@ class JobStore:
             log.warning("job recorded but not yet sent: broker unavailable", extra={"job_id": job_id})
         return record, True
 
+    def _check_active_cap(self, pipe, tenant: str) -> None:
+        """RateLimited when the tenant has `max_active_jobs` queued or running jobs. Members whose records are gone
+        or final (a lost Redis write) are dropped before the count is believed."""
+        if pipe.scard(self._open(tenant)) < self.max_active_jobs:
+            return
+        members = list(pipe.smembers(self._open(tenant)))
+        statuses = [pipe.hget(self._job(m), "status") for m in members]
+        stale = [m for m, st in zip(members, statuses, strict=True) if st is None or st in FINAL]
+        if len(members) - len(stale) >= self.max_active_jobs:
+            raise RateLimited(f"this tenant already has {len(members) - len(stale)} queued or running jobs "
+                              f"(MERGELINE_MAX_ACTIVE_JOBS={self.max_active_jobs})",
+                              retry_after=ACTIVE_CAP_RETRY_AFTER_S)
+        self.r.srem(self._open(tenant), *stale)  # changes the watched set: the transaction retries with it
+
+    def check_rate(self, tenant: str) -> None:
+        """Count one request of `tenant` in this minute's window; RateLimited past `rate_limit`."""
+        if not self.rate_limit:
+            return
+        now = time.time()
+        window = int(now // 60)
+        key = f"{self.p}:rate:{tenant}:{window}"
+        with redis_errors(), self.r.pipeline() as pipe:
+            pipe.incr(key)
+            pipe.expire(key, 120)
+            count = pipe.execute()[0]
+        if count > self.rate_limit:
+            retry_after = max(1, math.ceil((window + 1) * 60 - now))
+            raise RateLimited(f"more than {self.rate_limit} requests this minute (MERGELINE_RATE_LIMIT)",
+                              retry_after=retry_after)
+
+    def create_op(self, tenant: str, lineage: str, op: dict) -> dict:
+        """Queue a lineage operation behind the lineage's jobs (see the module doc); returns its record."""
+        op_id = new_job_id("op")
+        with redis_errors():
+            seq = self.r.incr(f"{self.p}:seq")
+            record = {"id": op_id, "tenant": tenant, "lineage": lineage, "status": "queued", "kind": "op",
+                      "method": f"lineage.{op['op']}", "created_at": utc_now(), "seq": str(seq),
+                      "spec": json.dumps(op), "attempts": "0", "cancel": "0"}
+            with self.r.pipeline() as pipe:
+                pipe.hset(self._job(op_id), mapping=record)
+                pipe.zadd(self._queue(tenant, lineage), {op_id: seq})
+                pipe.sadd(self._active, f"{tenant}/{lineage}")
+                pipe.execute()
+        try:
+            self.kick(tenant, lineage, only=op_id)
+        except BrokerUnavailable:
+            log.warning("lineage operation recorded but not yet sent: broker unavailable", extra={"job_id": op_id})
+        return record
+
+    def load_op(self, op_id: str) -> dict | None:
+        with redis_errors():
+            return self.r.hgetall(self._job(op_id)) or None
+
     def load(self, job_id: str) -> dict | None:
         if not job_id.startswith("job_") or len(job_id) > 64:
             return None
         with redis_errors():
             record = self.r.hgetall(self._job(job_id))
-        return record or None
+        return record if is_complete(record) else None
 
     def get(self, tenant: str, job_id: str) -> dict:
         """The tenant's job; another tenant's job is as absent as a missing one."""
@@ -212,9 +329,19 @@ class JobStore:
         return record
 
     def list(self, tenant: str, *, lineage: str | None = None, status: str | None = None, limit: int = 20,
-             after: str | None = None) -> tuple[list[dict], bool]:
-        """The tenant's jobs, newest first, starting after the job id `after`; returns (records, has_more)."""
+             after: str | None = None, metadata: dict[str, str] | None = None) -> tuple[list[dict], bool]:
+        """The tenant's jobs, newest first, starting after the job id `after`, with every `metadata` key=value
+        when given; returns (records, has_more)."""
+        metadata = metadata or {}
         index = self._index(tenant, lineage)
+        if metadata:  # the first pair's index; the other filters are checked on each record
+            index = self._by_metadata(tenant, *next(iter(metadata.items())))
+
+        def wanted(rec: dict) -> bool:
+            tags = json.loads(rec.get("metadata") or "{}")
+            return ((status is None or rec["status"] == status) and (lineage is None or rec["lineage"] == lineage)
+                    and all(tags.get(k) == v for k, v in metadata.items()))
+
         with redis_errors():
             top = "+inf"
             if after is not None:
@@ -232,10 +359,10 @@ class JobStore:
                     for job_id, _ in ids:
                         pipe.hgetall(self._job(job_id))
                     records = pipe.execute()
-                stale = [job_id for (job_id, _), rec in zip(ids, records, strict=True) if not rec]
-                if stale:  # records expired (job_ttl_s): drop them from the index as we pass
+                stale = [job_id for (job_id, _), rec in zip(ids, records, strict=True) if not is_complete(rec)]
+                if stale:  # records expired (job_ttl_s) or lost: drop them from the index as we pass
                     self.r.zrem(index, *stale)
-                found += [rec for rec in records if rec and (status is None or rec["status"] == status)]
+                found += [rec for rec in records if is_complete(rec) and wanted(rec)]
                 top = f"({int(ids[-1][1])}"
         return found[:limit], len(found) > limit
 
@@ -272,8 +399,9 @@ class JobStore:
             while True:
                 try:
                     pipe.watch(self._job(job_id))
+                    pipe.delete(self._sent(job_id))  # this message is taken: a lost attempt may be re-sent
                     record = pipe.hgetall(self._job(job_id))
-                    if not record:
+                    if not is_complete(record):
                         return Acquired("missing")
                     if record["status"] in FINAL:
                         return Acquired("final", record)
@@ -307,7 +435,7 @@ class JobStore:
                     if not record.get("started_at"):
                         changes["started_at"] = utc_now()
                     pipe.hset(self._job(job_id), mapping=changes)
-                    if record["status"] != "running":
+                    if record["status"] != "running" and record.get("kind") != "op":
                         pipe.hincrby(self._counts, record["status"], -1)
                         pipe.hincrby(self._counts, "running", 1)
                     if attempts == 1:
@@ -318,6 +446,11 @@ class JobStore:
                             {"attempt": attempts}))
                     pipe.execute()
                     record.update(changes)
+                    if attempts == 1 and self.on_started is not None and record.get("kind") != "op":
+                        try:
+                            self.on_started(record)
+                        except Exception:
+                            log.exception("job-started hook failed", extra={"job_id": job_id})
                     return Acquired("acquired", record)
                 except WatchError:
                     continue
@@ -340,21 +473,56 @@ class JobStore:
                 return False
 
     def update_progress(self, job_id: str, progress: dict) -> bool:
-        """Store the progress; returns whether cancellation was requested (one round trip for both)."""
-        with redis_errors(), self.r.pipeline(transaction=False) as pipe:
-            pipe.hset(self._job(job_id), "progress", json.dumps(progress))
-            pipe.hget(self._job(job_id), "cancel")
-            return pipe.execute()[1] == "1"
+        """Store the progress; returns whether cancellation was requested (one round trip for both). Raises
+        RecordLost when the record is gone rather than re-creating it without its other fields."""
+        with redis_errors():
+            cancel = self._progress_if_exists(keys=[self._job(job_id)], args=[json.dumps(progress)])
+        if cancel is None:
+            raise RecordLost(f"the record of job {job_id} is gone from the job store")
+        return cancel == "1"
 
     def cancel_requested(self, job_id: str) -> bool:
         with redis_errors():
             return self.r.hget(self._job(job_id), "cancel") == "1"
 
     def add_event(self, job_id: str, type: str, message: str, data: dict | None = None) -> None:
-        with redis_errors(), self.r.pipeline(transaction=False) as pipe:
-            pipe.rpush(self._events(job_id), _event(type, message, data))
-            pipe.ltrim(self._events(job_id), -MAX_EVENTS, -1)
-            pipe.execute()
+        """Append an event; raises RecordLost when the record is gone (no orphan event list is left)."""
+        with redis_errors():
+            added = self._event_if_exists(keys=[self._job(job_id), self._events(job_id)],
+                                          args=[_event(type, message, data), MAX_EVENTS])
+        if not added:
+            raise RecordLost(f"the record of job {job_id} is gone from the job store")
+
+    def record_lost(self, record: dict, status: str, *, result: dict | None = None,
+                    error: dict | None = None) -> dict | None:
+        """Write the final record of a job whose record vanished while it ran, from the attempt's own copy (whole,
+        so `GET` shows how it ended); None when a record exists again (nothing is overwritten)."""
+        final = {**record, "status": status, "finished_at": utc_now()}
+        final.pop("progress", None)
+        if result is not None:
+            final["result"] = json.dumps(result)
+        if error is not None:
+            final["error"] = json.dumps(error)
+        with redis_errors(), self.r.pipeline() as pipe:
+            try:
+                pipe.watch(self._job(record["id"]))
+                if pipe.exists(self._job(record["id"])):
+                    return None
+                pipe.multi()
+                pipe.hset(self._job(record["id"]), mapping=final)
+                pipe.expire(self._job(record["id"]), self.job_ttl_s)
+                pipe.zadd(self._index(record["tenant"]), {record["id"]: int(record["seq"])})
+                pipe.zadd(self._index(record["tenant"], record["lineage"]), {record["id"]: int(record["seq"])})
+                pipe.hincrby(self._counts, status, 1)
+                pipe.rpush(self._events(record["id"]), _event(
+                    status, "the job store lost this job's record while it ran; this is how it ended",
+                    {"error": error} if error else None))
+                pipe.expire(self._events(record["id"]), self.job_ttl_s)
+                pipe.execute()
+            except WatchError:
+                return None
+        self._notify(final)
+        return final
 
     def finish(self, job_id: str, token: str | None, status: str, *, result: dict | None = None,
                error: dict | None = None) -> dict | None:
@@ -365,7 +533,7 @@ class JobStore:
                 try:
                     pipe.watch(self._job(job_id))
                     record = pipe.hgetall(self._job(job_id))
-                    if not record:
+                    if not is_complete(record):
                         return None
                     if record["status"] in FINAL:
                         return record
@@ -403,8 +571,10 @@ class JobStore:
             changes["error"] = json.dumps(error)
         pipe.hset(self._job(job_id), mapping=changes)
         pipe.zrem(self._queue(record["tenant"], record["lineage"]), job_id)
-        pipe.hincrby(self._counts, record["status"], -1)
-        pipe.hincrby(self._counts, status, 1)
+        if record.get("kind") != "op":
+            pipe.srem(self._open(record["tenant"]), job_id)
+            pipe.hincrby(self._counts, record["status"], -1)
+            pipe.hincrby(self._counts, status, 1)
         message = {"succeeded": "job succeeded", "cancelled": "job cancelled"}.get(status) or \
             f"job failed: {(error or {}).get('type', 'internal')}"
         pipe.rpush(self._events(job_id), _event(status, message, {"error": error} if error else None))
@@ -423,7 +593,14 @@ class JobStore:
                 return None
             if throttle_ms and not self.r.set(f"{self.p}:kick:{tenant}:{lineage}", "1", nx=True, px=throttle_ms):
                 return None
-        self.send(first[0])
+            if not self.r.set(self._sent(first[0]), "1", nx=True, ex=SENT_TTL_S):
+                return None  # a message for it still waits in the broker queue
+        try:
+            self.send(first[0])
+        except BaseException:
+            with contextlib.suppress(RedisError):
+                self.r.delete(self._sent(first[0]))
+            raise
         return first[0]
 
     def reconcile(self, *, throttle_ms: int = 5000) -> list[str]:

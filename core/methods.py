@@ -16,9 +16,9 @@ from core.names import check_device
 
 
 class CommonParams(BaseModel):
-    """Every method's params; unknown keys are errors, not ignored."""
+    """Every method's params; unknown keys are errors, not ignored, and no value is coerced ("10" is no integer)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     seed: int = Field(0, ge=0, le=2**31 - 1)
     dtype: Literal["float32", "bfloat16"] = "float32"

@@ -30,7 +30,7 @@ def store_for_root(root: str):
     if root.startswith("file://"):
         path = Path(root[len("file://") :]).expanduser().resolve()
         path.mkdir(parents=True, exist_ok=True)
-        return LocalStore(path)
+        return LocalStore(path, automatic_cleanup=True)  # a purged lineage leaves no empty folders
     if root.startswith("s3://"):
         bucket, _, prefix = root[len("s3://") :].partition("/")
         if not bucket:

@@ -15,6 +15,7 @@ from core.errors import BrokerUnavailable
 from core.settings import Settings
 
 TASK_NAME = "mergeline.run_job"
+PURGE_TASK_NAME = "mergeline.purge_deleted_lineages"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -43,6 +44,14 @@ def make_celery(settings: Settings) -> Celery:
         enable_utc=True,
     )
     return app
+
+
+def send_purge(app: Celery, settings: Settings) -> None:
+    """Ask a worker's pool process to purge the deleted lineages whose retention has passed."""
+    try:
+        app.send_task(PURGE_TASK_NAME, queue=settings.queue)
+    except Exception as exc:
+        raise BrokerUnavailable(f"broker unavailable: {type(exc).__name__}: {exc}") from None
 
 
 def send_job(app: Celery, settings: Settings, job_id: str) -> None:

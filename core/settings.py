@@ -17,9 +17,12 @@ class Settings(BaseSettings):
     store: str = "file://./mergeline-data/store"
     broker_url: str | None = None
     api_tokens: str | None = None
+    metrics_token: str | None = Field(default=None, description="bearer token for /metrics; unset: /metrics is off")
     allowed_roots: str | None = Field(default=None, description="comma-separated file:// roots; default: cwd")
     allow_http: bool = False
     allow_private_http: bool = Field(default=False, description="let http(s) URIs reach private addresses")
+    allow_hf: bool = Field(default=False, description="allow hf://org/name[@revision] inputs (Hugging Face Hub)")
+    hf_orgs: str = Field(default="", description="comma-separated Hub organisations hf:// may read, or * for any")
     device: str = "auto"
     cache_dir: str = "./mergeline-data/cache"
     max_download_bytes: int = 64 * 2**30
@@ -41,6 +44,11 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(default=8, ge=1)
     webhook_backoff_s: float = Field(default=2.0, gt=0, description="first retry delay; doubles per attempt")
     webhook_allow_private: bool = Field(default=False, description="let webhooks reach private/loopback addresses")
+    retention_days: float = Field(default=7.0, ge=0, description="a deleted lineage's files are purged this much later")
+    rate_limit: int = Field(default=600, ge=0, description="API requests per tenant per minute (0: no limit)")
+    max_active_jobs: int = Field(default=100, ge=0, description="queued or running jobs per tenant (0: no cap)")
+    lineage_op_timeout_s: float = Field(default=600.0, gt=0, description="how long a lineage operation may wait "
+                                        "behind the lineage's jobs before the API gives up on it")
     log_level: str = "INFO"
 
     _device = field_validator("device")(classmethod(lambda cls, v: check_device(v)))
@@ -65,6 +73,11 @@ class Settings(BaseSettings):
         if self.broker_url and self.broker_url.startswith(("redis://", "rediss://", "unix://")):
             return self.broker_url
         return None
+
+    def hf_org_allowed(self, org: str) -> bool:
+        """`org` is on MERGELINE_HF_ORGS (organisation names compare case-insensitively, as on the Hub)."""
+        listed = {item.strip().lower() for item in self.hf_orgs.split(",") if item.strip()}
+        return "*" in listed or org.lower() in listed
 
     def allowed_root_paths(self) -> list[Path]:
         """The roots `file://` URIs may read from, resolved (symlinks followed) once here."""

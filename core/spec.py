@@ -5,8 +5,11 @@ Torch-free on purpose: the API validates a spec at submission and the engine run
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
-from typing import Annotated, Any, ClassVar
+import re
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -19,25 +22,100 @@ from pydantic import (
     model_validator,
 )
 
-from core.errors import InvalidInput
+from core.errors import BadRequest, InvalidInput
 from core.families import FAMILIES, FamilyName
+from core.hub import SCHEME as HF_SCHEME
+from core.hub import parse_hf_uri
 from core.methods import METHODS, CommonParams
 from core.names import LINEAGE_PATTERN, TASK_PATTERN
 
-URI_SCHEMES = ("file://", "s3://", "http://", "https://")
+URI_SCHEMES = ("file://", "s3://", "http://", "https://", HF_SCHEME)
+MAX_BODY_DEPTH = 32  # a job spec nests about 6 levels deep; an inline arch a few more
+MAX_ARCH_DEPTH = 8
+MAX_ARCH_BYTES = 64 * 1024
+LINEAGE_URI = re.compile(r"lineage://([a-z0-9][a-z0-9._-]{0,62})@([0-9]{1,9})", re.ASCII)
+METADATA_KEY = re.compile(r"[a-z0-9_.-]{1,64}", re.ASCII)
+MAX_METADATA_KEYS = 16
+MAX_METADATA_VALUE = 512
+WEBHOOK_EVENTS = ("job.succeeded", "job.failed", "job.cancelled", "job.running")
+DEFAULT_WEBHOOK_EVENTS = WEBHOOK_EVENTS[:3]
+WebhookEvent = Literal["job.succeeded", "job.failed", "job.cancelled", "job.running"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown keys are errors, and no value is coerced into another type ("10" or true is not an integer)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
-def _check_uri(v: str | None) -> str | None:
+def json_depth(value: Any) -> int:
+    """How deeply a decoded JSON value nests (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            depth += 1
+            deepest = max(deepest, depth)
+            stack += [(v, depth) for v in (item.values() if isinstance(item, dict) else item)]
+    return deepest
+
+
+def parse_body(raw: bytes) -> Any:
+    """A request body as JSON, refused (BadRequest) when malformed or nested deeper than any job spec is."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        body = None
+    if body is None or json_depth(body) > MAX_BODY_DEPTH:
+        raise BadRequest(f"the request body nests deeper than {MAX_BODY_DEPTH} levels")
+    return body
+
+
+def _check_arch(v: Any) -> Any:
+    """Inline configs are bounded before anything builds a model from them."""
+    if isinstance(v, dict):
+        if json_depth(v) > MAX_ARCH_DEPTH:
+            raise ValueError(f"an inline config nests at most {MAX_ARCH_DEPTH} levels deep")
+        if len(json.dumps(v)) > MAX_ARCH_BYTES:
+            raise ValueError(f"an inline config is at most {MAX_ARCH_BYTES} bytes of JSON")
+    return v
+
+
+def parse_lineage_uri(uri: str) -> tuple[str, int] | None:
+    """`lineage://NAME@K` as (NAME, K); None for any other URI."""
+    match = LINEAGE_URI.fullmatch(uri)
+    return (match[1], int(match[2])) if match else None
+
+
+def webhook_key(secret: str) -> bytes:
+    """The signing key (Standard Webhooks): `whsec_<base64>` is the decoded key, any other secret its UTF-8 bytes."""
+    if not secret.startswith("whsec_"):
+        return secret.encode()
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("a whsec_ secret must be base64 after the prefix") from None
+    if not key:
+        raise ValueError("a whsec_ secret needs a key after the prefix")
+    return key
+
+
+def _check_uri(v: str | None, *, lineage_ok: bool = False) -> str | None:
     if v is None:
         return v
+    if lineage_ok and v.startswith("lineage://"):
+        if parse_lineage_uri(v) is None:
+            raise ValueError(f"bad lineage URI {v!r}: use lineage://NAME@VERSION")
+        return v
     if not v.startswith(URI_SCHEMES):
-        raise ValueError(f"unsupported URI {v!r}: use file://, s3:// or http(s)://")
+        raise ValueError(f"unsupported URI {v!r}: use file://, s3://, http(s):// or hf://"
+                         + (", or lineage://NAME@VERSION" if lineage_ok else ""))
     if v.startswith("s3://") and len(v[5:].split("/", 1)) < 2:
         raise ValueError(f"s3 URI {v!r} needs a bucket and a key")
+    if v.startswith(HF_SCHEME):
+        parse_hf_uri(v)
     return v
 
 
@@ -50,7 +128,8 @@ class BaseModelSpec(Strict):
     arch: str | dict[str, Any] | None = None
     uri: Uri
 
-    _uri = field_validator("uri")(classmethod(lambda cls, v: _check_uri(v)))
+    _uri = field_validator("uri")(classmethod(lambda cls, v: _check_uri(v, lineage_ok=True)))
+    _arch_bounds = field_validator("arch")(classmethod(lambda cls, v: _check_arch(v)))
 
     @model_validator(mode="after")
     def _arch(self) -> BaseModelSpec:
@@ -78,9 +157,10 @@ class TaskSpec(Strict):
     replace: bool = False
 
     URI_FIELDS: ClassVar[tuple[str, ...]] = ("checkpoint", "calibration", "eval", "head", "head_data")
-    _uris = field_validator(*URI_FIELDS)(
+    _uris = field_validator(*URI_FIELDS[1:])(
         classmethod(lambda cls, v: _check_uri(v))
     )
+    _checkpoint = field_validator("checkpoint")(classmethod(lambda cls, v: _check_uri(v, lineage_ok=True)))
 
     @model_validator(mode="after")
     def _eval_needs_head(self) -> TaskSpec:
@@ -93,7 +173,35 @@ class TaskSpec(Strict):
 
 class WebhookSpec(Strict):
     url: str = Field(pattern=r"^https?://", max_length=2048)
-    secret: str = Field(min_length=1, max_length=512)
+    secret: str = Field(min_length=1, max_length=512, description="`whsec_<base64>` or any string (its UTF-8 bytes)")
+    events: list[WebhookEvent] = Field(default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS), min_length=1,
+                                       max_length=len(WEBHOOK_EVENTS))
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, v: str) -> str:
+        webhook_key(v)
+        return v
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("events must not repeat")
+        return v
+
+
+def _check_metadata(v: dict[str, str] | None) -> dict[str, str] | None:
+    if v is None:
+        return v
+    if len(v) > MAX_METADATA_KEYS:
+        raise ValueError(f"at most {MAX_METADATA_KEYS} metadata keys")
+    for key, value in v.items():
+        if not METADATA_KEY.fullmatch(key):
+            raise _FieldError(f"metadata.{key}", "metadata keys match ^[a-z0-9_.-]{1,64}$")
+        if len(value) > MAX_METADATA_VALUE:
+            raise _FieldError(f"metadata.{key}", f"metadata values are at most {MAX_METADATA_VALUE} characters")
+    return v
 
 
 class JobSpec(Strict):
@@ -107,6 +215,10 @@ class JobSpec(Strict):
         default_factory=CommonParams)
     parent_version: int | None = Field(None, ge=0)
     webhook: WebhookSpec | None = None
+    metadata: dict[str, str] | None = Field(None, description="at most 16 keys (^[a-z0-9_.-]{1,64}$), values at "
+                                            "most 512 characters; returned in the Job and the manifest")
+
+    _metadata = field_validator("metadata")(classmethod(lambda cls, v: _check_metadata(v)))
 
     @field_validator("method")
     @classmethod

@@ -10,16 +10,28 @@ Committing version n:
   3. every file is written, then the manifest (exclusively): the version exists from that moment on;
   4. `lineage.json` is replaced with the new head.
 A crash anywhere leaves the head at a complete version. Readers treat `lineage.json`'s head as a hint and step
-forward over any manifest written after it, so a crash between 3 and 4 loses nothing.
+forward over any manifest written after it, so a crash between 3 and 4 loses nothing, and a failure to write
+`lineage.json` after the manifest does not fail the commit. A failure before the manifest (a full disk, a store
+error) removes what was written of the version, its claim included, so the next job on the lineage goes ahead.
+Error messages never name the store's root or object paths (those go to the log).
+
+Lineage operations (contract §3.1) write new versions only: a rollback commits a copy of version k as head+1 and a
+fork commits a copy of NAME@k as a new lineage's v1 (server-side copies, same sha256s). A delete marks `lineage.json`
+(`deleted_at`, `purge_after`), after which the lineage reads as absent, and leaves a marker under `_purge/`; once
+`purge_after` passes, `purge_due` removes the lineage's objects, `lineage.json` last, so the name stays taken until
+the files are gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from core.digests import CHUNK, file_sha256
@@ -28,11 +40,16 @@ from core.ids import utc_now
 from core.names import is_lineage_name, is_tenant_name
 from core.objects import store_for_root
 
+log = logging.getLogger("mergeline.store")
+
 LINEAGE_FILE = "lineage.json"
 MANIFEST_FILE = "manifest.json"
 CLAIM_FILE = ".claim"
 STATE_FILE = "state.safetensors"  # a version's method state, carried to the next step
 TUNED_HEAD_FILE = "head.safetensors"  # the name a head re-fitted by the job is stored under
+TASKS_FOLDER = "tasks/"  # a version's task eval sets and heads
+PURGE_FOLDER = "_purge"  # _purge/{tenant}/{lineage}.json: deleted lineages awaiting purge ("_" starts no tenant)
+CARRIED_KEYS = ("base", "method", "params", "metrics", "code_version", "device")  # what a copied version keeps
 
 
 def version_folder(version: int) -> str:
@@ -62,6 +79,28 @@ def _last_suffix(source: str | Path) -> str:
     return "".join(Path(source).suffixes[-1:])
 
 
+def version_chain(manifests: list[dict]) -> list[dict]:
+    """The manifests whose merges the newest one holds, oldest first: a version continues its parent's chain, a
+    rollback to k continues k's (the versions after k drop out), a fork's v1 starts one (its manifest lists the
+    source's tasks)."""
+    by_version = {m["version"]: m for m in manifests}
+    chain: list[dict] = []
+    current = manifests[-1] if manifests else None
+    while current is not None:
+        chain.append(current)
+        current = by_version.get(current.get("rollback_of", current["parent"]))
+    return chain[::-1]
+
+
+def model_files(manifest: dict) -> list[dict]:
+    """A version's model files: every file but the method state and the task eval sets and heads."""
+    return [f for f in manifest["files"] if f["path"] != STATE_FILE and not f["path"].startswith(TASKS_FOLDER)]
+
+
+def _iso(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 @dataclass(frozen=True)
 class FileToCommit:
     path: str  # relative to the version folder, e.g. "model.safetensors" or "tokenizer/vocab.txt"
@@ -73,6 +112,18 @@ def _manifest_entry(manifest: dict, name: str, version: int, path: str) -> dict:
     if entry is None:
         raise NotFound(f"version {version} of {name!r} has no file {path!r}", param="path")
     return entry
+
+
+def _reason(exc: Exception) -> str:
+    """A store failure's kind without its text (which names the store's paths or endpoint)."""
+    errno = next((e.errno for e in (exc, exc.__cause__, exc.__context__) if isinstance(e, OSError) and e.errno),
+                 None)
+    text = str(exc)
+    for marker in ("No space left", "File too large", "Permission denied", "Read-only file system",
+                   "Connection refused", "timed out"):
+        if marker in text:
+            return marker.lower()
+    return type(exc).__name__ if errno is None else f"errno {errno}"
 
 
 def _safe_rel_path(path: str) -> str:
@@ -105,7 +156,8 @@ class LineageStore:
         except Exception as exc:
             if type(exc).__name__ == "AlreadyExistsError":
                 raise
-            raise StoreUnavailable(f"lineage store {self.root}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+            log.warning("lineage store call failed", extra={"reason": f"{type(exc).__name__}: {exc}"[:2000]})
+            raise StoreUnavailable(f"the lineage store failed ({_reason(exc)}); see the service log") from None
 
     def _get_json(self, key: str) -> dict | None:
         import obstore
@@ -153,7 +205,7 @@ class LineageStore:
     def get_lineage(self, tenant: str, name: str) -> dict | None:
         """`lineage.json` with its `head` brought up to the newest complete version, or None."""
         doc = self._get_json(self._key(tenant, name, LINEAGE_FILE))
-        if doc is None:
+        if doc is None or doc.get("deleted_at"):
             return None
         head = int(doc["head"])
         while self._exists(self._key(tenant, name, version_folder(head + 1), MANIFEST_FILE)):
@@ -168,6 +220,12 @@ class LineageStore:
         return doc
 
     def manifest(self, tenant: str, name: str, version: int) -> dict:
+        doc = self._get_json(self._key(tenant, name, LINEAGE_FILE))
+        if doc is None or doc.get("deleted_at"):
+            raise NotFound(f"no lineage {name!r}", param="lineage")
+        return self._version_manifest(tenant, name, version)
+
+    def _version_manifest(self, tenant: str, name: str, version: int) -> dict:
         doc = self._get_json(self._key(tenant, name, version_folder(version), MANIFEST_FILE))
         if doc is None:
             raise NotFound(f"lineage {name!r} has no version {version}", param="version")
@@ -176,7 +234,7 @@ class LineageStore:
     def manifests(self, tenant: str, name: str) -> list[dict]:
         """Every version's manifest, oldest first."""
         head = self.require_lineage(tenant, name)["head"]
-        return [self.manifest(tenant, name, v) for v in range(1, head + 1)]
+        return [self._version_manifest(tenant, name, v) for v in range(1, head + 1)]
 
     def list_lineages(self, tenant: str) -> list[str]:
         import obstore
@@ -190,8 +248,11 @@ class LineageStore:
     def describe(self, tenant: str, name: str) -> dict:
         """A lineage as readers see it: name, head, base, creation time and every version's manifest, oldest first."""
         doc = self.require_lineage(tenant, name)
-        return {"name": name, "head": doc["head"], "base": doc["base"], "created_at": doc.get("created_at"),
-                "versions": [self.manifest(tenant, name, v) for v in range(1, doc["head"] + 1)]}
+        described = {"name": name, "head": doc["head"], "base": doc["base"], "created_at": doc.get("created_at"),
+                     "versions": [self._version_manifest(tenant, name, v) for v in range(1, doc["head"] + 1)]}
+        if doc.get("forked_from"):
+            described["forked_from"] = doc["forked_from"]
+        return described
 
     def iter_file(self, tenant: str, name: str, version: int, path: str) -> Iterator[bytes]:
         """Stream one file of a committed version (only files its manifest names)."""
@@ -265,19 +326,53 @@ class LineageStore:
 
         version = parent + 1
         self._claim(tenant, name, version, job_id)
+        written: list[str] = []
+        try:
+            stored = self._write_version(tenant, name, version, parent, files, manifest, job_id, written)
+        except Conflict:
+            raise  # another writer's version: nothing of it is ours to remove
+        except BaseException:
+            self._release(tenant, name, version, job_id, written)
+            raise
+        head_doc = {**lineage, "head": version, "updated_at": stored["created_at"]}
+        try:
+            self._put(self._key(tenant, name, LINEAGE_FILE), json.dumps(head_doc, indent=2).encode())
+        except StoreUnavailable:
+            # The manifest is written, so the version exists: readers step over a stale head pointer.
+            log.warning("version committed but lineage.json not updated", extra={"lineage": name, "version": version})
+        return stored
+
+    def _write_version(self, tenant: str, name: str, version: int, parent: int, files: list[FileToCommit],
+                       manifest: dict, job_id: str, written: list[str]) -> dict:
+        """Every file of the version, then its manifest; `written` collects the keys put so far."""
         entries = []
         for item in files:
             rel = _safe_rel_path(item.path)
             entries.append({"path": rel, "bytes": item.local.stat().st_size, "sha256": file_sha256(item.local)})
-            self._put_file(self._key(tenant, name, version_folder(version), rel), item.local)
+            key = self._key(tenant, name, version_folder(version), rel)
+            written.append(key)
+            self._put_file(key, item.local)
         stored = {**manifest, "version": version, "parent": parent, "job_id": job_id,
                   "created_at": utc_now(), "files": entries}
         body = json.dumps(stored, indent=2, sort_keys=False).encode()
         if not self._put(self._key(tenant, name, version_folder(version), MANIFEST_FILE), body, create=True):
             raise Conflict(f"version {version} of {name!r} was committed by another writer", param="parent_version")
-        head_doc = {**lineage, "head": version, "updated_at": stored["created_at"]}
-        self._put(self._key(tenant, name, LINEAGE_FILE), json.dumps(head_doc, indent=2).encode())
         return stored
+
+    def _release(self, tenant: str, name: str, version: int, job_id: str, written: list[str]) -> None:
+        """Remove a version that failed before its manifest: its files, then its claim (if still this job's).
+        Best effort: whatever stays behind is taken over once the claim's TTL lapses."""
+        import obstore
+
+        with contextlib.suppress(Exception):
+            if self._exists(self._key(tenant, name, version_folder(version), MANIFEST_FILE)):
+                return  # the manifest made it after all: the version exists
+            for key in written:
+                with contextlib.suppress(FileNotFoundError):
+                    self._call(obstore.delete, self._store, key)
+            claim = self._key(tenant, name, version_folder(version), CLAIM_FILE)
+            if (self._get_json(claim) or {}).get("job_id") == job_id:
+                self._call(obstore.delete, self._store, claim)
 
     def _claim(self, tenant: str, name: str, version: int, job_id: str) -> None:
         """Become the only writer of `version`, or raise Conflict. A claim left by a writer that died (older than
@@ -295,3 +390,147 @@ class LineageStore:
         self._put(key, mine)
         if (self._get_json(key) or {}).get("job_id") != job_id:
             raise Conflict(f"version {version} of {name!r} was claimed by another writer", param="parent_version")
+
+    # -- lineage operations (contract §3.1) -------------------------------------------------------------------
+    def check_name_free(self, tenant: str, name: str) -> None:
+        """Conflict when `name` belongs to a deleted lineage that is not purged yet."""
+        doc = self._get_json(self._key(tenant, name, LINEAGE_FILE))
+        if doc is not None and doc.get("deleted_at"):
+            raise Conflict(f"lineage {name!r} was deleted; its name is free once it is purged "
+                           f"(after {doc.get('purge_after')})", param="lineage")
+
+    def rollback(self, tenant: str, name: str, version: int, *, job_id: str) -> dict:
+        """Commit head+1 as a copy of `version`: the same files (sha256s), method state and metrics, with
+        `rollback_of`, so the next job merges onto `version`'s weights. Returns the new manifest."""
+        lineage = self.require_lineage(tenant, name)
+        head = self._version_manifest(tenant, name, lineage["head"]) if lineage["head"] else {}
+        if head.get("job_id") == job_id:
+            return head  # this operation's own retry: it committed already
+        source = self._source_version(tenant, name, lineage, version)
+        manifest = {"lineage": name, **{k: source[k] for k in CARRIED_KEYS if k in source}, "tasks": [],
+                    "rollback_of": version}
+        return self._commit_copy(tenant, name, lineage, [(name, version, f) for f in source["files"]], manifest,
+                                 job_id)
+
+    def fork(self, tenant: str, name: str, version: int, new_name: str, *, job_id: str) -> dict:
+        """Start lineage `new_name` whose v1 is a copy of `name`@`version`: its files, method state, and the eval
+        sets and heads of every task it holds (so the fork measures them without its source). Conflict when
+        `new_name` is taken (a deleted lineage's name too, until its purge). Returns the new lineage."""
+        lineage = self.require_lineage(tenant, name)
+        self._source_version(tenant, name, lineage, version)
+        chain = version_chain([self._version_manifest(tenant, name, v) for v in range(1, version + 1)])
+        source = chain[-1]
+        copies = {f["path"]: (name, version, f) for f in source["files"]}
+        latest = {t["name"]: (m, t) for m in chain for t in m["tasks"]}
+        tasks = []
+        for m in chain:
+            for t in m["tasks"]:
+                tasks.append(t if latest[t["name"]][1] is t else {k: v for k, v in t.items() if k != "eval_files"})
+        for m, t in latest.values():
+            for rel in t.get("eval_files", {}).values():
+                if rel not in copies:
+                    copies[rel] = (name, m["version"], _manifest_entry(m, name, m["version"], rel))
+        forked_from = {"lineage": name, "version": version}
+        doc = {"name": new_name, "base": lineage["base"], "head": 0, "created_at": utc_now(),
+               "forked_from": forked_from, "job_id": job_id}
+        if not self._put(self._key(tenant, new_name, LINEAGE_FILE), json.dumps(doc, indent=2).encode(), create=True):
+            held = self._get_json(self._key(tenant, new_name, LINEAGE_FILE)) or {}
+            if held.get("job_id") != job_id or held.get("head") != 0:  # else: this fork's own retry resumes
+                raise Conflict(f"lineage {new_name!r} already exists", param="name")
+            doc = held
+        manifest = {"lineage": new_name, **{k: source[k] for k in CARRIED_KEYS if k in source}, "tasks": tasks,
+                    "forked_from": forked_from}
+        self._commit_copy(tenant, new_name, doc, list(copies.values()), manifest, job_id)
+        return self.describe(tenant, new_name)
+
+    def delete_lineage(self, tenant: str, name: str, *, retention_s: float, job_id: str = "") -> dict:
+        """Mark the lineage deleted (absent to every reader from now on) and due for purge after `retention_s`."""
+        held = self._get_json(self._key(tenant, name, LINEAGE_FILE)) or {}
+        if held.get("deleted_by") == job_id:  # this operation's own retry: it deleted the lineage already
+            return {"name": name, "deleted_at": held["deleted_at"], "purge_after": held["purge_after"]}
+        lineage = self.require_lineage(tenant, name)
+        now = time.time()
+        marker = {"tenant": tenant, "name": name, "purge_after": now + retention_s}
+        # The purge marker first: a crash before the lineage is marked leaves a marker that purge_due drops.
+        self._put(f"{PURGE_FOLDER}/{tenant}/{name}.json", json.dumps(marker).encode())
+        deleted = {"name": name, "deleted_at": utc_now(), "purge_after": _iso(now + retention_s)}
+        doc = {**lineage, **{k: deleted[k] for k in ("deleted_at", "purge_after")}, "deleted_by": job_id}
+        self._put(self._key(tenant, name, LINEAGE_FILE), json.dumps(doc, indent=2).encode())
+        return deleted
+
+    def purge_due(self, now: float | None = None) -> list[str]:
+        """Remove every deleted lineage whose retention has passed; returns them as "tenant/name"."""
+        import obstore
+
+        now = time.time() if now is None else now
+        markers = self._call(lambda: [i["path"] for b in obstore.list(self._store, prefix=f"{PURGE_FOLDER}/")
+                                      for i in b])
+        purged = []
+        for key in markers:
+            marker = self._get_json(key) or {}
+            if float(marker.get("purge_after", now + 1)) > now:
+                continue
+            tenant, name = marker.get("tenant", ""), marker.get("name", "")
+            doc = self._get_json(self._key(tenant, name, LINEAGE_FILE))
+            if doc is not None and doc.get("deleted_at"):
+                self._remove_objects(tenant, name)
+                purged.append(f"{tenant}/{name}")
+            self._delete([key])
+        return purged
+
+    def _remove_objects(self, tenant: str, name: str) -> None:
+        """Every object of the lineage, `lineage.json` last: until it goes, the name stays taken."""
+        import obstore
+
+        lineage_key = self._key(tenant, name, LINEAGE_FILE)
+        paths = self._call(lambda: [i["path"] for b in obstore.list(self._store, prefix=f"{tenant}/{name}/")
+                                    for i in b])
+        others = [p for p in paths if p != lineage_key]
+        for start in range(0, len(others), 500):
+            self._delete(others[start:start + 500])
+        self._delete([lineage_key])
+
+    def _delete(self, keys: list[str]) -> None:
+        """Delete objects; ones already gone (another worker purging the same lineage) are not an error."""
+        import obstore
+
+        try:
+            self._call(obstore.delete, self._store, keys)
+        except FileNotFoundError:
+            for key in keys:
+                with contextlib.suppress(FileNotFoundError):
+                    self._call(obstore.delete, self._store, key)
+
+    def _source_version(self, tenant: str, name: str, lineage: dict, version: int) -> dict:
+        if version < 1:
+            raise InvalidInput("version 0 is the base model, not a stored version: name a version from 1",
+                               param="version")
+        if version > lineage["head"]:
+            raise NotFound(f"lineage {name!r} has no version {version}", param="version")
+        return self._version_manifest(tenant, name, version)
+
+    def _commit_copy(self, tenant: str, name: str, lineage: dict, copies: list[tuple[str, int, dict]],
+                     manifest: dict, job_id: str) -> dict:
+        """Commit version head+1 of `name` from files already in the store, (lineage, version, manifest entry)
+        each, copied within the store; the same steps as `commit_version`. Returns the manifest as stored."""
+        import obstore
+
+        parent = lineage["head"]
+        version = parent + 1
+        self._claim(tenant, name, version, job_id)
+        for src_name, src_version, entry in copies:
+            src = self._key(tenant, src_name, version_folder(src_version), entry["path"])
+            dest = self._key(tenant, name, version_folder(version), _safe_rel_path(entry["path"]))
+            try:
+                self._call(obstore.copy, self._store, src, dest)
+            except FileNotFoundError:
+                raise StoreUnavailable(f"{version_file_label(src_version, entry['path'])} of {src_name!r} is "
+                                       "missing from the store") from None
+        stored = {**manifest, "version": version, "parent": parent, "job_id": job_id, "created_at": utc_now(),
+                  "files": [entry for _, _, entry in copies]}
+        body = json.dumps(stored, indent=2).encode()
+        if not self._put(self._key(tenant, name, version_folder(version), MANIFEST_FILE), body, create=True):
+            raise Conflict(f"version {version} of {name!r} was committed by another writer", param="version")
+        head_doc = {**lineage, "head": version, "updated_at": stored["created_at"]}
+        self._put(self._key(tenant, name, LINEAGE_FILE), json.dumps(head_doc, indent=2).encode())
+        return stored

@@ -1,8 +1,11 @@
 """Reading the URIs a job spec names, under the configured policy, into a job's private work directory.
 
-`file://` reads only below the allowed roots (`..` and symlinks that lead out are refused); `s3://` reads from
+`file://` reads only regular files and folders below the allowed roots (`..` and symlinks that lead out are
+refused, and FIFOs or devices are never opened); `s3://` reads from
 any S3-compatible endpoint; `http(s)://` is off unless configured, and never reaches loopback, private or
-link-local addresses unless that too is configured. Every input's sha256 is recorded for the manifest.
+link-local addresses unless that too is configured; `hf://` (core.hub) is off unless configured, and then reads only
+the organisations allowed; `lineage://NAME@K` reads version K of the caller's own lineage (its model files) from the
+lineage store. Every input's sha256 is recorded for the manifest.
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponen
 
 from core.addresses import check_public_host
 from core.digests import CHUNK, cached_file_sha256, dir_sha256
-from core.errors import AccessDenied, FetchFailed
+from core.errors import AccessDenied, BadRequest, FetchFailed, NotFound
+from core.hub import SCHEME as HF_SCHEME
+from core.hub import check_hf_allowed, fetch_hf, parse_hf_uri
 from core.objects import s3_store_for_bucket
 from core.settings import Settings
-from core.spec import JobSpec
+from core.spec import JobSpec, parse_lineage_uri
+from core.store import LineageStore, model_files
 
 
 @dataclass(frozen=True)
@@ -42,13 +48,21 @@ class Fetched:
 
 
 def check_submission_policy(spec: JobSpec, settings: Settings) -> None:
-    """Refuse at submission what every worker would refuse: http(s) inputs while they are disabled."""
-    if settings.allow_http:
-        return
+    """Refuse at submission what every worker would refuse: http(s) inputs while they are disabled, hf:// inputs
+    while they are disabled or outside the organisations allowed, and a webhook whose host resolves to a loopback,
+    private or link-local address (unless allowed). Resolves names: call it off the event loop."""
+    if spec.webhook is not None and not settings.webhook_allow_private:
+        url = spec.webhook.url
+        try:
+            check_public_host(urllib.parse.urlsplit(url).hostname or "", url, "webhook.url")
+        except FetchFailed as exc:
+            raise BadRequest(exc.message, param="webhook.url") from None
     for field, uri in spec.input_uris():
-        if uri.startswith(("http://", "https://")):
+        if uri.startswith(("http://", "https://")) and not settings.allow_http:
             raise AccessDenied(f"{field}: http(s) URIs are disabled on this service (MERGELINE_ALLOW_HTTP)",
                                param=field)
+        if uri.startswith(HF_SCHEME):
+            check_hf_allowed(parse_hf_uri(uri), settings, f"{field}: {uri}", field)
 
 
 def file_uri_path(uri: str) -> Path:
@@ -86,11 +100,15 @@ class StoreLocation:
 
 
 class UriReader:
-    """Fetches a job's inputs into `workdir`, enforcing the URI policy of `settings`."""
+    """Fetches a job's inputs into `workdir`, enforcing the URI policy of `settings`; `lineage://` URIs read
+    `tenant`'s versions from `store`."""
 
-    def __init__(self, settings: Settings, workdir: Path):
+    def __init__(self, settings: Settings, workdir: Path, *, store: LineageStore | None = None,
+                 tenant: str | None = None):
         self.settings = settings
         self.workdir = workdir
+        self.lineages = store
+        self.tenant = tenant
         self._roots = settings.allowed_root_paths()
         self._store = StoreLocation.of(settings.store)
         self._count = 0
@@ -103,6 +121,10 @@ class UriReader:
                 return self._fetch_s3(uri, field)
             if uri.startswith(("http://", "https://")):
                 return self._fetch_http(uri, field)
+            if uri.startswith("lineage://"):
+                return self._fetch_lineage(uri, field)
+            if uri.startswith(HF_SCHEME):
+                return self._fetch_hf(uri, field)
         except (AccessDenied, FetchFailed):
             raise
         except OSError as exc:
@@ -129,12 +151,39 @@ class UriReader:
                     raise AccessDenied(f"{uri}: {inner.name} links outside the allowed roots", param=field)
                 if self._store.overlaps_path(target):
                     raise missing
+                if not (target.is_dir() or target.is_file()):
+                    raise FetchFailed(f"{uri}: {inner.name} is not a regular file", param=field)
             digest, size = dir_sha256(path, self._local_sha256)
             return Fetched(uri, path, digest, size)
+        if not path.is_file():  # a FIFO or device would block or never end: never opened
+            raise FetchFailed(f"{uri}: not a regular file", param=field)
         return Fetched(uri, path, self._local_sha256(path), path.stat().st_size)
 
     def _local_sha256(self, path: Path) -> str:
         return cached_file_sha256(path, Path(self.settings.cache_dir).expanduser())
+
+    # -- lineage:// ----------------------------------------------------------------------------------------
+    def _fetch_lineage(self, uri: str, field: str | None) -> Fetched:
+        """Version K's model files (sha256-checked against its manifest): the weights file itself when the version
+        has one file of weights and no config.json, else the folder (a save_pretrained model)."""
+        ref = parse_lineage_uri(uri)
+        missing = FetchFailed(f"{uri}: no such lineage version", param=field)  # the same whoever owns the name
+        if ref is None or self.lineages is None or self.tenant is None or ref[1] < 1:
+            raise missing
+        name, version = ref
+        dest = self._dest(f"lineage://{name}/v{version}/", is_dir=True)
+        try:
+            manifest = self.lineages.manifest(self.tenant, name, version)
+            files = model_files(manifest)
+            for entry in files:
+                self.lineages.download_file(self.tenant, name, version, entry["path"], dest / entry["path"])
+        except NotFound:
+            raise missing from None
+        weights = [f for f in files if f["path"].endswith((".safetensors", ".bin", ".pt"))]
+        if len(weights) == 1 and not any(f["path"] == "config.json" for f in files):
+            return Fetched(uri, dest / weights[0]["path"], weights[0]["sha256"], weights[0]["bytes"])
+        digest, size = dir_sha256(dest)
+        return Fetched(uri, dest, digest, size)
 
     # -- s3:// ---------------------------------------------------------------------------------------------
     def _fetch_s3(self, uri: str, field: str | None) -> Fetched:
@@ -205,6 +254,17 @@ class UriReader:
         if expected is not None and size != int(expected):
             raise FetchFailed(f"{uri}: download cut off at {size} of {expected} bytes", param=field)
         return Fetched(uri, dest, digest, size)
+
+    # -- hf:// ---------------------------------------------------------------------------------------------
+    def _fetch_hf(self, uri: str, field: str | None) -> Fetched:
+        try:
+            ref = parse_hf_uri(uri)
+        except ValueError as exc:
+            raise AccessDenied(str(exc), param=field) from None
+        view = fetch_hf(ref, uri, self._dest(uri, is_dir=True), self.settings, field)
+        # Digests are remembered per cached file (the link's target), so a repository is hashed once, not per job.
+        digest, size = dir_sha256(view, lambda link: self._local_sha256(link.resolve()))
+        return Fetched(uri, view, digest, size)
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _dest(self, uri: str, *, is_dir: bool = False) -> Path:

@@ -1,5 +1,8 @@
-"""Webhooks: the final Job, POSTed to the spec's URL and signed with HMAC-SHA256 of the body under its secret
-(header `X-Mergeline-Signature: sha256=<hex>`).
+"""Webhooks (Standard Webhooks): `{"type": "job.succeeded", "timestamp", "data": <Job>}` POSTed to the spec's URL
+for each event it asks for (default: the final ones; `job.running` on request), with the headers `webhook-id` (the
+same on every retry), `webhook-timestamp` and `webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`
+(signed with the `standardwebhooks` library), and, for receivers written against contract §3,
+`X-Mergeline-Signature: sha256=<hex HMAC-SHA256 of the body under the secret's UTF-8 bytes>`.
 
 A finished job only enqueues a delivery in Redis; a delivery thread in every worker process sends due deliveries
 and reschedules failures with exponential backoff. So a slow or dead receiver never delays the next job, and a
@@ -19,6 +22,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import httpx
 import redis
@@ -26,8 +30,10 @@ from redis.exceptions import RedisError, WatchError
 
 from core.addresses import check_public_host
 from core.errors import MergelineError
+from core.ids import utc_now
 from core.jobs import public_job
 from core.settings import Settings
+from core.spec import DEFAULT_WEBHOOK_EVENTS, webhook_key
 
 log = logging.getLogger("mergeline.webhooks")
 SIGNATURE_HEADER = "X-Mergeline-Signature"
@@ -36,15 +42,26 @@ MAX_BACKOFF_S = 3600.0
 OnOutcome = Callable[[str, str, str, dict], None]  # (job_id, event type, message, data)
 
 
-def notify_on_final(queue: WebhookQueue) -> Callable[[dict], None]:
-    """The JobStore hook that enqueues a final job's webhook, if its spec has one."""
+def notify_webhook(queue: WebhookQueue) -> Callable[[dict], None]:
+    """The JobStore hook (a job started, or ended) that enqueues the event for the spec's webhook, if it has one and
+    asks for that event."""
 
     def hook(record: dict) -> None:
         webhook = json.loads(record.get("spec") or "{}").get("webhook")
-        if webhook:
-            queue.enqueue(webhook["url"], webhook["secret"], public_job(record))
+        event = f"job.{record['status']}"
+        if webhook and event in webhook.get("events", DEFAULT_WEBHOOK_EVENTS):
+            queue.enqueue(webhook["url"], webhook["secret"], public_job(record), event)
 
     return hook
+
+
+def standard_headers(secret: str, delivery_id: str, body: bytes, at: datetime | None = None) -> dict[str, str]:
+    """The Standard Webhooks headers for one attempt to send `body`."""
+    from standardwebhooks import Webhook
+
+    at = at or datetime.now(UTC)
+    return {"webhook-id": delivery_id, "webhook-timestamp": str(int(at.timestamp())),
+            "webhook-signature": Webhook(webhook_key(secret)).sign(delivery_id, at, body.decode())}
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -77,10 +94,11 @@ class WebhookQueue:
     def _delivery(self, delivery_id: str) -> str:
         return f"{self.p}:webhook:{delivery_id}"
 
-    def enqueue(self, url: str, secret: str, job: dict) -> str:
-        """Schedule the delivery of `job` (sent as soon as a delivery thread is free)."""
-        delivery_id = uuid.uuid4().hex
-        body = json.dumps(job, separators=(",", ":"), sort_keys=True)
+    def enqueue(self, url: str, secret: str, job: dict, event: str = "job.succeeded") -> str:
+        """Schedule the delivery of `event` about `job` (sent as soon as a delivery thread is free)."""
+        delivery_id = f"msg_{uuid.uuid4().hex}"
+        body = json.dumps({"type": event, "timestamp": utc_now(), "data": job}, separators=(",", ":"),
+                          sort_keys=True)
         with self.r.pipeline() as pipe:
             pipe.hset(self._delivery(delivery_id), mapping={
                 "url": url, "secret": secret, "body": body, "job_id": job["id"], "attempts": "0"})
@@ -138,7 +156,8 @@ class WebhookQueue:
         try:
             response = client.post(item["url"], content=body, headers={
                 "Content-Type": "application/json", SIGNATURE_HEADER: sign(item["secret"], body),
-                "User-Agent": "mergeline-webhooks", "X-Mergeline-Delivery": delivery_id})
+                "User-Agent": "mergeline-webhooks", "X-Mergeline-Delivery": delivery_id,
+                **standard_headers(item["secret"], delivery_id, body)})
             outcome = f"HTTP {response.status_code}"
             ok = 200 <= response.status_code < 300
         except httpx.HTTPError as exc:

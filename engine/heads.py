@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from core.errors import InvalidInput
 from engine.families.base import Family, LoadedBase, Tensors
 from engine.inputs import Inputs
+from engine.tensors import check_finite
 
 
 def check_head(head: Tensors, *, field: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -20,7 +21,20 @@ def check_head(head: Tensors, *, field: str) -> tuple[torch.Tensor, torch.Tensor
     bias = head.get("bias")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise InvalidInput(f"{field}: `bias` must have shape [{weight.shape[0]}]", param=field)
+    check_finite({"weight": weight} | ({"bias": bias} if bias is not None else {}), field=field)
     return weight, bias
+
+
+def check_labels(data: Inputs, classes: int, *, field: str) -> None:
+    """Labels a head of `classes` outputs can predict; others would count as silent misses."""
+    if data.labels is not None and len(data) and (int(data.labels.min()) < 0 or int(data.labels.max()) >= classes):
+        raise InvalidInput(f"{field}: labels must lie in [0, {classes - 1}], the head's classes", param=field)
+
+
+def check_eval_data(data: Inputs, head: Tensors, *, field: str, head_field: str) -> None:
+    """Refuse an eval set and head that cannot measure anything, before any merging starts."""
+    weight, _ = check_head(head, field=head_field)
+    check_labels(data, weight.shape[0], field=field)
 
 
 def check_width(features: torch.Tensor, weight: torch.Tensor, *, field: str) -> None:
@@ -44,9 +58,7 @@ def check_head_data(data: Inputs, head: Tensors, *, field: str) -> tuple[torch.T
     weight, bias = check_head(head, field=f"{field}.head")
     if data.labels is None or len(data) == 0:
         raise InvalidInput(f"{field}.head_data: needs labelled inputs (an `y` array)", param=f"{field}.head_data")
-    if int(data.labels.min()) < 0 or int(data.labels.max()) >= weight.shape[0]:
-        raise InvalidInput(f"{field}.head_data: labels must lie in [0, {weight.shape[0] - 1}], the head's classes",
-                           param=f"{field}.head_data")
+    check_labels(data, weight.shape[0], field=f"{field}.head_data")
     return weight, bias
 
 

@@ -36,13 +36,14 @@ from core.store import (
     task_eval_path,
     task_head_path,
     tuned_head_path,
+    version_chain,
     version_file_label,
 )
 from core.uris import Fetched, UriReader
 from engine.evaluate import accuracy
 from engine.families import get_family
 from engine.families.base import Family, LoadedBase, Tensors
-from engine.heads import check_head_data, tune_head
+from engine.heads import check_eval_data, check_head_data, tune_head
 from engine.inputs import Inputs
 from engine.methods import get_method
 from engine.methods.base import Method, MethodState, StepInput, StepOutput
@@ -134,7 +135,9 @@ def run_job(
     started = time.monotonic()
 
     lineage = store.get_lineage(tenant, spec.lineage)
-    history = store.manifests(tenant, spec.lineage) if lineage else []
+    if lineage is None:
+        store.check_name_free(tenant, spec.lineage)
+    history = version_chain(store.manifests(tenant, spec.lineage)) if lineage else []
     if history and history[-1].get("job_id") == job_id:
         # A redelivered job whose version is already committed: report it, never merge twice.
         return _result(history[-1])
@@ -143,7 +146,7 @@ def run_job(
 
     with tempfile.TemporaryDirectory(prefix="mergeline-job-") as tmp:
         work = Path(tmp)
-        base_file, tasks = _fetch_inputs(spec, plan, settings, work, progress)
+        base_file, tasks = _fetch_inputs(spec, plan, UriReader(settings, work, store=store, tenant=tenant), progress)
         inputs = _read_inputs(spec, plan, store, tenant, base_file, tasks, work)
         # Every input is read and checked; from here on only a cancellation or the store can stop the job.
         merged = merge_steps(
@@ -214,10 +217,9 @@ def _check_task_names(spec: JobSpec, merged_before: list[str]) -> None:
 
 
 # -- loading inputs ---------------------------------------------------------------------------------------------
-def _fetch_inputs(spec: JobSpec, plan: JobPlan, settings: Settings, work: Path,
+def _fetch_inputs(spec: JobSpec, plan: JobPlan, reader: UriReader,
                   progress: Progress) -> tuple[Fetched, list[TaskInputs]]:
     """The base and every task's files, fetched under the URI policy; records the base's sha256 in the plan."""
-    reader = UriReader(settings, work)
     base_file = reader.fetch(plan.base_ref["uri"], field="base.uri")
     if plan.lineage and base_file.sha256 != plan.lineage["base"].get("sha256"):
         raise Conflict(f"the base at {plan.base_ref['uri']} changed since the lineage was created", param="base")
@@ -278,13 +280,17 @@ def _load_head(store: LineageStore, tenant: str, spec: JobSpec, family: Family, 
 
 
 def _job_evals(family: Family, loaded: LoadedBase, tasks: list[TaskInputs], merged_before: int) -> dict[str, EvalTask]:
-    """The eval sets and heads this job's tasks name; the tasks follow the lineage's `merged_before` ones."""
-    return {
+    """The eval sets and heads this job's tasks name (checked against each other); the tasks follow the lineage's
+    `merged_before` ones."""
+    evals = {
         t.spec.name: EvalTask(t.spec.name, merged_before + i + 1,
                               family.load_inputs(t.eval, loaded, labelled=True, field=f"{t.field}.eval"),
                               load_state_dict(t.head.path, field=f"{t.field}.head"), f"{t.field}.head")
         for i, t in enumerate(tasks) if t.eval is not None
     }
+    for t in evals.values():
+        check_eval_data(t.data, t.head, field=t.field.removesuffix(".head") + ".eval", head_field=t.field)
+    return evals
 
 
 def _lineage_evals(store: LineageStore, tenant: str, spec: JobSpec, family: Family, loaded: LoadedBase,
@@ -425,6 +431,7 @@ def _manifest(spec: JobSpec, plan: JobPlan, inputs: JobInputs, metrics: dict) ->
         "metrics": metrics,
         "code_version": code_version,
         "device": str(plan.device),
+        **({"metadata": spec.metadata} if spec.metadata else {}),
     }
 
 

@@ -15,13 +15,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from core.errors import InvalidInput, MergelineError, NotFound
+from core.ids import new_job_id
 from core.settings import get_settings
 from mergeline import cli_remote
 from mergeline.bars import StepRow, step_bars
 from service.client import ApiError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continual model merging: OTMF and baselines.")
-lineage_app = typer.Typer(no_args_is_help=True, help="Read lineages.")
+lineage_app = typer.Typer(no_args_is_help=True, help="Read, roll back, fork and delete lineages.")
 app.add_typer(lineage_app, name="lineage")
 console = Console()
 err = Console(stderr=True)
@@ -224,6 +225,68 @@ def pull(
         _print_json({"version": v, "dir": str(dest), "files": manifest["files"]})
     else:
         console.print(f"pulled {name}@{v} into {dest}: " + ", ".join(f["path"] for f in manifest["files"]))
+
+
+@lineage_app.command("rollback")
+def lineage_rollback(name: str, version: int = typer.Argument(..., help="the version to make the head again"),
+                     store: str | None = StoreOpt, tenant: str = TenantOpt, as_json: bool = JsonOpt,
+                     url: str | None = ApiUrlOpt, token: str | None = ApiTokenOpt) -> None:
+    """Commit a new head whose files and method state are VERSION's (the next job merges onto them)."""
+    manifest = _lineage_op(url, token, store, lambda client: client.rollback(name, version),
+                           lambda s: s.rollback(tenant, name, version, job_id=new_job_id("op")))
+    if as_json:
+        _print_json(manifest)
+        return
+    console.print(f"{escape(name)} v{manifest['version']} = v{version} (rolled back from v{manifest['parent']})")
+
+
+@lineage_app.command("fork")
+def lineage_fork(ref: str = typer.Argument(..., help="NAME@VERSION to start from"),
+                 new: str = typer.Argument(..., help="the new lineage's name"),
+                 store: str | None = StoreOpt, tenant: str = TenantOpt, as_json: bool = JsonOpt,
+                 url: str | None = ApiUrlOpt, token: str | None = ApiTokenOpt) -> None:
+    """Start lineage NEW whose v1 is a copy of NAME@VERSION (files, state, task eval sets and heads)."""
+    name, _, version = ref.partition("@")
+    if not version.isdigit() or not version.isascii():
+        fail(InvalidInput(f"bad reference {ref!r}: use NAME@VERSION", param="ref"))
+    doc = _lineage_op(url, token, store, lambda client: client.fork(name, int(version), new),
+                      lambda s: s.fork(tenant, name, int(version), new, job_id=new_job_id("op")))
+    if as_json:
+        _print_json(doc)
+        return
+    console.print(f"{escape(new)} v1 = {escape(name)}@{version}")
+
+
+@lineage_app.command("delete")
+def lineage_delete(name: str, store: str | None = StoreOpt, tenant: str = TenantOpt, as_json: bool = JsonOpt,
+                   url: str | None = ApiUrlOpt, token: str | None = ApiTokenOpt) -> None:
+    """Delete a lineage: gone for readers now, its files purged after MERGELINE_RETENTION_DAYS (then its name is
+    free again)."""
+    retention_s = get_settings().retention_days * 86400
+
+    def local(s):
+        deleted = s.delete_lineage(tenant, name, retention_s=retention_s, job_id=new_job_id("op"))
+        s.purge_due()  # a store without workers purges whenever the CLI deletes
+        return deleted
+
+    deleted = _lineage_op(url, token, store, lambda client: client.delete_lineage(name), local)
+    if as_json:
+        _print_json(deleted)
+        return
+    console.print(f"deleted {escape(name)}; its files are purged after {deleted['purge_after']}")
+
+
+def _lineage_op(url: str | None, token: str | None, store: str | None, remote, local) -> dict:
+    """A lineage operation through the API (`--url`) or on the local store; a typed error exits 1."""
+    from service.client import MergelineClient
+
+    try:
+        if url and not store:
+            with MergelineClient(url, token) as client:
+                return remote(client)
+        return local(_store(store))
+    except (ApiError, MergelineError) as exc:
+        fail(exc)
 
 
 @app.command()

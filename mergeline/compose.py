@@ -40,11 +40,11 @@ def lineage_store(settings: Settings, root: str | None = None) -> LineageStore:
 def job_store(settings: Settings, send: Callable[[str], None] | None) -> tuple[JobStore, WebhookQueue]:
     """Job records in the configured Redis, and the webhook queue that each final job enqueues into."""
     from core.jobs import JobStore
-    from core.webhooks import WebhookQueue, notify_on_final
+    from core.webhooks import WebhookQueue, notify_webhook
 
     jobs = JobStore.from_settings(settings, send=send)
     webhooks = WebhookQueue.from_settings(jobs.r, settings, on_outcome=jobs.add_event)
-    jobs.on_final = notify_on_final(webhooks)
+    jobs.on_final = jobs.on_started = notify_webhook(webhooks)
     return jobs, webhooks
 
 

@@ -21,6 +21,8 @@ import httpx
 
 from core.statuses import FINAL, JobStatus
 
+OPERATION_TIMEOUT = httpx.Timeout(30.0, read=660.0)  # the server waits up to MERGELINE_LINEAGE_OP_TIMEOUT_S
+
 
 class JobProgress(TypedDict):
     task_index: int
@@ -51,11 +53,14 @@ class Event(TypedDict):
 
 
 class ApiError(Exception):
-    """An error answer of the API: its HTTP status and the contract's error object."""
+    """An error answer of the API: its HTTP status and the contract's error object (and, on a 429, how many
+    seconds to wait before trying again)."""
 
-    def __init__(self, status: int, type: str, message: str, param: str | None = None):
+    def __init__(self, status: int, type: str, message: str, param: str | None = None,
+                 retry_after: float | None = None):
         super().__init__(f"{status} {type}: {message}")
         self.status, self.type, self.message, self.param = status, type, message, param
+        self.retry_after = retry_after
 
 
 class MergelineClient:
@@ -112,9 +117,11 @@ class MergelineClient:
         return self._request("GET", f"/v1/jobs/{job_id}")
 
     def list(self, *, lineage: str | None = None, status: str | None = None, limit: int = 20,
-             after: str | None = None) -> dict[str, Any]:
+             after: str | None = None, metadata: dict[str, str] | None = None) -> dict[str, Any]:
+        """The tenant's jobs, newest first; `metadata` keeps those whose metadata has every key=value given."""
         params = {k: v for k, v in {"lineage": lineage, "status": status, "limit": limit, "after": after}.items()
                   if v is not None}
+        params.update({f"metadata.{k}": v for k, v in (metadata or {}).items()})
         return self._request("GET", "/v1/jobs", params=params)
 
     def cancel(self, job_id: str) -> Job:
@@ -179,6 +186,21 @@ class MergelineClient:
     def lineage(self, name: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/lineages/{name}")
 
+    # Lineage operations wait their turn behind the lineage's queued jobs, so their answers may take a while.
+    def rollback(self, name: str, version: int) -> dict[str, Any]:
+        """Commit a new head whose files and method state are `version`'s; returns its manifest."""
+        return self._request("POST", f"/v1/lineages/{name}/rollback", json={"version": int(version)},
+                             timeout=OPERATION_TIMEOUT)
+
+    def fork(self, name: str, version: int, new_name: str) -> dict[str, Any]:
+        """Start lineage `new_name` from `name`@`version`; returns the new lineage."""
+        return self._request("POST", f"/v1/lineages/{name}/fork", json={"version": int(version), "name": new_name},
+                             timeout=OPERATION_TIMEOUT)
+
+    def delete_lineage(self, name: str) -> dict[str, Any]:
+        """Delete a lineage: `{"name", "deleted_at", "purge_after"}`."""
+        return self._request("DELETE", f"/v1/lineages/{name}", timeout=OPERATION_TIMEOUT)
+
     def manifest(self, name: str, version: int) -> dict[str, Any]:
         return self._request("GET", f"/v1/lineages/{name}/versions/{int(version)}")
 
@@ -216,8 +238,10 @@ class MergelineClient:
 def _raise_for_error(response: httpx.Response) -> None:
     if response.status_code < 400:
         return
+    retry_after = response.headers.get("retry-after")
     try:
         err = response.json()["error"]
-        raise ApiError(response.status_code, err.get("type", "error"), err.get("message", ""), err.get("param"))
+        raise ApiError(response.status_code, err.get("type", "error"), err.get("message", ""), err.get("param"),
+                       float(retry_after) if retry_after and retry_after.isdigit() else None)
     except (ValueError, KeyError, TypeError):
         raise ApiError(response.status_code, "http_error", response.text[:500]) from None

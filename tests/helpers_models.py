@@ -133,11 +133,13 @@ def copy_minilm(dest: Path, *, tokenizer: bool = True) -> Path:
 
 
 def write_hf_task(base_dir: Path, dest: Path, *, seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:
-    """A "fine-tuned" copy of an hf base: every parameter plus scale·N(0, 1) noise, written with
-    `save_pretrained` (model and tokenizer), as a user's fine-tuning script would. Returns the new state dict."""
-    from transformers import AutoModel, AutoTokenizer
+    """A "fine-tuned" copy of an hf base in its own architecture: every parameter plus scale·N(0, 1) noise, written
+    with `save_pretrained` (model and tokenizer), as a user's fine-tuning script would. Returns the new state dict."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
 
-    model = AutoModel.from_pretrained(base_dir, local_files_only=True)
+    architecture = AutoConfig.from_pretrained(base_dir, local_files_only=True).architectures[0]
+    model = getattr(transformers, architecture).from_pretrained(base_dir, local_files_only=True)
     g = _generator(seed)
     with torch.no_grad():
         for param in model.parameters():
@@ -146,6 +148,39 @@ def write_hf_task(base_dir: Path, dest: Path, *, seed: int, scale: float = 0.01)
     if (Path(base_dir) / "tokenizer_config.json").exists():
         AutoTokenizer.from_pretrained(base_dir, local_files_only=True).save_pretrained(dest)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+TINY_HF = {  # tiny random models of each kind the hf family merges, built from transformers configs
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)),
+    "t5": ("T5Config", "T5ForConditionalGeneration", dict(
+        vocab_size=96, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=1)),
+    "bert_cls": ("BertConfig", "BertForSequenceClassification", dict(
+        vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=64, num_labels=3)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(
+        vocab_size=96, n_embd=16, n_layer=2, n_head=2, n_positions=64)),
+}
+
+
+def write_tiny_hf(dest: Path, kind: str, *, seed: int = 0) -> Path:
+    """A `save_pretrained` folder of a tiny randomly initialised model of TINY_HF[kind] (no tokenizer)."""
+    import transformers
+
+    config_name, model_name, kwargs = TINY_HF[kind]
+    config = getattr(transformers, config_name)(**kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(transformers, model_name)(config)
+    model.save_pretrained(dest)
+    return Path(dest)
 
 
 TOPICS = (

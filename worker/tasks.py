@@ -1,12 +1,16 @@
 """The Celery task (thin): take the lineage lease, run the engine, record the outcome, start the next job.
 
 Every worker process also runs two daemon threads (started when the worker is ready): `reconcile`, which re-sends
-the first job of a lineage whose lease lapsed (its worker died), and the webhook delivery loop.
+the first job of a lineage whose lease lapsed (its worker died) and, every few passes, asks for a purge of deleted
+lineages past their retention (a task run by a pool process: the main process, which forks the pool, never does
+store I/O), and the webhook delivery loop. Lineage operations (rollback, fork, delete) arrive as `op_...` ids on the
+same task and run under the same lineage lease, so they keep the lineage's job order.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import threading
@@ -22,9 +26,9 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ex
 
 from core import logs
 from core.errors import BrokerUnavailable, JobCancelled, MergelineError
-from core.jobs import JobStore, public_job
+from core.jobs import JobStore, RecordLost, public_job
 from core.metrics import RedisMetrics
-from core.queue import TASK_NAME
+from core.queue import PURGE_TASK_NAME, TASK_NAME, send_purge
 from core.settings import Settings
 from core.spec import parse_job_spec
 from core.store import LineageStore
@@ -135,6 +139,10 @@ class RecordProgress:
             cancelled = type not in self.NEVER_STOP and self.ctx.jobs.cancel_requested(self.job_id)
         except BrokerUnavailable:
             return
+        except RecordLost:
+            if type in self.NEVER_STOP:
+                return  # committed: the worker writes the record back as succeeded
+            raise
         if cancelled:
             raise JobCancelled("cancelled at a step boundary")
 
@@ -155,7 +163,7 @@ def strict_json(value: Any) -> Any:
 
 
 def _committed_by(store: LineageStore, tenant: str, lineage: str, job_id: str) -> dict | None:
-    """The version this job committed, if the lineage head is it (a cancel that raced the commit)."""
+    """The version this job committed, if the lineage head is it (a failure or cancel after the manifest)."""
     try:
         doc = store.get_lineage(tenant, lineage)
         if doc and doc["head"] > 0:
@@ -185,6 +193,8 @@ def execute_job(ctx: WorkerContext, job_id: str) -> str:
             return acquired.state
         record = acquired.record
         started = time.monotonic()
+        if record.get("kind") == "op":
+            return execute_lineage_op(ctx, record, token)
         log.info("job started", extra={"attempt": int(record["attempts"]), "lineage": record["lineage"]})
         keeper = LeaseKeeper(ctx.jobs, record, token, ctx.settings.lease_ttl_s).start()
         outcome: dict[str, Any] = {}
@@ -193,30 +203,95 @@ def execute_job(ctx: WorkerContext, job_id: str) -> str:
             result = ctx.engine(spec, ctx.store, RecordProgress(ctx, job_id, keeper), tenant=record["tenant"],
                                 job_id=job_id, settings=ctx.settings)
             status, outcome = "succeeded", {"result": strict_json(result)}
-        except LeaseLost:
-            log.warning("job abandoned: lease lost")
-            return "lease_lost"
+        except (LeaseLost, RecordLost):
+            keeper.stop()
+            return _abandon(ctx, record)
         except JobCancelled:
-            committed = _committed_by(ctx.store, record["tenant"], record["lineage"], job_id)
-            if committed is not None:
-                status, outcome = "succeeded", {"result": committed}
-            else:
-                status, outcome = "cancelled", {"error": {"type": "cancelled", "message": "cancelled by request"}}
+            status, outcome = "cancelled", {"error": {"type": "cancelled", "message": "cancelled by request"}}
         except MergelineError as exc:
-            status, outcome = "failed", {"error": {"type": exc.type, "message": exc.message}}
+            status, outcome = "failed", {"error": exc.to_dict()}  # type, message and the failing field (param)
         except Exception as exc:
             log.exception("job failed with an unexpected error")
             message = f"internal error ({type(exc).__name__}); see the worker log"
             status, outcome = "failed", {"error": {"type": "internal", "message": message}}
         finally:
             keeper.stop()
+        if status != "succeeded":
+            # A version whose manifest is written exists, whatever failed after it (the head pointer, a cancel
+            # that raced the commit): the job's status follows the store.
+            committed = _committed_by(ctx.store, record["tenant"], record["lineage"], job_id)
+            if committed is not None:
+                status, outcome = "succeeded", {"result": committed}
         final = _finish(ctx.jobs, job_id, token, status, **outcome)
-        if final is None:
-            log.warning("job outcome not recorded: lease lost", extra={"status": status})
-            return "lease_lost"
+        if final is None:  # the lease or the whole record was lost meanwhile
+            return _abandon(ctx, record)
         log.info("job finished", extra={"status": final["status"], "seconds": round(time.monotonic() - started, 3)})
         _after(ctx, final, started, measured=True)
         return final["status"]
+
+
+def _abandon(ctx: WorkerContext, record: dict) -> str:
+    """Stop an attempt that lost its lease or its record. Another attempt holding the lease owns the job; but when
+    the record itself is gone (Redis came back without its data), the job is written back as it ended, whole:
+    `succeeded` if its version was committed, else `failed` with `job_lost`, so that it never vanishes silently."""
+    try:
+        if _record_exists(ctx.jobs, record["id"]):
+            log.warning("job abandoned: lease lost")
+            return "lease_lost"
+        committed = _committed_by(ctx.store, record["tenant"], record["lineage"], record["id"])
+        outcome = {"result": committed} if committed is not None else {"error": {
+            "type": "job_lost", "message": "the job store lost this job's record while it ran (Redis restarted "
+                                           "without persistence); nothing was committed: submit it again"}}
+        final = ctx.jobs.record_lost(record, "succeeded" if committed is not None else "failed", **outcome)
+    except BrokerUnavailable:
+        log.warning("job abandoned: the job store is unreachable")
+        return "lease_lost"
+    log.warning("job record lost; final record written", extra={"status": final and final["status"]})
+    return "job_lost"
+
+
+@retry(retry=retry_if_exception_type(BrokerUnavailable), stop=stop_after_attempt(6),
+       wait=wait_exponential(multiplier=0.5, max=10), reraise=True)
+def _record_exists(jobs: JobStore, job_id: str) -> bool:
+    return jobs.load(job_id) is not None
+
+
+def apply_lineage_op(store: LineageStore, settings: Settings, tenant: str, lineage: str, op: dict,
+                     op_id: str) -> dict:
+    """Run one lineage operation on the store; returns what the API answers."""
+    if op["op"] == "rollback":
+        return store.rollback(tenant, lineage, op["version"], job_id=op_id)
+    if op["op"] == "fork":
+        return store.fork(tenant, lineage, op["version"], op["name"], job_id=op_id)
+    if op["op"] == "delete":
+        return store.delete_lineage(tenant, lineage, retention_s=settings.retention_days * 86400, job_id=op_id)
+    raise MergelineError(f"unknown lineage operation {op['op']!r}")
+
+
+def execute_lineage_op(ctx: WorkerContext, record: dict, token: str) -> str:
+    """Run a lineage operation that holds the lineage lease, record its outcome and start the lineage's next job."""
+    started = time.monotonic()
+    keeper = LeaseKeeper(ctx.jobs, record, token, ctx.settings.lease_ttl_s).start()
+    try:
+        keeper.confirm()
+        result = apply_lineage_op(ctx.store, ctx.settings, record["tenant"], record["lineage"],
+                                  json.loads(record["spec"]), record["id"])
+        status, outcome = "succeeded", {"result": result}
+    except LeaseLost:
+        return "lease_lost"
+    except MergelineError as exc:
+        status, outcome = "failed", {"error": exc.to_dict()}
+    except Exception as exc:
+        log.exception("lineage operation failed with an unexpected error")
+        status, outcome = "failed", {"error": {"type": "internal", "message": f"internal error ({type(exc).__name__})"}}
+    finally:
+        keeper.stop()
+    final = _finish(ctx.jobs, record["id"], token, status, **outcome)
+    if final is None:
+        return "lease_lost"
+    log.info("lineage operation finished", extra={"status": final["status"], "lineage": record["lineage"]})
+    _after(ctx, final, started)
+    return final["status"]
 
 
 def _after(ctx: WorkerContext, record: dict, started: float, *, measured: bool = False) -> None:
@@ -248,12 +323,21 @@ def register(app: Celery, context: Callable[[], WorkerContext]) -> None:
     def run_merge_job(self, job_id: str) -> str:
         return execute_job(context(), job_id)
 
+    @app.task(name=PURGE_TASK_NAME, ignore_result=True)
+    def purge_deleted_lineages() -> list[str]:
+        purged = context().store.purge_due()
+        if purged:
+            log.info("purged deleted lineages", extra={"lineages": ",".join(purged)})
+        return purged
+
     stop = threading.Event()
-    worker_ready.connect(lambda **_: start_housekeeping(context, stop), weak=False)
+    worker_ready.connect(lambda **_: start_housekeeping(context, stop, lambda: send_purge(app, context().settings)),
+                         weak=False)
     worker_shutdown.connect(lambda **_: stop.set(), weak=False)
 
 
-def _reconcile_loop(context: Callable[[], WorkerContext], stop: threading.Event) -> None:
+def _reconcile_loop(context: Callable[[], WorkerContext], stop: threading.Event,
+                    request_purge: Callable[[], None] | None = None) -> None:
     while not stop.wait(context().settings.reconcile_interval_s):
         try:
             ctx = context()
@@ -262,13 +346,23 @@ def _reconcile_loop(context: Callable[[], WorkerContext], stop: threading.Event)
                 log.info("reconciler re-sent jobs", extra={"jobs": ",".join(sent)})
         except Exception:
             log.exception("reconciler pass failed")
+        try:
+            ctx = context()
+            every_s = max(5 * ctx.settings.reconcile_interval_s, 5.0)  # one request per interval for all workers
+            key = f"{ctx.jobs.p}:purge-requested"
+            if request_purge and ctx.jobs.r.set(key, "1", nx=True, px=int(every_s * 1000)):
+                request_purge()
+        except Exception:
+            log.exception("purge request failed")
 
 
-def start_housekeeping(context: Callable[[], WorkerContext], stop: threading.Event) -> list[threading.Thread]:
-    """The reconciler and the webhook delivery loop, as daemon threads that end when `stop` is set."""
+def start_housekeeping(context: Callable[[], WorkerContext], stop: threading.Event,
+                       request_purge: Callable[[], None] | None = None) -> list[threading.Thread]:
+    """The reconciler (which also requests purges) and the webhook delivery loop, as daemon threads that end when
+    `stop` is set."""
     stop.clear()
-    threads = [threading.Thread(target=_reconcile_loop, args=(context, stop), name="mergeline-reconcile",
-                                daemon=True),
+    threads = [threading.Thread(target=_reconcile_loop, args=(context, stop, request_purge),
+                                name="mergeline-reconcile", daemon=True),
                threading.Thread(target=context().webhooks.run, args=(stop,), name="mergeline-webhooks", daemon=True)]
     for thread in threads:
         thread.start()

@@ -1,17 +1,28 @@
-"""The `hf` family: a transformers model folder (`save_pretrained` layout); the whole `AutoModel` is merged.
+"""The `hf` family: a transformers model folder (`save_pretrained` layout), merged in its own architecture.
 
-The model is built from `config.json` with `AutoModel.from_config` (never remote code) and the weights are read by
-our own loader, so a folder cannot run code. Checkpoints saved from a model with a task head (e.g.
-`BertForSequenceClassification`, keys `bert.*` plus `classifier.*`) are accepted: the base-model keys are the
-tower and the head keys are carried (base) or ignored (task checkpoints). Tied parameters enter the tower once,
-under the name `named_parameters()` gives them; transformers re-ties their aliases on load.
+The model class is the checkpoint's own, `config.architectures[0]` (`LlamaForCausalLM`, `Qwen2ForCausalLM`,
+`T5ForConditionalGeneration`, `BertForSequenceClassification`, ...), looked up in transformers itself (never remote
+code; `AutoModel` when the config names none), and the weights are read by our own loader, so a folder cannot run
+code. What is merged and what is carried:
+- the tower (merged): every parameter of that class, as `named_parameters()` names them: the encoder/decoder body,
+  an untied `lm_head`, a task head (`classifier.*`, `score.*`, ...). A tied parameter (input and output
+  embeddings, T5's shared embeddings) enters the tower once, under its first name; the version omits its aliases,
+  as `save_pretrained` does, and keeps the config's tie, so transformers ties them again on load;
+- carried (the base's, unchanged): persistent buffers, and tensors of the file outside the class (e.g. a head
+  saved with a base-model-only architecture); task checkpoints' tensors outside the class are ignored.
+Checkpoints whose keys carry the base model's prefix around a bare base model (`bert.*` plus `classifier.*` for a
+`BertModel` base) are accepted: the prefixed keys are the tower.
+
+Features run the base model inside the class (`model.base_model`, e.g. `LlamaModel` in `LlamaForCausalLM`): the
+mean of the last hidden state over the attention mask, so padding never counts; decoder-only models get position ids
+counted from the mask, so left padding gives the features of the unpadded text.
 
 The module is built on the `meta` device: data-free jobs only need its layout (names, shapes, ties, buffers,
 linear layers), and random initialisation costs as much as the model is large. A real module is built once, the
 first time `features` runs.
 
-A version folder is loaded back with `transformers.AutoModel.from_pretrained(folder)` (and with the base's head
-class, e.g. `AutoModelForSequenceClassification`, when the base carried a head); its tokenizer files are the base's.
+A version folder loads with its own class, e.g. `transformers.AutoModelForCausalLM.from_pretrained(folder)`, and
+generates; its tokenizer and generation config are the base's.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import copy
 import inspect
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +42,7 @@ import torch.nn.functional as F
 
 from core.errors import InvalidInput
 from core.uris import Fetched
+from engine.adapters import is_adapter, read_adapter
 from engine.families.base import Family, LoadedBase, Tensors
 from engine.inputs import Inputs
 from engine.tensors import (
@@ -86,6 +99,8 @@ class HFFamily(Family):
         carried.update(outside)
         info: dict[str, Any] = {
             "folder": str(folder),
+            "architecture": type(module).__name__,
+            "decoder_only": _decoder_only(config),
             "prefix": prefix,
             "config": config,
             "model_type": config.model_type,
@@ -99,6 +114,9 @@ class HFFamily(Family):
 
     def load_checkpoint(self, checkpoint: Fetched, base: LoadedBase, *, field: str) -> Tensors:
         path = Path(checkpoint.path)
+        if is_adapter(path):
+            return read_adapter(path, _shapes(base.tower), partial(_adapter_key, base), field=field).task_tower(
+                base.tower)
         state = _read_weights(path, field) if path.is_dir() else load_state_dict(path, field=field)
         return self._tower_of(state, base, field=field, what="checkpoint")
 
@@ -140,17 +158,21 @@ class HFFamily(Family):
 
     # -- features -----------------------------------------------------------------------------------------------
     def features(self, base: LoadedBase, tower: Tensors, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean of the last hidden state over the attention mask, L2-normalised in float32."""
+        """Mean of the base model's last hidden state over the attention mask, L2-normalised in float32."""
         module = _runnable_module(base)
+        body, body_tower = _base_model(module, tower)
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(ids)
         buffers_to(module, ids.device)
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-        if "use_cache" in inspect.signature(module.forward).parameters:
+        accepted = inspect.signature(body.forward).parameters
+        if "use_cache" in accepted:
             kwargs["use_cache"] = False
-        out = torch.func.functional_call(module, tower, args=(), kwargs=kwargs)
+        if base.info["decoder_only"] and "position_ids" in accepted:
+            kwargs["position_ids"] = (mask.cumsum(dim=1) - 1).clamp_min(0)  # left padding shifts no position
+        out = torch.func.functional_call(body, body_tower, args=(), kwargs=kwargs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
@@ -291,6 +313,22 @@ class _Layout:
         return inside, prefix, outside
 
 
+def _shapes(tower: Tensors) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in tower.items()}
+
+
+def _adapter_key(base: LoadedBase, name: str) -> str | None:
+    """The tower key of a parameter an adapter names: as in the base's class, or in its bare base model (an adapter
+    trained on `LlamaModel` for a `LlamaForCausalLM` base, and the reverse); tied aliases lead to their tower key."""
+    layout: _Layout = base.info["layout"]
+    prefix = f"{base.module.base_model_prefix}." if base.module is not None else ""
+    for candidate in (name, prefix + name, name.removeprefix(prefix) if prefix else name):
+        candidate = layout.aliases.get(candidate, candidate)
+        if candidate in base.tower:
+            return candidate
+    return None
+
+
 def _load_config(folder: Path, field: str):
     from transformers import AutoConfig
 
@@ -303,17 +341,56 @@ def _load_config(folder: Path, field: str):
         raise InvalidInput(f"{field}: config.json cannot be used: {message}", param=field) from None
 
 
-def _build_model(config, field: str, *, meta: bool = False) -> torch.nn.Module:
-    """A float32 AutoModel for `config`: randomly initialised, or on the `meta` device (shapes only, no memory);
-    the global RNG is left as it was."""
-    from transformers import AutoModel
+def _model_class(config, field: str) -> type:
+    """The checkpoint's own architecture, `config.architectures[0]`, as transformers provides it (never remote code);
+    AutoModel's class for the config when it names none."""
+    import transformers
 
+    names = getattr(config, "architectures", None) or []
+    if not names:
+        return transformers.AutoModel
+    cls = getattr(transformers, str(names[0]), None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise InvalidInput(f"{field}: config.json names architecture {names[0]!r}, which transformers does not "
+                           "provide (remote code is never run)", param=field)
+    if not isinstance(config, cls.config_class):
+        raise InvalidInput(f"{field}: config.json names architecture {names[0]!r}, which does not take a "
+                           f"{config.model_type} config", param=field)
+    return cls
+
+
+def _decoder_only(config) -> bool:
+    """A model type that transformers knows as a causal LM and not as a masked LM (Llama, Qwen2, GPT-2, ...)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = config.model_type
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def _build_model(config, field: str, *, meta: bool = False) -> torch.nn.Module:
+    """A float32 model of the checkpoint's own class for `config`: randomly initialised, or on the `meta` device
+    (shapes only, no memory); the global RNG is left as it was."""
+    cls = _model_class(config, field)
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta") if meta else contextlib.nullcontext():
-            return AutoModel.from_config(copy.deepcopy(config), trust_remote_code=False, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+            if cls.__name__ == "AutoModel":
+                return cls.from_config(copy.deepcopy(config), trust_remote_code=False, dtype=torch.float32)
+            return cls._from_config(copy.deepcopy(config), dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError, ImportError, AttributeError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InvalidInput(f"{field}: transformers cannot build this model: {message}", param=field) from None
+
+
+def _base_model(module: torch.nn.Module, tower: Tensors) -> tuple[torch.nn.Module, Tensors]:
+    """The base model inside the class (itself for a bare base model) and its part of the tower, keyed as in it."""
+    body = module.base_model
+    if body is module:
+        return module, tower
+    prefix = f"{module.base_model_prefix}."
+    return body, {k[len(prefix) :]: v for k, v in tower.items() if k.startswith(prefix)}
 
 
 def _runnable_module(base: LoadedBase) -> torch.nn.Module:

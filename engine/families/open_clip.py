@@ -62,20 +62,16 @@ class OpenClipFamily(Family):
     def load_base(self, base: Fetched, arch: str | dict | None) -> LoadedBase:
         field = "base.uri"
         model_cfg, preprocess_overrides = _resolve_arch(arch)
-        module = _build_model(model_cfg, preprocess_overrides)
         state = _strip_ddp(_read(base.path, field))
         check_finite(state, field=field)
-        layout = _layout(state)
+        # Shapes are checked on a model without storage first: a file that cannot fill the arch never costs
+        # the memory of building it.
+        layout = _check_base(_build_model(model_cfg, preprocess_overrides, device="meta"), state, field)
+        module = _build_model(model_cfg, preprocess_overrides)
         if layout == FULL:
-            _match_logit_shapes(state, module)
-            expected = _shapes(module.state_dict())
-            check_compatible(expected, state, field=field, what="base checkpoint (for this arch)")
             module.load_state_dict(state, strict=True)
         else:
-            tower_state = _unprefixed(state, layout)
-            expected = _shapes(module.visual.state_dict())
-            check_compatible(expected, tower_state, field=field, what="base image tower (for this arch)", shown=layout)
-            module.visual.load_state_dict(tower_state, strict=True)
+            module.visual.load_state_dict(_unprefixed(state, layout), strict=True)
         module.eval().requires_grad_(False)
         # The tower shares storage with the module's parameters: θ0 is held once. `features` always substitutes
         # the tower it is given, so the module's own parameters are never read after this point.
@@ -243,16 +239,28 @@ def _resolve_arch(arch: str | dict | None) -> tuple[dict, dict]:
     raise InvalidInput("the open_clip family needs base.arch: a model name or an inline config", param="base.arch")
 
 
-def _build_model(model_cfg: dict, preprocess: dict) -> torch.nn.Module:
+def _check_base(module: torch.nn.Module, state: Tensors, field: str) -> str:
+    """The base checkpoint's layout, once its keys and shapes match `module` (IncompatibleCheckpoint if not)."""
+    layout = _layout(state)
+    if layout == FULL:
+        _match_logit_shapes(state, module)
+        check_compatible(_shapes(module.state_dict()), state, field=field, what="base checkpoint (for this arch)")
+    else:
+        check_compatible(_shapes(module.visual.state_dict()), _unprefixed(state, layout), field=field,
+                         what="base image tower (for this arch)", shown=layout)
+    return layout
+
+
+def _build_model(model_cfg: dict, preprocess: dict, device: str = "cpu") -> torch.nn.Module:
     """A randomly initialised model through OpenCLIP's own factory (`local-dir:` on a temporary config), so inline
     configs are built exactly as a user's `create_model("local-dir:...")` will rebuild them. The global RNG is left
-    untouched, and nothing is downloaded."""
+    untouched, and nothing is downloaded. On the `meta` device it has shapes and no storage."""
     with tempfile.TemporaryDirectory(prefix="mergeline-open-clip-") as tmp:
         (Path(tmp) / CONFIG_FILE).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}))
         try:
-            with torch.random.fork_rng(devices=[]), _quiet_factory():
+            with torch.random.fork_rng(devices=[]), _quiet_factory(), torch.device(device):
                 model = open_clip.create_model(
-                    "local-dir:" + tmp, load_weights=False, pretrained_image=False, pretrained_text=False, device="cpu"
+                    "local-dir:" + tmp, load_weights=False, pretrained_image=False, pretrained_text=False, device=device
                 )
         except (RuntimeError, ValueError, TypeError, KeyError, AssertionError, OSError) as exc:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

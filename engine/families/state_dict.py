@@ -1,7 +1,8 @@
 """The `state_dict` family: bare tensors in one file, for data-free methods on any architecture.
 
 Every floating tensor is merged; integer/bool tensors (step counters, index buffers) are carried from the base.
-There is no model to run, so no feature function and no calibration data.
+There is no model to run, so no feature function and no calibration data. A task may be a LoRA adapter folder whose
+module names are the file's keys (engine.adapters).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 
 from core.errors import IncompatibleCheckpoint, InvalidInput
 from core.uris import Fetched
+from engine.adapters import is_adapter, read_adapter
 from engine.families.base import Family, LoadedBase, Tensors
 from engine.tensors import check_compatible, check_finite, check_same_tower, load_state_dict, save_safetensors
 
@@ -31,6 +33,10 @@ class StateDictFamily(Family):
         return LoadedBase(tower=tower, carried=carried, info={"dtypes": {k: str(v.dtype) for k, v in state.items()}})
 
     def load_checkpoint(self, checkpoint: Fetched, base: LoadedBase, *, field: str) -> Tensors:
+        if is_adapter(checkpoint.path):  # a LoRA adapter whose module names are the file's keys
+            shapes = {k: v.shape for k, v in base.tower.items()}
+            adapter = read_adapter(checkpoint.path, shapes, lambda name: name if name in shapes else None, field=field)
+            return adapter.task_tower(base.tower)
         return self._tower_of(_read(checkpoint.path, field), base, field=field, what="checkpoint")
 
     def load_version(self, folder: Path, base: LoadedBase) -> Tensors:

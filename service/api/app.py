@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,10 +16,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import core
 from core import logs
-from core.errors import BrokerUnavailable, MergelineError, RequestTooLarge
+from core.errors import BrokerUnavailable, MergelineError, RateLimited, RequestTooLarge
 from core.spec import JobSpec
 from service.api.deps import Services
 from service.api.routes import jobs, lineages, ops
+from service.ui import router as ui_router
 
 log = logging.getLogger("mergeline.api")
 
@@ -62,6 +64,28 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+class ServerTiming:
+    """`Server-Timing: app;dur=<ms>` on every answer: the API's own time up to the response head, so that load
+    figures can tell it apart from the network and the client (bench/service_load.py)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+
+        async def timed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                duration = f"app;dur={(time.perf_counter() - started) * 1000:.3f}".encode()
+                message = {**message, "headers": [*message.get("headers", []), (b"server-timing", duration)]}
+            await send(message)
+
+        await self.app(scope, receive, timed)
+
+
 def _validation_param(loc: tuple | list) -> tuple[str, str | None]:
     """(where, param) from a FastAPI error location such as ("query", "limit") or ("header", "idempotency-key")."""
     where = str(loc[0]) if loc else "body"
@@ -73,6 +97,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MergelineError)
     async def mergeline_error(_: Request, exc: MergelineError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        if isinstance(exc, RateLimited):
+            headers = {"Retry-After": str(exc.retry_after)}
         if exc.status_code >= 500 and not isinstance(exc, BrokerUnavailable):
             log.warning("request failed", extra={"type": exc.type, "reason": exc.message})
         return error_response(exc.status_code, exc.type, exc.message, exc.param, headers)
@@ -107,8 +133,10 @@ def create_app(services: Services) -> FastAPI:
     app.state.services = services
     for router in (jobs.router, lineages.router, ops.router):
         app.include_router(router)
+    app.include_router(ui_router, include_in_schema=False)  # the dashboard at /ui: pages only, not in the schema
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ServerTiming)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

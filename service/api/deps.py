@@ -71,6 +71,7 @@ def get_tenant(services: Annotated[Services, Depends(get_services)],
     tenant = services.tokens.tenant_for(credentials.credentials)
     if tenant is None:
         raise Unauthorized("unknown bearer token", param="Authorization")
+    services.jobs.check_rate(tenant)
     return tenant
 
 

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.names import LINEAGE_PATTERN
 from core.statuses import JobStatus
 
 
@@ -51,6 +52,7 @@ class Job(BaseModel):
     progress: JobProgress | None = None
     result: JobResult | None = None
     error: JobError | None = None
+    metadata: dict[str, str] = Field(default_factory=dict, description="the spec's metadata")
 
 
 class JobList(BaseModel):
@@ -75,6 +77,26 @@ class Lineage(BaseModel):
     base: dict[str, Any]
     versions: list[dict[str, Any]] = Field(description="every version's manifest, oldest first")
     created_at: str | None = None
+    forked_from: dict[str, Any] | None = Field(None, description='{"lineage", "version"} this lineage was forked from')
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=0, description="the version whose files and state become the new head")
+
+
+class ForkRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=0, description="the version the new lineage starts from")
+    name: str = Field(pattern=LINEAGE_PATTERN, description="the new lineage's name")
+
+
+class DeletedLineage(BaseModel):
+    name: str
+    deleted_at: str
+    purge_after: str = Field(description="its files are removed after this time; the name is free after that")
 
 
 class LineageList(BaseModel):
@@ -91,6 +113,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
         400: "Malformed request", 401: "Missing or unknown bearer token", 404: "No such resource for this tenant",
-        413: "Request body too large", 422: "Invalid job spec", 503: "Job store, broker or lineage store unreachable",
+        413: "Request body too large", 422: "Invalid job spec",
+        429: "Over the tenant's request rate or active-job cap (see Retry-After)",
+        503: "Job store, broker or lineage store unreachable",
     }.items()
 }

@@ -11,6 +11,8 @@ import pytest
 import redis
 
 REDIS_URL = os.environ.get("MERGELINE_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
+# Tests poll jobs many times a second; the per-tenant rate limit is tested where a test sets it explicitly.
+os.environ.setdefault("MERGELINE_RATE_LIMIT", "1000000")
 
 
 @pytest.fixture(scope="session")

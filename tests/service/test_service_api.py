@@ -29,7 +29,7 @@ SPEC = {"lineage": "vision", "base": BASE, "method": "task_arithmetic",
 @pytest.fixture
 def settings(redis_db, prefix, tmp_path) -> Settings:
     return Settings(broker_url=redis_db, key_prefix=prefix, queue=prefix, store=f"file://{tmp_path}/store",
-                    api_tokens="tok-acme=acme,tok-globex=globex", max_body_bytes=4096)
+                    api_tokens="tok-acme=acme,tok-globex=globex", metrics_token="metrics-token", max_body_bytes=4096)
 
 
 @pytest.fixture
@@ -132,6 +132,10 @@ def test_tenants_are_isolated(client, settings, tmp_path):
     (json.dumps({**SPEC, "params": {"nope": 1}}).encode(), 422, "invalid_input", "params.nope"),
     (json.dumps({**SPEC, "tasks": [{"name": "x", "checkpoint": "https://example.com/x.safetensors"}]}).encode(),
      422, "access_denied", "tasks.0.checkpoint"),
+    (json.dumps({**SPEC, "tasks": [{"name": "x", "checkpoint": "hf://acme/model@main"}]}).encode(),
+     422, "access_denied", "tasks.0.checkpoint"),  # hf:// is off unless MERGELINE_ALLOW_HF
+    (json.dumps({**SPEC, "tasks": [{"name": "x", "checkpoint": "hf://acme/model@../../x"}]}).encode(),
+     422, "invalid_input", "tasks.0.checkpoint"),
 ])
 def test_bad_specs_name_the_field_and_create_nothing(client, sent, body, status, type, param):
     response = client.post("/v1/jobs", headers={**A, "Content-Type": "application/json"}, content=body)
@@ -201,7 +205,9 @@ def test_event_stream_ends_when_the_job_ends(client, settings):
 def test_readyz_and_metrics(client, settings, redis_db):
     assert client.get("/readyz").json() == {"status": "ready", "checks": {"broker": "ok", "store": "ok"}}
     client.post("/v1/jobs", headers=A, json=SPEC)
-    text = client.get("/metrics").text
+    for headers in ({}, A, {"Authorization": "Bearer wrong"}):  # not for tenants, nor anonymous
+        assert client.get("/metrics", headers=headers).status_code == 401
+    text = client.get("/metrics", headers={"Authorization": "Bearer metrics-token"}).text
     assert 'mergeline_jobs{status="queued"} 1.0' in text and "mergeline_queue_depth 1.0" in text
     down = Settings(broker_url="redis://127.0.0.1:1/0", key_prefix="x", store=settings.store, api_tokens="t=a")
     app = create_app(api_services(down, send=lambda _: None))

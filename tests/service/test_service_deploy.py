@@ -45,11 +45,32 @@ def compose() -> dict:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
+def test_compose_publishes_only_the_api_and_has_no_default_secrets(compose):
+    """Redis and MinIO stay inside the compose network; every password and key must come from the environment."""
+    services = compose["services"]
+    published = {name for name, service in services.items() if service.get("ports")}
+    assert published == {"api"}
+    text = (ROOT / "docker-compose.yml").read_text()
+    for secret in ("REDIS_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "MERGELINE_API_TOKENS"):
+        uses = re.findall(r"\$\{" + secret + r"(:?[-?][^}]*)?\}", text)
+        assert uses and all(use.startswith(":?") for use in uses), (secret, uses)
+
+
+def test_images_compose_builds_are_the_ones_deploy_runs(compose):
+    import core
+
+    built = {service["image"] for service in compose["services"].values() if "build" in service}
+    assert built == {f"mergeline-api:{core.__version__}", f"mergeline-worker:{core.__version__}"}
+    ran = {c["image"] for doc in manifests() if doc["kind"] == "Deployment"
+           for c in doc["spec"]["template"]["spec"]["containers"]}
+    assert ran == built
+
+
 def test_compose_services(compose):
     services = compose["services"]
     assert {"api", "worker", "redis", "minio", "minio-init"} <= set(services)
     api, worker = services["api"], services["worker"]
-    assert api["command"][:3] == API_COMMAND and "8000:8000" in api["ports"]
+    assert api["command"][:3] == API_COMMAND and "8000:8000" in api["ports"] and "--proxy-headers" in api["command"]
     assert api["build"]["dockerfile"] == "docker/Dockerfile.api"
     assert worker["command"] == ["mergeline", "worker"] and worker["build"]["dockerfile"] == "docker/Dockerfile.worker"
     for command in (api["command"], worker["command"]):
@@ -59,13 +80,13 @@ def test_compose_services(compose):
     for name in ("api", "worker"):
         env = services[name]["environment"]
         check_env(env_names(env))
-        assert env["MERGELINE_BROKER_URL"] == "redis://redis:6379/0"
+        assert env["MERGELINE_BROKER_URL"] == "redis://:${REDIS_PASSWORD:?set REDIS_PASSWORD}@redis:6379/0"
         assert env["MERGELINE_STORE"].startswith("s3://mergeline/")
         assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
         assert services[name]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
     redis = services["redis"]
-    assert redis["image"].startswith("redis:") and "--appendonly" in redis["command"]
-    assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    assert redis["image"].startswith("redis:") and "--appendonly yes" in redis["command"][-1]
+    assert '--requirepass "$$REDIS_PASSWORD"' in redis["command"][-1]
     assert services["minio"]["image"].startswith("minio/minio") and services["minio"]["command"][0] == "server"
     init = services["minio-init"]
     assert init["image"].startswith("minio/mc") and "mc mb --ignore-existing local/mergeline" in init["command"][0]
@@ -101,8 +122,8 @@ def test_kubernetes_manifests():
         by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
     config = by_kind["ConfigMap"]["mergeline-config"]["data"]
     check_env(set(config))
-    assert config["MERGELINE_BROKER_URL"] == "redis://mergeline-redis:6379/0"
-    assert config["MERGELINE_STORE"].startswith("s3://")
+    assert "MERGELINE_BROKER_URL" not in config, "it carries the Redis password: it belongs in the Secret"
+    assert config["MERGELINE_STORE"].startswith("s3://") and config["AWS_ENDPOINT_URL"].startswith("http")
 
     def container(name: str) -> dict:
         deployment = by_kind["Deployment"][name]
@@ -125,7 +146,11 @@ def test_kubernetes_manifests():
     assert worker["command"] == ["mergeline", "worker"]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
     redis = by_kind["StatefulSet"]["mergeline-redis"]["spec"]["template"]["spec"]["containers"][0]
-    assert "--appendonly" in redis["command"] and "mergeline-redis" in by_kind["Service"]
+    assert "--appendonly yes" in redis["command"][-1] and "--requirepass" in redis["command"][-1]
+    assert "mergeline-redis" in by_kind["Service"]
+    secret_refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in redis["env"]}
+    assert {e["name"] for e in redis["env"]} == {"REDIS_PASSWORD", "REDISCLI_AUTH"} and secret_refs == {
+        "mergeline-secrets"}
 
 
 def test_e2e_starts_the_processes_the_deployments_describe():

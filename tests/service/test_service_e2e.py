@@ -88,7 +88,8 @@ def cluster(redis_db, tmp_path_factory):
             s3.upload_file(str(inputs["root"] / name), "models", f"clip/{name}")
         prefix = f"e2e{uuid.uuid4().hex[:8]}"
         env = {**os.environ, "MERGELINE_BROKER_URL": redis_db, "MERGELINE_KEY_PREFIX": prefix,
-               "MERGELINE_QUEUE": prefix, "MERGELINE_API_TOKENS": TOKENS, "MERGELINE_STORE": "s3://lineages/prod",
+               "MERGELINE_QUEUE": prefix, "MERGELINE_API_TOKENS": TOKENS,
+               "MERGELINE_METRICS_TOKEN": "metrics-token", "MERGELINE_STORE": "s3://lineages/prod",
                "MERGELINE_ALLOWED_ROOTS": str(inputs["root"]), "MERGELINE_DEVICE": "cpu",
                "MERGELINE_LEASE_TTL_S": "4", "MERGELINE_RECONCILE_INTERVAL_S": "1",
                "MERGELINE_WEBHOOK_ALLOW_PRIVATE": "true", "MERGELINE_WEBHOOK_BACKOFF_S": "0.2",
@@ -179,10 +180,10 @@ def test_job_runs_with_progress_downloads_and_makes_v2(cluster, acme, receiver, 
         time.sleep(0.1)
     headers, body = received[0]
     assert verify("s3cr3t", body, headers[SIGNATURE_HEADER])
-    assert json.loads(body)["id"] == job["id"] and json.loads(body)["status"] == "succeeded"
+    assert json.loads(body)["data"]["id"] == job["id"] and json.loads(body)["data"]["status"] == "succeeded"
     import httpx
 
-    metrics = httpx.get(f"{cluster['url']}/metrics").text
+    metrics = httpx.get(f"{cluster['url']}/metrics", headers={"Authorization": "Bearer metrics-token"}).text
     assert "mergeline_step_duration_seconds_count" in metrics and "mergeline_store_bytes_written_total" in metrics
 
 
@@ -256,6 +257,15 @@ def test_tenants_cannot_see_each_other(cluster, acme):
             with pytest.raises(ApiError) as info:
                 call()
             assert info.value.status == 404
+        # The store's own objects are no input: another tenant's version fails as a missing object does.
+        errors = []
+        for version in (1, 999):
+            uri = f"s3://lineages/prod/acme/{some['lineage']}/v{version}/model.safetensors"
+            job = globex.submit(spec(cluster["inputs"], "theft", [{**task(cluster["inputs"], 0), "checkpoint": uri}],
+                                     method="task_arithmetic"))
+            final = wait_final(globex, job["id"])
+            errors.append((final["status"], final["error"]["type"], final["error"]["message"].replace(uri, "URI")))
+        assert errors[0] == errors[1] and errors[0][:2] == ("failed", "fetch_failed")
     with MergelineClient(cluster["url"], "wrong") as nobody, pytest.raises(ApiError) as info:
         nobody.list()
     assert info.value.status == 401
@@ -344,7 +354,8 @@ def test_killed_pool_process_is_redelivered_and_the_job_finishes_once(cluster, a
 
 def test_schemathesis_finds_no_server_error(cluster, tmp_path):
     """Fuzz every route from the OpenAPI schema (against an API whose queue no worker reads)."""
-    env = {**cluster["env"], "MERGELINE_KEY_PREFIX": f"fuzz{uuid.uuid4().hex[:6]}", "MERGELINE_QUEUE": "fuzz"}
+    env = {**cluster["env"], "MERGELINE_KEY_PREFIX": f"fuzz{uuid.uuid4().hex[:6]}", "MERGELINE_QUEUE": "fuzz",
+           "MERGELINE_LINEAGE_OP_TIMEOUT_S": "1"}  # lineage operations wait for no worker here
     api, url = start_api(env, cluster["logs"])
     try:
         result = subprocess.run(

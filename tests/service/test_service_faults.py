@@ -1,5 +1,5 @@
-"""Faults with real processes: a Redis restart while jobs are queued and running (a private redis-server with AOF,
-so the shared one is untouched), and an unreachable lineage store."""
+"""Faults with real processes: a Redis restart while jobs are queued and running (a private redis-server, with AOF
+and without it, so the shared one is untouched), and an unreachable lineage store."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from service.client import ApiError, MergelineClient
 pytestmark = pytest.mark.e2e
 
 
-def start_redis(port: int, data: Path) -> subprocess.Popen:
+def start_redis(port: int, data: Path, *, persist: bool = True) -> subprocess.Popen:
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
-                             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+                             "--appendonly", "yes" if persist else "no", "--appendfsync", "always", "--save", ""],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True).stdout.strip() \
@@ -103,3 +103,60 @@ def test_unreachable_store_answers_503(redis_db, tmp_path):
             os.environ.pop("AWS_ENDPOINT_URL", None)
         else:
             os.environ["AWS_ENDPOINT_URL"] = saved
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_redis_back_empty_mid_job_ends_the_job_with_a_clear_status(tmp_path):
+    """Redis restarts without its data while a job runs: the worker's progress writes never re-create a partial
+    record, `GET` never answers 500, and the running job ends `failed` with `job_lost`, its record whole."""
+    import redis
+
+    inputs = make_inputs(tmp_path / "inputs", n_tasks=2)
+    port = free_port()
+    (tmp_path / "redis").mkdir()
+    redis_proc = start_redis(port, tmp_path / "redis", persist=False)
+    prefix = f"l{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, "MERGELINE_BROKER_URL": f"redis://127.0.0.1:{port}/0", "MERGELINE_API_TOKENS": "t=acme",
+           "MERGELINE_STORE": f"file://{tmp_path}/store", "MERGELINE_ALLOWED_ROOTS": str(inputs["root"]),
+           "MERGELINE_DEVICE": "cpu", "MERGELINE_LEASE_TTL_S": "3", "MERGELINE_RECONCILE_INTERVAL_S": "1",
+           "MERGELINE_KEY_PREFIX": prefix, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    procs = []
+    try:
+        api, url = start_api(env, tmp_path)
+        procs.append(api)
+        procs.append(start_worker(env, tmp_path, "worker"))
+        with MergelineClient(url, "t") as client:
+            job = client.submit(spec(inputs, "lost", [task(inputs, 0), task(inputs, 1)], steps=400))
+            deadline = time.monotonic() + 120
+            while (client.get(job["id"])["progress"] or {}).get("step", 0) < 2:
+                assert time.monotonic() < deadline, "the job never started stepping"
+                time.sleep(0.1)
+            redis_proc.terminate()
+            redis_proc.wait(10)
+            redis_proc = start_redis(port, tmp_path / "redis", persist=False)
+            r = redis.Redis(port=port, decode_responses=True)
+            seen = set()
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    final = client.get(job["id"])
+                except ApiError as exc:
+                    assert exc.status in (404, 503), (exc.status, exc.type, exc.message)
+                    seen.add(exc.status)
+                    final = None
+                record = r.hgetall(f"{prefix}:job:{job['id']}")
+                assert not record or "tenant" in record, record  # never a partial hash
+                if final and final["status"] in ("failed", "succeeded"):
+                    break
+                assert time.monotonic() < deadline, "the job never ended"
+                time.sleep(0.1)
+            assert final["status"] == "failed" and final["error"]["type"] == "job_lost", final
+            assert client.list(lineage="lost")["data"][0]["id"] == job["id"]
+            with pytest.raises(ApiError) as info:
+                client.lineage("lost")
+            assert info.value.status == 404  # nothing was committed
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        redis_proc.terminate()
+        redis_proc.wait(10)

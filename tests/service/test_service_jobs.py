@@ -41,7 +41,7 @@ def test_create_get_and_public_shape(jobs, sent):
     job = public_job(jobs.get("acme", record["id"]))
     assert job["status"] == "queued" and job["lineage"] == "vision" and job["method"] == "task_arithmetic"
     assert set(job) == {"id", "lineage", "status", "method", "created_at", "started_at", "finished_at", "progress",
-                        "result", "error"}
+                        "result", "error", "metadata"}
     assert sent == [record["id"]], "the first job of a lineage is sent at once"
     assert [e["type"] for e in jobs.events("acme", record["id"])] == ["queued"]
 
@@ -135,3 +135,40 @@ def test_final_hook_runs_once(jobs):
     jobs.finish(job["id"], "t", "succeeded")
     assert [f["status"] for f in finals] == ["failed"]
     assert jobs.r.ttl(f"{jobs.p}:job:{job['id']}") > 0, "finished records expire"
+
+
+def test_a_vanished_record_is_never_recreated_and_a_partial_one_reads_as_absent(jobs):
+    """Redis came back empty while the job ran: the worker's progress and events do not re-create its keys."""
+    from core.jobs import RecordLost
+
+    record = submit(jobs)
+    assert jobs.acquire(record["id"], "tok").state == "acquired"
+    jobs.r.delete(jobs._job(record["id"]), jobs._events(record["id"]))
+    with pytest.raises(RecordLost):
+        jobs.update_progress(record["id"], {"step": 1})
+    with pytest.raises(RecordLost):
+        jobs.add_event(record["id"], "task_started", "x")
+    assert not jobs.r.exists(jobs._job(record["id"]), jobs._events(record["id"]))
+    jobs.r.hset(jobs._job(record["id"]), "progress", "{}")  # a stray partial hash, as older writers left
+    with pytest.raises(NotFound):
+        jobs.get("acme", record["id"])
+    assert jobs.list("acme") == ([], False)
+    final = jobs.record_lost(record, "failed", error={"type": "job_lost", "message": "gone"})
+    assert final is None, "a record that exists (even partial) is never overwritten"
+    jobs.r.delete(jobs._job(record["id"]))
+    jobs.record_lost(record, "failed", error={"type": "job_lost", "message": "gone"})
+    shown = public_job(jobs.get("acme", record["id"]))
+    assert shown["status"] == "failed" and shown["error"]["type"] == "job_lost"
+    assert jobs.r.ttl(jobs._job(record["id"])) > 0
+
+
+def test_a_job_is_not_sent_again_while_its_message_waits(jobs, sent):
+    record = submit(jobs)
+    assert sent == [record["id"]]
+    for _ in range(3):
+        assert jobs.reconcile(throttle_ms=1) == []  # nothing took the message yet: no second one
+        time.sleep(0.01)
+    assert sent == [record["id"]]
+    assert jobs.acquire(record["id"], "tok").state == "acquired"  # a worker took it ...
+    time.sleep(1.1)  # ... and died: its lease lapses
+    assert jobs.reconcile(throttle_ms=1) == [record["id"]] and sent == [record["id"]] * 2

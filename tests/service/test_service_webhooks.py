@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from standardwebhooks import Webhook, WebhookVerificationError
 from svc_procs import hook_receiver
 
 from core.jobs import connect
 from core.metrics import RedisMetrics, ServiceCollector, render
-from core.webhooks import SIGNATURE_HEADER, WebhookQueue, sign, verify
+from core.webhooks import SIGNATURE_HEADER, WebhookQueue, notify_webhook, sign, standard_headers, verify
 
 JOB = {"id": "job_01TEST", "lineage": "vision", "status": "succeeded", "method": "otmf", "created_at": "t",
        "started_at": "t", "finished_at": "t", "progress": None, "result": {"version": 1}, "error": None}
@@ -39,6 +42,34 @@ def test_sign_and_verify():
     assert not verify("other", body, signature) and not verify("s3cr3t", body + b" ", signature)
 
 
+def test_standard_webhooks_signature_and_whsec_secrets():
+    body = b'{"type":"job.failed"}'
+    key = base64.b64encode(b"\x00\x01binary key").decode()
+    for secret, verifier in ((f"whsec_{key}", f"whsec_{key}"), ("plain", base64.b64encode(b"plain").decode())):
+        headers = standard_headers(secret, "msg_1", body)
+        assert headers["webhook-signature"].startswith("v1,")
+        assert Webhook(verifier).verify(body, headers) == {"type": "job.failed"}
+        with pytest.raises(WebhookVerificationError):
+            Webhook(verifier).verify(body + b" ", headers)
+        stale = standard_headers(secret, "msg_1", body, datetime.now(UTC) - timedelta(minutes=6))
+        with pytest.raises(WebhookVerificationError, match="too old"):
+            Webhook(verifier).verify(body, stale)
+
+
+def test_the_event_filter_picks_what_is_enqueued(redis_db, prefix):
+    queue = WebhookQueue(connect(redis_db), prefix)
+    hook = notify_webhook(queue)
+    default = json.dumps({"webhook": {"url": "https://x.example/h", "secret": "s"}})
+    running = json.dumps({"webhook": {"url": "https://x.example/h", "secret": "s", "events": ["job.running"]}})
+    for spec in (default, running):
+        for status in ("running", "succeeded", "failed", "cancelled"):
+            hook({"id": "job_01TEST", "lineage": "vision", "method": "otmf", "created_at": "t", "status": status,
+                  "spec": spec})
+    bodies = [json.loads(queue.r.hget(queue._delivery(d), "body")) for d in queue.r.zrange(queue.due_key, 0, -1)]
+    types = sorted(b["type"] for b in bodies)
+    assert types == ["job.cancelled", "job.failed", "job.running", "job.succeeded"]
+
+
 def test_delivery_is_signed_and_retried_with_backoff(redis_db, prefix, receiver):
     outcomes = []
     queue = WebhookQueue(connect(redis_db), prefix, backoff_s=0.1, max_attempts=5, allow_private=True,
@@ -55,7 +86,10 @@ def test_delivery_is_signed_and_retried_with_backoff(redis_db, prefix, receiver)
     assert [o[1] for o in outcomes] == ["webhook_delivered"] and outcomes[0][3] == {"attempts": 3}
     assert len(receiver["received"]) == 3
     headers, body = receiver["received"][-1]
-    assert json.loads(body) == JOB and verify("s3cr3t", body, headers[SIGNATURE_HEADER])
+    event = Webhook(base64.b64encode(b"s3cr3t").decode()).verify(body, headers)  # Standard Webhooks
+    assert event["type"] == "job.succeeded" and event["data"] == JOB
+    assert verify("s3cr3t", body, headers[SIGNATURE_HEADER])
+    assert len({h["webhook-id"] for h, _ in receiver["received"]}) == 1, "retries keep the message id"
     assert queue.r.zcard(queue.due_key) == 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -13,7 +14,7 @@ from sse_starlette.sse import EventSourceResponse
 from core.errors import BadRequest, MergelineError
 from core.jobs import public_job
 from core.names import LINEAGE_PATTERN
-from core.spec import parse_job_spec
+from core.spec import MAX_METADATA_VALUE, METADATA_KEY, parse_body, parse_job_spec
 from core.statuses import FINAL
 from core.uris import check_submission_policy
 from service.api.deps import Jobs, Tenant
@@ -21,6 +22,7 @@ from service.api.models import ERROR_RESPONSES, EventList, Job, JobList, JobStat
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 STREAM_POLL_S = 0.25
+EVENT_ID = re.compile(r"[0-9]{1,9}", re.ASCII)  # what `_stream` sends; anything else restarts from the first event
 
 SUBMIT_BODY = {"requestBody": {"required": True, "description": "the job spec (contract §2)",
                                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}}}}}
@@ -32,13 +34,9 @@ SUBMIT_BODY = {"requestBody": {"required": True, "description": "the job spec (c
 async def submit_job(request: Request, response: Response, tenant: Tenant, jobs: Jobs,
                      idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
                                                                    max_length=255)] = None) -> Any:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    body = parse_body(await request.body())
     spec = parse_job_spec(body)
-    check_submission_policy(spec, request.app.state.services.settings)
+    await run_in_threadpool(check_submission_policy, spec, request.app.state.services.settings)
     record, created = await run_in_threadpool(jobs.create, tenant, spec, body, idempotency_key=idempotency_key)
     if not created:
         response.status_code = 200
@@ -46,13 +44,30 @@ async def submit_job(request: Request, response: Response, tenant: Tenant, jobs:
 
 
 @router.get("", response_model=JobList)
-def list_jobs(tenant: Tenant, jobs: Jobs,
+def list_jobs(request: Request, tenant: Tenant, jobs: Jobs,
               lineage: Annotated[str | None, Query(pattern=LINEAGE_PATTERN)] = None,
               status: JobStatus | None = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20,
               after: Annotated[str | None, Query(min_length=1, max_length=64, description="a job id")] = None) -> Any:
-    records, has_more = jobs.list(tenant, lineage=lineage, status=status, limit=limit, after=after)
+    """Newest first. `metadata.KEY=VALUE` query parameters (any number) keep the jobs whose metadata has them."""
+    records, has_more = jobs.list(tenant, lineage=lineage, status=status, limit=limit, after=after,
+                                  metadata=_metadata_filter(request))
     return {"data": [public_job(r) for r in records], "has_more": has_more}
+
+
+def _metadata_filter(request: Request) -> dict[str, str]:
+    wanted: dict[str, str] = {}
+    for name, value in request.query_params.multi_items():
+        if not name.startswith("metadata."):
+            continue
+        key = name.removeprefix("metadata.")
+        if not METADATA_KEY.fullmatch(key) or len(value) > MAX_METADATA_VALUE:
+            raise BadRequest(f"{name}: metadata keys match ^[a-z0-9_.-]{{1,64}}$ and values are at most "
+                             f"{MAX_METADATA_VALUE} characters", param=name)
+        if key in wanted:
+            raise BadRequest(f"{name} is given twice", param=name)
+        wanted[key] = value
+    return wanted
 
 
 @router.get("/{job_id}", response_model=Job)
@@ -73,7 +88,7 @@ async def job_events(job_id: str, request: Request, tenant: Tenant, jobs: Jobs,
     events = await run_in_threadpool(jobs.events, tenant, job_id)  # 404 before any stream starts
     if "text/event-stream" not in request.headers.get("accept", ""):
         return {"data": events}
-    start = int(last_event_id) + 1 if last_event_id and last_event_id.isdigit() else 0
+    start = int(last_event_id) + 1 if last_event_id and EVENT_ID.fullmatch(last_event_id) else 0
     return EventSourceResponse(_stream(request, jobs, tenant, job_id, start), ping=15)
 
 

@@ -1,19 +1,26 @@
-"""`/v1/lineages`: the caller's lineages, their versions' manifests, and the versions' files."""
+"""`/v1/lineages`: the caller's lineages, their versions' manifests and files; rollback, fork and delete."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from core.errors import NotFound
+from core.errors import BrokerUnavailable, Conflict, MergelineError, NotFound
+from core.jobs import JobStore
 from core.names import is_lineage_name
+from core.statuses import FINAL
 from core.store import LineageStore
-from service.api.deps import Services, Store, Tenant, get_services
-from service.api.models import ERROR_RESPONSES, Lineage, LineageList
+from service.api.deps import Jobs, Services, Store, Tenant, get_services
+from service.api.models import ERROR_RESPONSES, DeletedLineage, ForkRequest, Lineage, LineageList, RollbackRequest
 
 router = APIRouter(prefix="/v1/lineages", tags=["lineages"], responses=ERROR_RESPONSES)
+OP_POLL_S = 0.1
 
 
 def _lineage(store: LineageStore, tenant: str, name: str) -> dict:
@@ -69,3 +76,50 @@ def get_file(name: str, version: int, path: str, tenant: Tenant, store: Store,
 def _lineage_name(name: str) -> None:
     if not is_lineage_name(name):  # not a name any lineage can have: as absent as a missing one
         raise NotFound(f"no lineage {name!r}", param="name")
+
+
+# -- lineage operations (contract §3.1): each waits its turn in the lineage's job order, then answers ---------------
+@router.post("/{name}/rollback", status_code=201, response_model=dict[str, Any])
+async def rollback_lineage(name: str, body: RollbackRequest, tenant: Tenant, jobs: Jobs,
+                           services: Annotated[Services, Depends(get_services)]) -> Any:
+    """Commit a new head whose files and method state are `version`'s (`rollback_of`); answers its manifest."""
+    return await _lineage_op(services, jobs, tenant, name, {"op": "rollback", "version": body.version})
+
+
+@router.post("/{name}/fork", status_code=201, response_model=Lineage)
+async def fork_lineage(name: str, body: ForkRequest, tenant: Tenant, jobs: Jobs,
+                       services: Annotated[Services, Depends(get_services)]) -> Any:
+    """Start lineage `name` (the body's) whose v1 is a copy of this lineage's `version`; 409 if the name is taken."""
+    return await _lineage_op(services, jobs, tenant, name, {"op": "fork", "version": body.version, "name": body.name})
+
+
+@router.delete("/{name}", response_model=DeletedLineage)
+async def delete_lineage(name: str, tenant: Tenant, jobs: Jobs,
+                         services: Annotated[Services, Depends(get_services)]) -> Any:
+    """From now on the lineage is a 404; its files are purged after MERGELINE_RETENTION_DAYS, which frees the name."""
+    return await _lineage_op(services, jobs, tenant, name, {"op": "delete"})
+
+
+async def _lineage_op(services: Services, jobs: JobStore, tenant: str, name: str, op: dict) -> Any:
+    """Queue `op` behind the lineage's jobs and wait for a worker to run it; its result, or its error re-raised."""
+    _lineage_name(name)
+    await run_in_threadpool(services.store.require_lineage, tenant, name)  # a 404 needs no turn in the queue
+    record = await run_in_threadpool(jobs.create_op, tenant, name, op)
+    deadline = time.monotonic() + services.settings.lineage_op_timeout_s
+    while record["status"] not in FINAL:
+        await asyncio.sleep(OP_POLL_S)
+        if time.monotonic() > deadline and record["status"] == "queued":
+            await run_in_threadpool(jobs.finish, record["id"], None, "cancelled",
+                                    error={"type": "cancelled", "message": "timed out waiting for its turn"})
+            await run_in_threadpool(jobs.kick, tenant, name)  # the next job in the lineage, if it was first
+        record = await run_in_threadpool(jobs.load_op, record["id"])
+        if record is None:
+            raise BrokerUnavailable("the lineage operation's record was lost (Redis restarted?); check the lineage")
+    if record["status"] == "succeeded":
+        return json.loads(record["result"])
+    error = json.loads(record.get("error") or "{}")
+    if record["status"] == "cancelled":  # the lineage stayed busy (or no worker is running): nothing was changed
+        raise Conflict(f"the lineage's earlier jobs did not let the operation run within "
+                       f"{services.settings.lineage_op_timeout_s:g} s (MERGELINE_LINEAGE_OP_TIMEOUT_S); nothing was "
+                       "changed, try again later", param="name")
+    raise MergelineError.from_dict(error)

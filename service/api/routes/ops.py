@@ -3,15 +3,18 @@ which sends a browser to the interactive docs."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials
 
-from core.errors import BrokerUnavailable, MergelineError
+from core.errors import BrokerUnavailable, MergelineError, Unauthorized
 from core.metrics import render
-from service.api.deps import Services, get_services
+from service.api.deps import Services, bearer, get_services
 from service.api.models import ERROR_RESPONSES, Health
 
 router = APIRouter(tags=["operations"])
@@ -52,8 +55,16 @@ def readyz(services: Annotated[Services, Depends(get_services)]) -> Any:
 
 
 @router.get("/metrics", response_class=Response,
-            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+            responses={401: ERROR_RESPONSES[401], 200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                              "description": "Prometheus text exposition"}})
-async def metrics(services: Annotated[Services, Depends(get_services)]) -> Response:
+async def metrics(services: Annotated[Services, Depends(get_services)],
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Response:
+    """Service-wide figures (every tenant's jobs): only for the operator's MERGELINE_METRICS_TOKEN."""
+    expected = services.settings.metrics_token
+    presented = credentials.credentials if credentials else ""
+    if not expected or not hmac.compare_digest(hashlib.sha256(presented.encode()).digest(),
+                                               hashlib.sha256(expected.encode()).digest()):
+        raise Unauthorized("/metrics needs `Authorization: Bearer <MERGELINE_METRICS_TOKEN>`"
+                           + ("" if expected else " (none is set, so /metrics is off)"), param="Authorization")
     body = await run_in_threadpool(render, services.collector)
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
