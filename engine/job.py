@@ -415,8 +415,8 @@ def merge_steps(
         out = method.step(StepInput(
             base=loaded.tower, merged=merged, task=task.checkpoint(), index=position + i, state=state, params=params,
             device=device, family=family, loaded=loaded, calibration=task.calibration,
-            progress=lambda step, total, loss, i=i: progress.update(
-                task_index=i, tasks_total=len(tasks), step=step, steps_total=total, loss=loss),
+            progress=lambda step, total, loss, objective=None, i=i: progress.update(
+                task_index=i, tasks_total=len(tasks), step=step, steps_total=total, loss=loss, objective=objective),
         ))
         merged, state = out.merged, out.state
         steps.append({"task": task.name, **out.metrics})

@@ -114,7 +114,7 @@ class RecordProgress:
         self._last_step: float | None = None
 
     def update(self, *, task_index: int, tasks_total: int, step: int, steps_total: int,
-               loss: float | None) -> None:
+               loss: float | None, objective: str | None = None) -> None:  # the record keeps the latest loss
         if self.keeper.lost:
             raise LeaseLost("lost the lineage lease; another attempt owns the job")
         now = time.monotonic()
