@@ -1,6 +1,6 @@
 """Continual-merging accuracy on the bench suite: every method, all 8 tasks, 3 task orders, through `run_job`.
 
-For each task order and method, one job per task is posted onto a fresh lineage (mergeline.demo.merge_continually,
+For each task order and method, one job per task is posted onto a fresh lineage (bench.suite.build.merge_continually,
 the path a pipeline takes); each job's metrics hold the accuracy of every merged task on the new version.
 From them:
   average accuracy   mean over the 8 tasks of the final version's accuracy
@@ -44,7 +44,7 @@ PLOT = DOCS / "benchmarks-accuracy.png"
 
 def run_lineage(suite: dict, order: list[str], method: str, params: dict, *, lineage: str, store, settings,
                 tune_heads: bool = False) -> dict:
-    from mergeline.demo import merge_continually
+    from bench.suite.build import merge_continually
 
     started = time.monotonic()
     results = merge_continually(suite, order, method, params, store=store, settings=settings, lineage=lineage,

@@ -144,7 +144,7 @@ def measure_iteration(batch: int, steps: int, repeats: int = 3, dtype: str = "fl
     params = OTMFParams(steps=steps, batch_size=batch, pre_data="current", dtype=dtype, eval_every=max(steps, 1))
     inp = StepInput(base=loaded.tower, merged=head, task=task, index=1, state=MethodState(), params=params,
                     device=torch.device("cpu"), family=family, loaded=loaded, calibration=calibration,
-                    progress=lambda s, total, loss: stamps.append(time.perf_counter()))
+                    progress=lambda *_: stamps.append(time.perf_counter()))
     import gc
 
     gc.collect()

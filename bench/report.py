@@ -52,7 +52,7 @@ def accuracy_section(r: dict | None) -> list[str]:
     s = r["suite"]
     b = s["build"]
     out += [
-        f"Suite (`bench/suite`, built by `mergeline.demo.build_suite`): tiny OpenCLIP ViT (`TINY_CLIP`: 28×28 input, "
+        f"Suite (`bench/suite`, built by `bench.suite.build`): tiny OpenCLIP ViT (`TINY_CLIP`: 28×28 input, "
         f"7×7 patches, width 64, 4 layers), pretrained {b['pretrain_steps']} steps on the `{b.get('proxy')}` proxy "
         f"({PROXY_WORDS.get(b.get('proxy'), '')}), fine-tuned {b['finetune_steps']} steps per task at lr "
         f"{b.get('finetune_lr')} (tower + linear head); calibration {b['calib_size']} unlabelled training images "

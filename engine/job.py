@@ -437,8 +437,8 @@ def merge_steps(
         out = method.step(StepInput(
             base=views[0], merged=views[1], task=views[2], index=position + i, state=state, params=params,
             device=device, family=family, loaded=loaded, calibration=task.calibration,
-            progress=lambda step, total, loss, i=i: progress.update(
-                task_index=i, tasks_total=len(tasks), step=step, steps_total=total, loss=loss),
+            progress=lambda step, total, loss, objective=None, i=i: progress.update(
+                task_index=i, tasks_total=len(tasks), step=step, steps_total=total, loss=loss, objective=objective),
             sinks=Sinks() if stream is None else stream.sinks(last=i == len(tasks) - 1),
         ))
         del views

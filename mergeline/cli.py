@@ -9,15 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from core.errors import InvalidInput, MergelineError
+from core.errors import InvalidInput, MergelineError, NotFound
 from core.ids import new_job_id
 from core.settings import get_settings
 from mergeline import cli_remote
+from mergeline.bars import StepRow, step_bars
 from service.client import ApiError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continual model merging: OTMF and baselines.")
@@ -62,23 +63,14 @@ def accuracy_table(title: str, columns: dict[str, dict], tasks: list[str]) -> Ta
     return table
 
 
-class BarProgress:
-    """Draws the engine's progress as a rich bar (steps of the current task) with the latest loss."""
-
-    def __init__(self, bar: Progress, tasks_total: int):
-        self.bar = bar
-        self.task = bar.add_task("starting", total=None, loss="")
-        self.tasks_total = tasks_total
-
-    def update(self, *, task_index: int, tasks_total: int, step: int, steps_total: int, loss: float | None) -> None:
-        self.bar.update(self.task, completed=step, total=steps_total,
-                        description=f"task {task_index + 1}/{tasks_total}",
-                        loss="" if loss is None else f"loss {loss:.4f}")
+class BarProgress(StepRow):
+    """The engine's progress as a rich bar (steps of the current task, each objective's loss), and each milestone
+    as a line above it."""
 
     def event(self, type: str, message: str, data: dict | None = None) -> None:
         if type == "task_merged" and data and "accuracy" in data:
             message += f" (accuracy {100 * data['accuracy']:.1f}%)"
-        self.bar.console.log(message)
+        self.bars.console.print(message, markup=False, highlight=False)
 
 
 def _run(spec, store, *, tenant: str, quiet: bool) -> dict:
@@ -86,10 +78,8 @@ def _run(spec, store, *, tenant: str, quiet: bool) -> dict:
 
     if quiet:
         return run_job(spec, store, tenant=tenant)
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
-               TimeElapsedColumn()]
-    with Progress(*columns, console=err, transient=True) as bar:
-        return run_job(spec, store, BarProgress(bar, len(spec.tasks)), tenant=tenant)
+    with step_bars(console=err, transient=True) as bars:
+        return run_job(spec, store, BarProgress(bars), tenant=tenant)
 
 
 def fail(exc: MergelineError | ApiError) -> None:
@@ -159,6 +149,46 @@ def lineage_show(name: str, store: str | None = StoreOpt, tenant: str = TenantOp
         table.add_row(str(m["version"]), str(m["parent"]), m["method"], ", ".join(t["name"] for t in m["tasks"]),
                       "–" if avg is None else f"{100 * avg:.1f}", m["created_at"][:19], m["job_id"])
     console.print(table)
+
+
+def _local_lineages(store, tenant: str) -> list[dict]:
+    lineages = []
+    for name in store.list_lineages(tenant):
+        try:
+            lineages.append(store.describe(tenant, name))
+        except NotFound:  # a folder without lineage.json yet (its first commit is under way)
+            continue
+    return lineages
+
+
+@lineage_app.command("list")
+def lineage_list(store: str | None = StoreOpt, tenant: str = TenantOpt, as_json: bool = JsonOpt,
+                 url: str | None = ApiUrlOpt, token: str | None = ApiTokenOpt) -> None:
+    """Every lineage: its head version, the head's method, how many tasks it measures and their average accuracy."""
+    from service.client import MergelineClient
+
+    try:
+        if url and not store:
+            with MergelineClient(url, token) as client:
+                lineages = list(client.iter_lineages())
+        else:
+            lineages = _local_lineages(_store(store), tenant)
+    except (ApiError, MergelineError) as exc:
+        fail(exc)
+    if as_json:
+        _print_json({"data": lineages})
+        return
+    table = Table(box=box.SIMPLE)
+    for col in ("lineage", "head", "method", "tasks", "acc %", "updated"):
+        table.add_column(col, no_wrap=True)
+    for doc in lineages:
+        head = doc["versions"][-1] if doc["versions"] else {}
+        metrics = head.get("metrics", {})
+        avg = metrics.get("avg_accuracy")
+        updated = (head.get("created_at") or "–")[5:16].replace("T", " ")
+        table.add_row(doc["name"], f"v{doc['head']}", head.get("method", "–"), str(len(metrics.get("tasks", {}))),
+                      "–" if avg is None else f"{100 * avg:.1f}", updated)
+    console.print(table if lineages else "no lineages yet", highlight=False)
 
 
 @app.command()
@@ -304,14 +334,17 @@ def demo(
     workdir: Path = typer.Option(Path("mergeline-data/demo"), help="where the demo's models, data and store go"),
     tasks: int = typer.Option(4, min=2, max=8, help="how many tasks to merge continually"),
     steps: int = typer.Option(100, min=1, help="OTMF iterations per task"),
+    threads: int = typer.Option(None, min=1, help="torch threads (default: one per idle core, at most 4)"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Build a small OpenCLIP base and fine-tuned task models from offline data, merge them continually with
     OTMF and with task arithmetic, and compare per-task accuracy."""
-    from mergeline.demo import run_demo
+    from mergeline.demo import DemoConfig, run_demo
+    from mergeline.demo.screen import closing_panel, print_next_commands
 
     try:
-        report = run_demo(workdir, n_tasks=tasks, otmf_steps=steps, console=None if as_json else err)
+        with step_bars(console=err, disable=as_json) as bars:
+            report = run_demo(workdir, n_tasks=tasks, config=DemoConfig(otmf_steps=steps), threads=threads, bars=bars)
     except MergelineError as exc:
         fail(exc)
     if as_json:
@@ -319,10 +352,28 @@ def demo(
         return
     columns = {"individual": report["individual"], **report["methods"]}
     console.print(accuracy_table(f"continual merging of {tasks} tasks (accuracy %)", columns, report["tasks"]))
+    console.print(closing_panel(report))
+    print_next_commands(console, report)
 
 
 cli_remote.register(app)
 
 
+# What a client-only install (`pip install .`) lacks, by the extra that brings it.
+EXTRA_OF = {**dict.fromkeys(("torch", "torchvision", "open_clip", "transformers", "safetensors", "ot", "mlxtend",
+                             "sklearn"), "engine"),
+            **dict.fromkeys(("fastapi", "uvicorn", "celery", "kombu", "redis", "fakeredis", "prometheus_client",
+                             "sse_starlette"), "service")}
+
+
 def main() -> None:
-    app()
+    try:
+        app()
+    except ModuleNotFoundError as exc:
+        extra = EXTRA_OF.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        err.print(f"error: this command needs the `{extra}` extra ({exc.name} is not installed): "
+                  f"pip install '.[{extra}]' in the source folder, or `bash scripts/setup.sh` for everything",
+                  markup=False)
+        raise SystemExit(2) from None

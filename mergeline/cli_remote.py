@@ -100,12 +100,13 @@ def _die_with_parent() -> None:
 
 
 def spawn_worker(env: dict[str, str]) -> subprocess.Popen:
-    code = "from mergeline.cli_remote import run_worker; run_worker()"
-    return subprocess.Popen([sys.executable, "-c", code], env=env, preexec_fn=_die_with_parent)
+    """The embedded worker: no banner, and its output on stderr, so that `serve`'s stdout holds only its block."""
+    code = "from mergeline.cli_remote import run_worker; run_worker(quiet=True)"
+    return subprocess.Popen([sys.executable, "-c", code], env=env, preexec_fn=_die_with_parent, stdout=sys.stderr)
 
 
-def run_worker(concurrency: int | None = None, loglevel: str | None = None) -> None:
-    """Start a Celery worker on the configured broker (blocks)."""
+def run_worker(concurrency: int | None = None, loglevel: str | None = None, *, quiet: bool = False) -> None:
+    """Start a Celery worker on the configured broker (blocks); `quiet` leaves out Celery's banner."""
     settings = get_settings()
     if not settings.broker_url:
         err.print("[red]error[/red]: `mergeline worker` needs MERGELINE_BROKER_URL (e.g. redis://localhost:6379/0); "
@@ -116,6 +117,8 @@ def run_worker(concurrency: int | None = None, loglevel: str | None = None) -> N
     argv = ["worker", "--loglevel", (loglevel or settings.log_level).upper(), "-Q", settings.queue,
             "--concurrency", str(concurrency or settings.worker_concurrency), "-n", f"mergeline-{os.getpid()}@%h",
             "--without-gossip", "--without-mingle"]
+    if quiet:
+        argv.insert(0, "--quiet")  # a global option of the `celery` command, before the subcommand
     worker_app(settings).worker_main(argv)
 
 
@@ -140,15 +143,8 @@ def serve_command(host: str, port: int, settings: Settings | None = None) -> Non
                "MERGELINE_API_TOKENS": updates.get("api_tokens", settings.api_tokens or "")}
         worker = spawn_worker(env)
     settings = settings.model_copy(update=updates)
-    base = f"http://{host}:{port}"
-    token_line = generated if generated else "(from MERGELINE_API_TOKENS)"
-    mode = "embedded worker and Redis-protocol server in this process" if worker else f"broker {settings.broker_url}"
-    err.print(f"mergeline API on {base}  ({mode}; store {settings.store})")
-    err.print(f"token: {token_line}")
-    sys.stdout.write(f"MERGELINE_URL={base}\nMERGELINE_TOKEN={generated or ''}\n")
+    sys.stdout.write(serve_block(f"http://{host}:{port}", settings, generated, embedded=worker is not None))
     sys.stdout.flush()
-    if generated:
-        err.print(f"try:   curl -H 'Authorization: Bearer {generated}' {base}/v1/jobs")
     try:
         uvicorn.run(api_app(settings), host=host, port=port, log_level="warning")
     finally:
@@ -160,6 +156,26 @@ def serve_command(host: str, port: int, settings: Settings | None = None) -> Non
                 worker.kill()
         if redis_server is not None:
             redis_server.shutdown()
+
+
+def serve_block(url: str, settings: Settings, token: str | None, *, embedded: bool) -> str:
+    """What `serve` prints on stdout, once: where the API is, how to call it, and what it runs on. Logs go to
+    stderr."""
+    broker = settings.broker_url
+    if embedded:
+        broker = "embedded (a Redis-protocol server in this process and one worker process)"
+    lines = [
+        "mergeline serve",
+        f"  API     {url}",
+        f"  docs    {url}/docs",
+        f"  token   {token} (tenant default)" if token else "  token   from MERGELINE_API_TOKENS",
+        f"  store   {settings.store}",
+        f"  broker  {broker}",
+        "",
+        f"export MERGELINE_URL={url}" + (f" MERGELINE_TOKEN={token}" if token else ""),
+        f"curl -H \"Authorization: Bearer ${{MERGELINE_TOKEN}}\" {url}/v1/jobs",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 # -- commands ---------------------------------------------------------------------------------------------------

@@ -173,6 +173,16 @@ class MergelineClient:
             params["after"] = after
         return self._request("GET", "/v1/lineages", params=params)
 
+    def iter_lineages(self, *, page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """Every lineage of the caller's tenant, page after page."""
+        after = None
+        while True:
+            page = self.lineages(limit=page_size, after=after)
+            yield from page["data"]
+            if not page["has_more"] or not page["data"]:
+                return
+            after = page["data"][-1]["name"]
+
     def lineage(self, name: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/lineages/{name}")
 

@@ -58,7 +58,7 @@ DEMO_TASKS = ["mnist", "shapes", "gratings"]
 @pytest.fixture(scope="session")
 def suite(tmp_path_factory):
     """A small demo suite (base, fine-tunes, calibration, eval and head data) built once per session."""
-    from mergeline.demo import build_suite
+    from bench.suite.build import build_suite
 
     root = tmp_path_factory.mktemp("suite")
     # The quick label-free proxy and a large fine-tuning step: task vectors that differ clearly after a few steps.

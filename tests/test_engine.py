@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from bench.suite.build import task_entry
 from core.errors import Conflict, FetchFailed, IncompatibleCheckpoint, InvalidInput
 from core.settings import Settings
 from core.spec import parse_job_spec
 from core.store import LineageStore
 from engine.job import run_job
 from mergeline.cli import app
-from mergeline.demo import task_entry
 from tests.conftest import DEMO_TASKS as TASKS
 
 
@@ -286,6 +286,28 @@ def test_cli_store_is_a_plain_folder_and_an_exported_url_never_switches_to_the_a
     out = runner.invoke(app, ["lineage", "show", "vision", "--json"])
     assert out.exit_code == 0 and json.loads(out.output)["head"] == 1, out.output
     get_settings.cache_clear()
+
+
+def test_cli_lineage_list_reads_the_local_store(env, tmp_path):
+    data, root, settings, _ = env
+    folder = tmp_path / "plain-store"
+    runner = CliRunner()
+    assert runner.invoke(app, ["lineage", "list", "--store", str(folder)]).output.strip() == "no lineages yet"
+    store = LineageStore(folder.as_uri())
+    for lineage, names in (("vision", ["mnist", "shapes"]), ("audio", ["gratings"])):
+        run_job(job(data, names[:1], method="task_arithmetic", params={}, lineage=lineage), store, settings=settings)
+        for name in names[1:]:
+            run_job(job(data, [name], method="task_arithmetic", params={}, lineage=lineage, base=False), store,
+                    settings=settings)
+    (folder / "default" / "starting").mkdir()  # a first commit under way: no lineage.json yet
+    out = runner.invoke(app, ["lineage", "list", "--store", str(folder), "--json"])
+    assert out.exit_code == 0, out.output
+    listed = json.loads(out.output)["data"]
+    assert [(d["name"], d["head"]) for d in listed] == [("audio", 1), ("vision", 2)]
+    assert listed[1] == store.describe("default", "vision")
+    out = runner.invoke(app, ["lineage", "list", "--store", str(folder)])
+    assert out.exit_code == 0 and "vision" in out.output and "task_arithmetic" in out.output, out.output
+    assert "starting" not in out.output
 
 
 def test_lineage_store_copy_is_independent_of_input_files(env, tmp_path):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from bench.suite.build import task_entry
 from core.errors import InvalidInput
 from core.spec import parse_job_spec
 from core.store import LineageStore
@@ -16,7 +17,6 @@ from core.uris import Fetched
 from engine.families import get_family
 from engine.heads import features_of
 from engine.job import run_job
-from mergeline.demo import task_entry
 
 PARAMS = {"steps": 4, "batch_size": 8, "eval_every": 2, "head_steps": 60}
 

@@ -111,13 +111,14 @@ def world() -> World:
 
 
 class StepCalls(NullProgress):
-    """The job's progress reduced to what a method reports: (step, steps_total, loss) after every iteration."""
+    """The job's progress reduced to what a method reports: (step, steps_total, loss, objective) after every
+    iteration."""
 
-    def __init__(self, callback: Callable[[int, int, float | None], None]):
+    def __init__(self, callback: Callable[[int, int, float | None, str | None], None]):
         self.callback = callback
 
-    def update(self, *, step: int, steps_total: int, loss: float | None, **_) -> None:
-        self.callback(step, steps_total, loss)
+    def update(self, *, step: int, steps_total: int, loss: float | None, objective: str | None = None, **_) -> None:
+        self.callback(step, steps_total, loss, objective)
 
 
 def run(
@@ -129,7 +130,7 @@ def run(
     start: int = 0,
     merged: Tensors | None = None,
     state: MethodState | None = None,
-    progress: Callable[[int, int, float | None], None] | None = None,
+    progress: Callable[[int, int, float | None, str | None], None] | None = None,
 ) -> list[StepOutput]:
     """n continual steps through the job's own loop (`merge_steps`), from θ0 or from a head that holds `start`
     tasks, each step's state carried to the next; every step's output."""
@@ -153,7 +154,7 @@ def step(
     index: int,
     state: MethodState,
     params: CommonParams,
-    progress: Callable[[int, int, float | None], None] | None = None,
+    progress: Callable[[int, int, float | None, str | None], None] | None = None,
 ) -> StepOutput:
     """One step merging task `index` onto `merged`, a head that holds `index` tasks."""
     return run(name, world, params, 1, start=index, merged=merged, state=state, progress=progress)[0]
@@ -204,7 +205,7 @@ def test_task_arithmetic_is_theta0_plus_lambda_times_the_sum_of_task_vectors(wor
         expected = theta0 + 0.3 * sum(flat(world.tasks[i], keys) - theta0 for i in range(t))
         assert max_abs_diff(out.merged, expected, keys) < 1e-6
         assert_float32_cpu(out.merged, world.base)
-    assert calls == [(1, 1, None)] * 3
+    assert calls == [(1, 1, None, None)] * 3
 
 
 def test_weight_average_is_the_mean_of_the_checkpoints(world: World):
@@ -348,7 +349,7 @@ def test_otmf_first_step_is_the_first_checkpoint(world: World):
     params = OTMFParams(reservoir_per_task=10)
     out = step("otmf", world, world.base, 0, MethodState(), params, lambda *a: calls.append(a))
     assert all(torch.equal(out.merged[k], world.tasks[0][k]) for k in world.base)
-    assert calls == [(1, 1, None)] and out.metrics["iterations"] == 0
+    assert calls == [(1, 1, None, None)] and out.metrics["iterations"] == 0
     assert out.state.tensors["reservoir.task_index"].tolist() == [0] * 10
 
 
@@ -359,13 +360,13 @@ TWO_TASK = OTMFParams(alpha=0.5, steps=60, seed=0)
 class OTMFRun:
     first: StepOutput
     second: StepOutput
-    progress: list[tuple[int, int, float | None]]
+    progress: list[tuple[int, int, float | None, str | None]]
 
 
 @pytest.fixture(scope="module")
 def two_task(world: World) -> OTMFRun:
     first = step("otmf", world, world.base, 0, MethodState(), TWO_TASK)
-    progress: list[tuple[int, int, float | None]] = []
+    progress: list[tuple[int, int, float | None, str | None]] = []
     second = step("otmf", world, first.merged, 1, first.state, TWO_TASK, lambda *a: progress.append(a))
     return OTMFRun(first, second, progress)
 
@@ -380,6 +381,7 @@ def test_otmf_loss_falls_during_a_step(two_task: OTMFRun):
     losses = [p[2] for p in two_task.progress]
     assert all(isinstance(v, float) and math.isfinite(v) for v in losses)
     pre, post = losses[0::2], losses[1::2]  # each side against its own teacher
+    assert [p[3] for p in two_task.progress] == ["pre", "post"] * 30  # each loss names its objective
     assert np.mean(pre[-5:]) < np.mean(pre[:5]) or np.mean(post[-5:]) < np.mean(post[:5])
     assert np.mean(pre[-5:]) + np.mean(post[-5:]) < np.mean(pre[:5]) + np.mean(post[:5])
     assert_float32_cpu(two_task.second.merged, two_task.first.merged)

@@ -114,7 +114,7 @@ class RecordProgress:
         self._last_step: float | None = None
 
     def update(self, *, task_index: int, tasks_total: int, step: int, steps_total: int,
-               loss: float | None) -> None:
+               loss: float | None, objective: str | None = None) -> None:  # the record keeps the latest loss
         if self.keeper.lost:
             raise LeaseLost("lost the lineage lease; another attempt owns the job")
         now = time.monotonic()
@@ -325,6 +325,7 @@ def register(app: Celery, context: Callable[[], WorkerContext]) -> None:
 
     @app.task(name=PURGE_TASK_NAME, ignore_result=True)
     def purge_deleted_lineages() -> list[str]:
+        context().jobs.r.delete(_purge_pending_key(context()))  # taken: the next request may be sent
         purged = context().store.purge_due()
         if purged:
             log.info("purged deleted lineages", extra={"lineages": ",".join(purged)})
@@ -334,6 +335,13 @@ def register(app: Celery, context: Callable[[], WorkerContext]) -> None:
     worker_ready.connect(lambda **_: start_housekeeping(context, stop, lambda: send_purge(app, context().settings)),
                          weak=False)
     worker_shutdown.connect(lambda **_: stop.set(), weak=False)
+
+
+PURGE_PENDING_TTL_S = 600
+
+
+def _purge_pending_key(ctx: WorkerContext) -> str:
+    return f"{ctx.jobs.p}:purge-pending"
 
 
 def _reconcile_loop(context: Callable[[], WorkerContext], stop: threading.Event,
@@ -349,8 +357,12 @@ def _reconcile_loop(context: Callable[[], WorkerContext], stop: threading.Event,
         try:
             ctx = context()
             every_s = max(5 * ctx.settings.reconcile_interval_s, 5.0)  # one request per interval for all workers
-            key = f"{ctx.jobs.p}:purge-requested"
-            if request_purge and ctx.jobs.r.set(key, "1", nx=True, px=int(every_s * 1000)):
+            key, pending = f"{ctx.jobs.p}:purge-requested", _purge_pending_key(ctx)
+            # At most one purge message waits in the broker at a time (busy workers must not let them pile up);
+            # the pending mark expires in case its message is lost.
+            if (request_purge and not ctx.jobs.r.exists(pending)
+                    and ctx.jobs.r.set(key, "1", nx=True, px=int(every_s * 1000))):
+                ctx.jobs.r.set(pending, "1", ex=PURGE_PENDING_TTL_S)
                 request_purge()
         except Exception:
             log.exception("purge request failed")

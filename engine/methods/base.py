@@ -4,9 +4,9 @@ head, carrying whatever state it needs between steps (stored as `state.safetenso
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -15,8 +15,11 @@ from engine.families.base import Family, LoadedBase, Tensors
 from engine.inputs import Inputs
 from engine.streaming import Sinks
 
-# progress(step, steps_total, loss): called after every optimisation step; it raises JobCancelled to stop.
-StepProgress = Callable[[int, int, float | None], None]
+
+class StepProgress(Protocol):
+    def __call__(self, step: int, steps_total: int, loss: float | None, objective: str | None = None) -> None:
+        """After every optimisation step; `objective` names which of alternating objectives `loss` measures.
+        Raises JobCancelled to stop."""
 
 
 @dataclass
@@ -43,7 +46,7 @@ class StepInput:
     family: Family
     loaded: LoadedBase
     calibration: Inputs | None = None  # required by data-driven methods
-    progress: StepProgress = lambda step, total, loss: None
+    progress: StepProgress = lambda step, steps_total, loss, objective=None: None
     sinks: Sinks = field(default_factory=Sinks)
 
 

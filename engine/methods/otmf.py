@@ -186,11 +186,13 @@ def _train_masks(
     for s in range(steps):
         if params.mask_update == "joint":  # both masks on the sum of both sides' losses
             loss = tower.train_joint(pre_side, post_side, schedule.pre[s], schedule.post[s], blur=params.blur)
+            objective = "joint"
         else:  # alternately M_pre on D_pre against the head and M_post on D_t against θ_t
             on_pre = s % 2 == 0
             side, index = (pre_side, schedule.pre[s // 2]) if on_pre else (post_side, schedule.post[s // 2])
             loss = tower.train_iteration(side, index, train_pre=on_pre, blur=params.blur)
-        inp.progress(s + 1, steps, loss)
+            objective = "pre" if on_pre else "post"
+        inp.progress(s + 1, steps, loss, objective)
         if (s + 1) % params.eval_every == 0 or s + 1 == steps:
             final = tower.held_out_loss(pre_side, post_side, same_data, params.blur)
             best.offer(final, s + 1, *tower.masks())

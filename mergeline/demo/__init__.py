@@ -1,191 +1,195 @@
 """`mergeline demo`: a small continual-merging problem built on the spot from offline data.
 
-A tiny OpenCLIP ViT base is pretrained on a generic proxy, fine-tuned separately on each task (tower plus linear
-head), and the fine-tunes are merged continually, one job per task, with OTMF and with task arithmetic. The
-files and job specs it writes follow the contract, so any step can be re-run with `mergeline merge`."""
+A tiny OpenCLIP ViT base is pretrained on printed glyphs, fine-tuned separately on each task (tower plus linear
+head), and the fine-tunes are merged continually, one job per task, with OTMF and with task arithmetic. The job
+specs it writes follow the contract, so any step can be re-run with `mergeline merge` or `mergeline submit`."""
 
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import shutil
-from collections.abc import Callable
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from rich.progress import Progress
 
-from core.progress import NullProgress, Progress
 from core.settings import Settings
 from core.spec import JobSpec
 from core.store import LineageStore
-from core.uris import Fetched
-from engine.evaluate import accuracy
 from engine.families import get_family
-from engine.families.base import Family, LoadedBase
 from engine.job import run_job
-from engine.tensors import save_safetensors
-from mergeline.demo.tasks import TASK_NAMES, TaskData, build_task, glyphs
-from mergeline.demo.train import TINY_CLIP, as_uint8_npz, finetune, pretrain
+from mergeline.bars import StepRow, losses_text
+from mergeline.demo.build import finetuned_task, local, pretrained_base, write_task_data
+from mergeline.demo.tasks import TASK_NAMES, build_task, glyphs
+from mergeline.demo.train import TINY_CLIP
 
-SUITE_VERSION = 2
-local = Fetched.local  # the demo's own files, read without a UriReader
-TASK_FILES = (("checkpoint", "checkpoint.safetensors"), ("calibration", "calibration.npz"), ("eval", "eval.npz"),
-              ("head", "head.safetensors"), ("head_data", "head_data.npz"))
+METHODS = ("otmf", "task_arithmetic")
+DEMO_TOKEN = "demo-token"  # the token the printed `serve` and `submit` commands share (the API listens on loopback)
 
 
-def build_suite(root: Path, task_names: list[str], *, seed: int = 0, pretrain_steps: int = 3000,
-                proxy: str = "glyphs", proxy_sources: tuple[str, ...] = ("mnist", "digits", "shapes"),
-                proxy_size: int = 20000, finetune_steps: int = 600, finetune_lr: float = 7e-5, calib_size: int = 256,
-                eval_size: int = 500, head_fraction: float = 0.25,
-                arch: dict | None = None, log: Callable[[str], None] = lambda _: None) -> dict:
-    """Write the base, every task's checkpoint, head, calibration, eval and head-tuning set under `root`; reuse them
-    when `root/suite.json` says they were built with the same settings. Returns that description.
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo's sizes: about 100 s of one CPU core in all (bench/results/demo.json), so that it ends within two
+    minutes on a machine whose other core is busy."""
 
-    The defaults aim at the regime merging is used in (a strong base, small fine-tuning steps, as with CLIP): a
-    base pretrained on printed glyphs, then fine-tunes at a small learning rate. `proxy_sources` feed only the
-    label-free `rotation` and `transforms` proxies."""
-    config = {"version": SUITE_VERSION, "arch": arch or TINY_CLIP, "seed": seed, "pretrain_steps": pretrain_steps,
-              "proxy": proxy, "proxy_sources": list(proxy_sources), "proxy_size": proxy_size,
-              "finetune_steps": finetune_steps, "finetune_lr": finetune_lr, "calib_size": calib_size,
-              "eval_size": eval_size, "head_fraction": head_fraction}
-    described = root / "suite.json"
-    if described.exists():
-        suite = json.loads(described.read_text())
-        if suite["config"] == config and all(n in suite["tasks"] for n in task_names):
-            return suite
+    seed: int = 0
+    glyphs: int = 10000  # printed characters the base is pretrained on
+    pretrain_steps: int = 400
+    finetune_steps: int = 150
+    finetune_lr: float = 1e-3
+    calib_size: int = 256
+    eval_size: int = 500
+    otmf_steps: int = 100
+    # A base pretrained this briefly is weak, so the fine-tunes move far: the regime where OTMF's α 0.5 beats its
+    # default 0.7 (docs/benchmarks.md).
+    otmf_alpha: float = 0.5
+
+
+def demo_threads() -> int:
+    """One torch thread per idle core, at most 4. On a busy 2-core machine that is one: there a pretraining step
+    took 0.3 s with one thread and 4.6 s with torch's default two threads, which wait on each other."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, int(cores - os.getloadavg()[0])))
+
+
+@contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_demo(workdir: Path, *, n_tasks: int = 4, config: DemoConfig = DemoConfig(), threads: int | None = None,
+             bars: Progress | None = None) -> dict:
+    """Build the models and data under `workdir/models`, merge them into a fresh store at `workdir/store` (job
+    specs in `workdir/jobs`), and return the report: per-task accuracy, timings and the next commands to try."""
+    started = time.monotonic()
+    workdir = workdir.resolve()
+    names = TASK_NAMES[:n_tasks]
+    bars = bars or Progress(disable=True)
+    threads = threads or demo_threads()
+    for owned in ("models", "store", "jobs"):
+        shutil.rmtree(workdir / owned, ignore_errors=True)
+    seconds: dict[str, float] = {}
+    with torch_threads(threads):
+        suite = _build_models(workdir / "models", names, config, bars, seconds)
+        settings = Settings(store=(workdir / "store").as_uri(), allowed_roots=str(workdir))
+        store = LineageStore(settings.store)
+        finals = {}
+        for method in METHODS:
+            t0 = time.monotonic()
+            params = {"steps": config.otmf_steps, "alpha": config.otmf_alpha} if method == "otmf" else {}
+            finals[method] = _merge_continually(suite, names, method, params, store, settings, workdir / "jobs",
+                                                bars)[-1]["metrics"]
+            seconds[f"merging {method}"] = round(time.monotonic() - t0, 1)
+    seconds["total"] = round(time.monotonic() - started, 1)
+    return {
+        "tasks": names,
+        "individual": _metrics({n: suite["tasks"][n]["individual_accuracy"] for n in names}),
+        "methods": finals,
+        "store": str(workdir / "store"),
+        "jobs": str(workdir / "jobs"),
+        "threads": threads,
+        "seconds": seconds,
+        "config": {**asdict(config), "tasks": n_tasks, "arch": TINY_CLIP},
+        "next": next_commands(workdir, n_tasks),
+    }
+
+
+def _build_models(root: Path, names: list[str], config: DemoConfig, bars: Progress, seconds: dict) -> dict:
+    """The base and each task's fine-tune, checkpoint, head, calibration and eval set; returns their URIs."""
     family = get_family("open_clip")
-    torch.manual_seed(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    datasets = {name: build_task(name, seed=seed) for name in task_names}
-    base_file = _pretrained_base(family, root, config, log)
-    loaded = family.load_base(local(base_file), config["arch"])
-    tasks = {name: _finetuned_task(family, loaded, root / "tasks" / name, data, config, seed * 1000 + i, log)
-             for i, (name, data) in enumerate(datasets.items())}
-    # The base with each task's fine-tuned head shows how much of the task the head alone carries.
-    base_acc = {name: _base_accuracy(family, loaded, root / "tasks" / name) for name in tasks}
-    suite = {"config": config, "base": {"family": "open_clip", "arch": config["arch"], "uri": base_file.as_uri()},
-             "tasks": tasks, "base_accuracy": base_acc}
-    described.write_text(json.dumps(suite, indent=2))
-    return suite
+    torch.manual_seed(config.seed)
+    root.mkdir(parents=True)
+    t0 = time.monotonic()
+    row = bars.add_task("data", total=len(names) + 1, note="")
+    images, labels = glyphs(np.random.default_rng([config.seed, 999]), config.glyphs)
+    bars.advance(row)
+    datasets = {}
+    for name in names:
+        datasets[name] = build_task(name, seed=config.seed)
+        write_task_data(root / "tasks" / name, datasets[name], calib_size=config.calib_size,
+                        eval_size=config.eval_size)
+        bars.advance(row)
+    seconds["data"] = round(time.monotonic() - t0, 1)
+
+    t0 = time.monotonic()
+    row = bars.add_task("pretraining", total=config.pretrain_steps, note="")
+    base_file = pretrained_base(family, root, TINY_CLIP, images, labels, steps=config.pretrain_steps,
+                                seed=config.seed, proxy="glyphs", on_step=_on_step(bars, row))
+    seconds["pretraining"] = round(time.monotonic() - t0, 1)
+
+    t0 = time.monotonic()
+    loaded = family.load_base(local(base_file), TINY_CLIP)
+    tasks = {}
+    for i, (name, data) in enumerate(datasets.items()):
+        row = bars.add_task(f"fine-tune {name}", total=config.finetune_steps, note="")
+        tasks[name] = finetuned_task(family, loaded, root / "tasks" / name, data, steps=config.finetune_steps,
+                                     lr=config.finetune_lr, seed=config.seed * 1000 + i, on_step=_on_step(bars, row))
+        bars.update(row, note=f"accuracy {100 * tasks[name]['individual_accuracy']:.1f}%")
+    seconds["fine-tuning"] = round(time.monotonic() - t0, 1)
+    return {"base": {"family": "open_clip", "arch": TINY_CLIP, "uri": base_file.as_uri()}, "tasks": tasks}
 
 
-def _pretrained_base(family: Family, root: Path, config: dict, log: Callable[[str], None]) -> Path:
-    """A fresh tower of `config["arch"]` pretrained on the proxy, saved under `root/base`; returns its file."""
-    import open_clip
-
-    init, proxy_file = root / "base-init.safetensors", root / "proxy.npz"
-    save_safetensors(open_clip.CLIP(**config["arch"]).state_dict(), init)
-    loaded = family.load_base(local(init), config["arch"])
-    images, labels = _proxy_images(config)
-    np.savez(proxy_file, **as_uint8_npz(images, labels))
-    proxy_data = family.load_inputs(local(proxy_file), loaded, labelled=labels is not None, field="proxy")
-    log(f"pretraining the base ({config['pretrain_steps']} steps, {config['proxy']} proxy)")
-    tower = pretrain(family, loaded, proxy_data.tensors["pixels"], labels=proxy_data.labels,
-                     steps=config["pretrain_steps"], seed=config["seed"], proxy=config["proxy"])
-    base_file = family.save_version(loaded, tower, root / "base")[0]
-    init.unlink()
-    proxy_file.unlink()
-    return base_file
+def _on_step(bars: Progress, row):
+    return lambda step, loss: bars.update(row, completed=step, note=losses_text({None: loss}))
 
 
-def _proxy_images(config: dict) -> tuple[np.ndarray, np.ndarray | None]:
-    """The pretraining proxy's images and labels: printed glyphs, or `proxy_sources` images without labels."""
-    if config["proxy"] == "glyphs":
-        return glyphs(np.random.default_rng([config["seed"], 999]), config["proxy_size"])
-    sources = [build_task(name, seed=config["seed"]).x_train[:1000] for name in config["proxy_sources"]]
-    return np.concatenate(sources), None
-
-
-def _write_task_data(folder: Path, data: TaskData, config: dict) -> None:
-    """The task's training split (removed once fine-tuned), calibration, eval and head-tuning sets under `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    calib_size, eval_size = config["calib_size"], config["eval_size"]
-    np.savez(folder / "train.npz", **as_uint8_npz(data.x_train, data.y_train))
-    np.savez(folder / "calibration.npz", **as_uint8_npz(data.x_train[:calib_size]))
-    np.savez(folder / "eval.npz", **as_uint8_npz(data.x_test[:eval_size], data.y_test[:eval_size]))
-    # Labelled data for the optional head tuning: a share of the training split, as the paper uses.
-    n_head = int(len(data.x_train) * config["head_fraction"])
-    np.savez(folder / "head_data.npz", **as_uint8_npz(data.x_train[:n_head], data.y_train[:n_head]))
-
-
-def _finetuned_task(family: Family, loaded: LoadedBase, folder: Path, data: TaskData, config: dict, seed: int,
-                    log: Callable[[str], None]) -> dict:
-    """Fine-tune the base on one task and write its files under `folder`; returns the task's suite entry."""
-    _write_task_data(folder, data, config)
-    train = family.load_inputs(local(folder / "train.npz"), loaded, labelled=True, field="train")
-    (folder / "train.npz").unlink()
-    log(f"fine-tuning {folder.name} ({config['finetune_steps']} steps)")
-    tuned = finetune(family, loaded, train.tensors["pixels"], train.labels, data.classes,
-                     steps=config["finetune_steps"], lr=config["finetune_lr"], seed=seed)
-    # Task checkpoints hold only the image tower, as many users ship them.
-    save_safetensors({f"visual.{k}": v for k, v in tuned.tower.items()}, folder / "checkpoint.safetensors")
-    save_safetensors(tuned.head, folder / "head.safetensors")
-    evaluation = family.load_inputs(local(folder / "eval.npz"), loaded, labelled=True, field="eval")
-    acc = accuracy(family, loaded, tuned.tower, evaluation, tuned.head, device=torch.device("cpu"))
-    return {"classes": data.classes, "individual_accuracy": round(acc, 6),
-            **{key: (folder / file).as_uri() for key, file in TASK_FILES}}
-
-
-def _base_accuracy(family: Family, loaded: LoadedBase, folder: Path) -> float:
-    """The base's accuracy on a task's eval set through that task's fine-tuned head."""
-    evaluation = family.load_inputs(local(folder / "eval.npz"), loaded, labelled=True, field="e")
-    head = load_file(folder / "head.safetensors")
-    return round(accuracy(family, loaded, loaded.tower, evaluation, head, device=torch.device("cpu")), 6)
-
-
-def task_entry(suite: dict, name: str, *, with_calibration: bool = True, tune_head: bool = False) -> dict:
-    t = suite["tasks"][name]
-    entry = {"name": name, "checkpoint": t["checkpoint"], "eval": t["eval"], "head": t["head"]}
-    if with_calibration:
-        entry["calibration"] = t["calibration"]
-    if tune_head:
-        entry["head_data"] = t["head_data"]
-    return entry
-
-
-def merge_continually(suite: dict, task_names: list[str], method: str, params: dict, *, store: LineageStore,
-                      settings: Settings, lineage: str, jobs_dir: Path | None = None,
-                      progress: Progress | None = None, tune_heads: bool = False) -> list[dict]:
-    """One job per task onto `lineage`, as a pipeline would post them; returns each job's result."""
+def _merge_continually(suite: dict, names: list[str], method: str, params: dict, store: LineageStore,
+                       settings: Settings, jobs_dir: Path, bars: Progress) -> list[dict]:
+    """One job per task onto the method's lineage, each written to `jobs_dir` first; returns each job's result."""
+    lineage = lineage_name(method)
+    jobs_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    for i, name in enumerate(task_names):
-        spec = {"lineage": lineage, "tasks": [task_entry(suite, name, tune_head=tune_heads)], "method": method,
-                "params": params}
+    for i, name in enumerate(names):
+        task = {key: suite["tasks"][name][key] for key in ("checkpoint", "calibration", "eval", "head")}
+        spec = {"lineage": lineage, "tasks": [{"name": name, **task}], "method": method, "params": params}
         if i == 0:
             spec["base"] = suite["base"]
-        if jobs_dir is not None:
-            jobs_dir.mkdir(parents=True, exist_ok=True)
-            (jobs_dir / f"{lineage}-{i + 1}.json").write_text(json.dumps(spec, indent=2))
-        results.append(run_job(JobSpec.model_validate(spec), store, progress or NullProgress(), settings=settings))
+        (jobs_dir / f"{lineage}-{i + 1}.json").write_text(json.dumps(spec, indent=2))
+        row = StepRow(bars, f"{lineage} v{i + 1}: +{name}")
+        results.append(run_job(JobSpec.model_validate(spec), store, row, settings=settings))
     return results
 
 
-def run_demo(workdir: Path, *, n_tasks: int = 4, otmf_steps: int = 100, console=None,
-             progress: Progress | None = None) -> dict:
-    workdir = workdir.resolve()
-    names = TASK_NAMES[:n_tasks]
-    log = console.log if console is not None else (lambda _: None)
-    suite = build_suite(workdir / "suite", names, log=log)
-    store_root = workdir / "store"
-    shutil.rmtree(store_root, ignore_errors=True)
-    settings = Settings(store=store_root.as_uri(), allowed_roots=str(workdir))
-    store = LineageStore(settings.store)
-    methods = {"otmf": {"steps": otmf_steps}, "task_arithmetic": {}}
-    report = {
-        "tasks": names,
-        "individual": _metrics({n: suite["tasks"][n]["individual_accuracy"] for n in names}),
-        "base": _metrics({n: suite["base_accuracy"][n] for n in names}),
-        "methods": {},
-        "store": settings.store,
-    }
-    for method, params in methods.items():
-        log(f"merging {n_tasks} tasks continually with {method}")
-        results = merge_continually(suite, names, method, params, store=store, settings=settings,
-                                    lineage=f"demo-{method.replace('_', '-')}", jobs_dir=workdir / "jobs",
-                                    progress=progress)
-        report["methods"][method] = results[-1]["metrics"]
-    return report
+def lineage_name(method: str) -> str:
+    return f"demo-{method.replace('_', '-')}"
+
+
+def _shown(path: Path) -> str:
+    """`path` as the user would type it: relative to the current directory when below it."""
+    cwd = Path.cwd().resolve()
+    return shlex.quote(str(path.relative_to(cwd) if path.is_relative_to(cwd) else path))
+
+
+def next_commands(workdir: Path, n_tasks: int) -> list[dict[str, str]]:
+    """What to try after the demo, each command runnable as printed from the current directory."""
+    store, otmf = _shown(workdir / "store"), lineage_name("otmf")
+    serve_env = f"MERGELINE_API_TOKENS={DEMO_TOKEN}=default"
+    if not workdir.is_relative_to(Path.cwd().resolve()):  # `serve` reads inputs below the current directory only
+        serve_env += f" MERGELINE_ALLOWED_ROOTS={shlex.quote(str(workdir))}"
+    first_job = _shown(workdir / "jobs" / f"{otmf}-1.json")
+    return [
+        {"what": "the demo's lineages", "command": f"mergeline lineage list --store {store}"},
+        {"what": "OTMF's versions, one per merged task", "command": f"mergeline lineage show {otmf} --store {store}"},
+        {"what": "the last merged model's files, verified",
+         "command": f"mergeline pull {otmf}@{n_tasks} {_shown(workdir / 'pulled')} --store {store}"},
+        {"what": "the service (in a second terminal; its store is ./mergeline-data/store)",
+         "command": f"{serve_env} mergeline serve"},
+        {"what": "the first OTMF job, through the service",
+         "command": f"mergeline submit {first_job} --token {DEMO_TOKEN} --wait"},
+        {"what": "the lineage it started, read through the API",
+         "command": f"mergeline lineage show {otmf} --url http://127.0.0.1:8000 --token {DEMO_TOKEN}"},
+    ]
 
 
 def _metrics(accuracies: dict[str, float]) -> dict:

@@ -4,6 +4,7 @@ linear head. Everything goes through the open_clip family, so the files are exac
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,8 @@ TINY_CLIP = {
     "vision_cfg": {"image_size": 28, "patch_size": 7, "width": 64, "layers": 4, "head_width": 16, "mlp_ratio": 2.0},
     "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
 }
+# on_step(step, loss) after every optimisation step, step counting from 1: how the demo draws its bars.
+OnStep = Callable[[int, float], None]
 # Heads are trained on logits = scale · W f(x); the saved head holds scale · W, the same classifier.
 HEAD_SCALE = 10.0
 
@@ -51,7 +54,7 @@ PROXIES = {"rotation": (4, False), "transforms": (16, False), "glyphs": (16, Tru
 
 def pretrain(family: Family, loaded: LoadedBase, pixels: torch.Tensor, *, steps: int, seed: int,
              labels: torch.Tensor | None = None, proxy: str = "rotation", lr: float = 2e-3,
-             batch_size: int = 128) -> Tensors:
+             batch_size: int = 128, on_step: OnStep | None = None) -> Tensors:
     """Transform prediction, plus the images' classes for the `glyphs` corpus: generic features without any task's
     labels."""
     transforms, supervised = PROXIES[proxy]
@@ -67,7 +70,7 @@ def pretrain(family: Family, loaded: LoadedBase, pixels: torch.Tensor, *, steps:
     heads = [h for h in (transform_head, class_head) if h is not None]
     opt = torch.optim.AdamW([*tower.values(), *(p for h in heads for p in h.parameters())], lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
-    for index in _batches(len(pixels), batch_size, steps, g):
+    for step, index in enumerate(_batches(len(pixels), batch_size, steps, g), 1):
         target = torch.randint(0, transforms, (batch_size,), generator=g)
         features = family.features(loaded, tower, {"pixels": _transformed(pixels[index], target, inverted_offset)})
         loss = F.cross_entropy(HEAD_SCALE * transform_head(features), target)
@@ -77,11 +80,14 @@ def pretrain(family: Family, loaded: LoadedBase, pixels: torch.Tensor, *, steps:
         loss.backward()
         opt.step()
         schedule.step()
+        if on_step is not None:
+            on_step(step, loss.item())
     return {k: v.detach() for k, v in tower.items()}
 
 
 def finetune(family: Family, loaded: LoadedBase, pixels: torch.Tensor, labels: torch.Tensor, classes: int, *,
-             steps: int, seed: int, lr: float = 1e-3, head_lr: float = 1e-2, batch_size: int = 64) -> FineTuned:
+             steps: int, seed: int, lr: float = 1e-3, head_lr: float = 1e-2, batch_size: int = 64,
+             on_step: OnStep | None = None) -> FineTuned:
     """Fine-tune the image tower and a linear head on one task (cross-entropy)."""
     g = torch.Generator().manual_seed(seed)
     tower = {k: v.clone().requires_grad_(True) for k, v in loaded.tower.items()}
@@ -89,12 +95,14 @@ def finetune(family: Family, loaded: LoadedBase, pixels: torch.Tensor, labels: t
     torch.manual_seed(seed)
     head = torch.nn.Linear(dim, classes)
     opt = torch.optim.Adam([{"params": list(tower.values()), "lr": lr}, {"params": head.parameters(), "lr": head_lr}])
-    for index in _batches(len(pixels), batch_size, steps, g):
+    for step, index in enumerate(_batches(len(pixels), batch_size, steps, g), 1):
         loss = F.cross_entropy(HEAD_SCALE * head(family.features(loaded, tower, {"pixels": pixels[index]})),
                                labels[index])
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if on_step is not None:
+            on_step(step, loss.item())
     return FineTuned(
         {k: v.detach() for k, v in tower.items()},
         {"weight": HEAD_SCALE * head.weight.detach().clone(), "bias": HEAD_SCALE * head.bias.detach().clone()},

@@ -15,6 +15,7 @@ import os
 import subprocess
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -23,6 +24,7 @@ import redis
 from svc_procs import Proc, start_api, start_worker
 from test_service_e2e import make_inputs, spec, task
 
+from core.queue import PURGE_TASK_NAME, TASK_NAME
 from service.client import ApiError, MergelineClient
 
 pytestmark = pytest.mark.e2e
@@ -181,9 +183,10 @@ def test_hostile_inputs_fail_typed_before_anything_is_committed(svc, acme, tmp_p
 
 
 # -- the job queue ------------------------------------------------------------------------------------------------
-def _broker_queue_length(r: redis.Redis, queue: str) -> int:
-    """Messages in the Celery queue (its Redis list, and the lists of its priority steps)."""
-    return sum(r.llen(key) for key in r.scan_iter(f"{queue}*") if key == queue or key.startswith(f"{queue}\x06"))
+def _broker_messages(r: redis.Redis, queue: str) -> Counter:
+    """How many messages of each task wait in the Celery queue (its Redis list, and its priority steps' lists)."""
+    keys = [key for key in r.scan_iter(f"{queue}*") if key == queue or key.startswith(f"{queue}\x06")]
+    return Counter(json.loads(m)["headers"]["task"] for key in keys for m in r.lrange(key, 0, -1))
 
 
 def test_waiting_jobs_are_not_enqueued_again_and_again(svc, acme):
@@ -195,11 +198,13 @@ def test_waiting_jobs_are_not_enqueued_again_and_again(svc, acme):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     waiting = [acme.submit(ta(inputs, f"wait{i}")) for i in range(4)]
-    lengths = []
+    samples = []
     for _ in range(16):
         time.sleep(0.5)
-        lengths.append(_broker_queue_length(r, svc["prefix"]))
-    assert max(lengths) <= len(waiting), lengths
+        samples.append(_broker_messages(r, svc["prefix"]))
+    # Each waiting job has at most one message, and housekeeping (purge requests) at most one in all.
+    assert max(s[TASK_NAME] for s in samples) <= len(waiting), samples
+    assert max(s[PURGE_TASK_NAME] for s in samples) <= 1, samples
     acme.cancel(busy["id"])
     finals = [acme.wait(j["id"], timeout=180, poll=0.2) for j in [busy, *waiting]]
     assert [f["status"] for f in finals[1:]] == ["succeeded"] * 4

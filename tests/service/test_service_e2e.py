@@ -162,6 +162,13 @@ def test_job_runs_with_progress_downloads_and_makes_v2(cluster, acme, receiver, 
     assert json.loads(pulled.output)["version"] == 2 and (tmp_path / "head" / "model.safetensors").exists()
     hidden = CliRunner().invoke(cli, ["lineage", "show", "vision", "--url", cluster["url"], "--token", "tok-globex"])
     assert hidden.exit_code == 1 and "not_found" in hidden.output
+    listed = CliRunner().invoke(cli, ["lineage", "list", *api])
+    assert listed.exit_code == 0, listed.output
+    every = json.loads(listed.output)["data"]
+    assert next(d for d in every if d["name"] == "vision")["head"] == 2
+    assert [d["name"] for d in acme.iter_lineages(page_size=1)] == [d["name"] for d in every]  # page by page
+    assert "vision" not in CliRunner().invoke(cli, ["lineage", "list", "--url", cluster["url"],
+                                                    "--token", "tok-globex"]).output
 
     stale = wait_final(acme, acme.submit(spec(inputs, "vision", [task(inputs, 2, name="again")],
                                               parent_version=1, with_base=False))["id"])

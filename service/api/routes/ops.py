@@ -1,4 +1,5 @@
-"""Operations: liveness, readiness (job store, broker and lineage store reachable), Prometheus metrics."""
+"""Operations: liveness, readiness (job store, broker and lineage store reachable), Prometheus metrics, and `/`,
+which sends a browser to the interactive docs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 
 from core.errors import BrokerUnavailable, MergelineError, Unauthorized
@@ -17,6 +18,11 @@ from service.api.deps import Services, bearer, get_services
 from service.api.models import ERROR_RESPONSES, Health
 
 router = APIRouter(tags=["operations"])
+
+
+@router.get("/", include_in_schema=False)
+def root() -> RedirectResponse:
+    return RedirectResponse("/docs", status_code=307)
 
 
 @router.get("/healthz", response_model=Health)
