@@ -1,11 +1,13 @@
 """`python -m bench.demo_select`: choose the demo's fine-tuning learning rate and OTMF α on held-out training
 images (DemoConfig.holdout), never on the test split the demo reports. Each candidate runs the whole demo on the
-shipped base with the candidate's settings; writes bench/results/demo_select.json."""
+shipped base with the candidate's settings, and the one whose OTMF merge scores highest is chosen; writes
+bench/results/demo_select.json."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
@@ -38,7 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [{"finetune_lr": c.finetune_lr, "otmf_alpha": c.otmf_alpha, "validation": s}
             for c, s in zip(candidates, scores, strict=True)]
     best = max(rows, key=lambda r: r["validation"]["otmf"])
-    result = {"command": "python -m bench.demo_select " + " ".join(argv or []), "holdout": args.holdout,
+    command = " ".join(["python -m bench.demo_select", *(sys.argv[1:] if argv is None else argv)])
+    result = {"command": command, "holdout": args.holdout,
               "fixed": {"finetune_steps": base.finetune_steps, "otmf_steps": base.otmf_steps}, "candidates": rows,
               "chosen": {"finetune_lr": best["finetune_lr"], "otmf_alpha": best["otmf_alpha"]}}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
