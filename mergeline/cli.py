@@ -335,16 +335,20 @@ def demo(
     tasks: int = typer.Option(4, min=2, max=8, help="how many tasks to merge continually"),
     steps: int = typer.Option(100, min=1, help="OTMF iterations per task"),
     threads: int = typer.Option(None, min=1, help="torch threads (default: one per idle core, at most 4)"),
+    pretrain: bool = typer.Option(False, "--pretrain", help="pretrain the base on the spot (minutes) instead of "
+                                  "using the shipped one, which this made"),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Build a small OpenCLIP base and fine-tuned task models from offline data, merge them continually with
-    OTMF and with task arithmetic, and compare per-task accuracy."""
+    """Fine-tune a small pretrained OpenCLIP base on tasks built from offline data, merge the fine-tunes
+    continually with OTMF and with task arithmetic, and compare per-task accuracy."""
     from mergeline.demo import DemoConfig, run_demo
+    from mergeline.demo.base import BaseConfig
     from mergeline.demo.screen import closing_panel, print_next_commands
 
     try:
         with step_bars(console=err, disable=as_json) as bars:
-            report = run_demo(workdir, n_tasks=tasks, config=DemoConfig(otmf_steps=steps), threads=threads, bars=bars)
+            config = DemoConfig(otmf_steps=steps, pretrain=BaseConfig() if pretrain else None)
+            report = run_demo(workdir, n_tasks=tasks, config=config, threads=threads, bars=bars)
     except MergelineError as exc:
         fail(exc)
     if as_json:

@@ -3,20 +3,26 @@ as printed from the directory the demo ran in (the service on a free port instea
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from rich.console import Console
+from rich.progress import Progress
+from safetensors import safe_open
 
-from mergeline.demo import DemoConfig, run_demo
+from core.errors import InvalidInput
+from mergeline.demo import DemoConfig, _base, run_demo
+from mergeline.demo.base import SHIPPED_BASE, SHIPPED_RECORD, BaseConfig, sha256_of, shipped_base
 from mergeline.demo.screen import closing_panel, print_next_commands
 from tests.service.svc_procs import free_port, mergeline_cmd, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = DemoConfig(glyphs=400, pretrain_steps=8, finetune_steps=8, calib_size=32, eval_size=64, otmf_steps=4)
+SMALL = DemoConfig(finetune_steps=8, calib_size=32, eval_size=64, otmf_steps=4)
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +102,33 @@ def test_every_next_command_works_as_printed(demo_run):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_shipped_base_matches_its_record(demo_run):
+    _, report, _ = demo_run
+    record = json.loads(SHIPPED_RECORD.read_text())
+    assert sha256_of(SHIPPED_BASE) == record["sha256"] == report["config"]["base_sha256"]
+    assert SHIPPED_BASE.stat().st_size == record["bytes"] < 2_000_000
+    assert record["settings"] == asdict(BaseConfig()) and record["command"].endswith("python -m mergeline.demo.base")
+
+
+def test_an_altered_base_is_refused_and_nothing_is_copied(tmp_path):
+    altered = tmp_path / "base.safetensors"
+    data = bytearray(SHIPPED_BASE.read_bytes())
+    data[-1] ^= 1
+    altered.write_bytes(bytes(data))
+    with pytest.raises(InvalidInput, match="sha256"):
+        shipped_base(tmp_path / "into", weights=altered)
+    assert not (tmp_path / "into").exists()
+
+
+def tensor_shapes(path: Path) -> dict[str, list[int]]:
+    with safe_open(path, "pt") as f:
+        return {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
+
+
+def test_pretraining_on_the_spot_makes_a_base_like_the_shipped_one(tmp_path):
+    made = _base(tmp_path / "base", BaseConfig(glyphs=200, steps=2), Progress(disable=True))
+    assert made == tmp_path / "base" / "model.safetensors"
+    assert tensor_shapes(made) == tensor_shapes(SHIPPED_BASE)
+    assert sha256_of(made) != sha256_of(SHIPPED_BASE)
