@@ -1,5 +1,5 @@
 """Why OTMF steps keep the all-ones masks: one continual step per task of a small demo suite, in the paper's mode
-(`pre_data` current), under variants of the levers named in the issue (learning rate, held-out size, mask bounds,
+(`pre_data` current), under variants of the likely levers (learning rate, held-out size, mask bounds,
 mask granularity). Only calibration data is used: each task's calibration set is split, the step sees the first
 part, and the last 64 inputs (never seen by the step) measure whether the kept masks generalise, as the same
 objective the step optimises (Sinkhorn divergence to the head plus to the new checkpoint). Eval sets are not read.
