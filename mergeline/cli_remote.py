@@ -24,6 +24,7 @@ from rich.text import Text
 
 from core.settings import Settings, get_settings
 from core.statuses import FINAL
+from mergeline.bars import losses_text
 from service.client import ApiError, Job, MergelineClient
 
 console = Console()
@@ -168,6 +169,7 @@ def serve_block(url: str, settings: Settings, token: str | None, *, embedded: bo
         "mergeline serve",
         f"  API     {url}",
         f"  docs    {url}/docs",
+        f"  ui      {url}/ui",
         f"  token   {token} (tenant default)" if token else "  token   from MERGELINE_API_TOKENS",
         f"  store   {settings.store}",
         f"  broker  {broker}",
@@ -251,7 +253,9 @@ def _follow(client: MergelineClient, job: Job, *, quiet: bool) -> Job:
             job = client.get(job["id"])
             progress = job.get("progress")
             if progress:
-                loss = "" if progress.get("loss") is None else f"loss {progress['loss']:.4g}"
+                latest = {None: progress["loss"]} if progress.get("loss") is not None else {}
+                losses = progress.get("losses") or latest
+                loss = losses_text(losses)
                 bar.update(task, total=progress["steps_total"], completed=progress["step"], loss=loss,
                            description=f"{job['status']} task {progress['task_index'] + 1}/{progress['tasks_total']}")
             else:

@@ -112,9 +112,10 @@ class RecordProgress:
     def __init__(self, ctx: WorkerContext, job_id: str, keeper: LeaseKeeper):
         self.ctx, self.job_id, self.keeper = ctx, job_id, keeper
         self._last_step: float | None = None
+        self._losses: dict[str, float] = {}  # the current task's latest loss of each named objective
 
     def update(self, *, task_index: int, tasks_total: int, step: int, steps_total: int,
-               loss: float | None, objective: str | None = None) -> None:  # the record keeps the latest loss
+               loss: float | None, objective: str | None = None) -> None:
         if self.keeper.lost:
             raise LeaseLost("lost the lineage lease; another attempt owns the job")
         now = time.monotonic()
@@ -122,8 +123,13 @@ class RecordProgress:
             with contextlib.suppress(Exception):  # metrics never stop a merge
                 self.ctx.metrics.observe("step_duration_seconds", now - self._last_step)
         self._last_step = now
+        loss = float(loss) if loss is not None and math.isfinite(loss) else None
+        if step == 1:
+            self._losses.clear()
+        if objective is not None and loss is not None:
+            self._losses[objective] = loss
         progress = {"task_index": task_index, "tasks_total": tasks_total, "step": step, "steps_total": steps_total,
-                    "loss": float(loss) if loss is not None and math.isfinite(loss) else None}
+                    "loss": loss, **({"losses": dict(self._losses)} if self._losses else {})}
         try:
             cancelled = self.ctx.jobs.update_progress(self.job_id, progress)
         except BrokerUnavailable:

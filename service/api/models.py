@@ -26,6 +26,8 @@ class JobProgress(BaseModel):
     step: int
     steps_total: int
     loss: float | None = None
+    # A method with alternating objectives (OTMF: "pre", "post") gives each one's latest loss in the current task.
+    losses: dict[str, float] | None = None
 
 
 class JobResult(BaseModel):

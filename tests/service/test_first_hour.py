@@ -84,6 +84,7 @@ def test_serve_prints_one_block_on_stdout_and_logs_on_stderr(served):
         "mergeline serve\n"
         f"  API     {url}\n"
         f"  docs    {url}/docs\n"
+        f"  ui      {url}/ui\n"
         f"  token   {token} (tenant default)\n"
         "  store   file://./mergeline-data/store\n"
         "  broker  embedded (a Redis-protocol server in this process and one worker process)\n"
@@ -95,7 +96,8 @@ def test_serve_prints_one_block_on_stdout_and_logs_on_stderr(served):
     assert "-------------- " not in err and "[queues]" not in err, "Celery's banner is left out"
 
 
-def test_root_leads_to_the_docs(served):
+def test_root_leads_to_the_dashboard_which_links_the_docs(served):
     first = httpx.get(served["url"] + "/", follow_redirects=False)
-    assert first.status_code == 307 and first.headers["location"] == "/docs"
-    assert "swagger" in httpx.get(served["url"] + "/", follow_redirects=True).text.lower()
+    assert first.status_code == 307 and first.headers["location"] == "/ui"
+    assert 'href="/docs"' in httpx.get(served["url"] + "/", follow_redirects=True).text
+    assert "swagger" in httpx.get(served["url"] + "/docs").text.lower()

@@ -227,8 +227,8 @@ def test_openapi_documents_the_routes(client):
     assert client.get("/docs").status_code == 200
 
 
-def test_root_sends_a_browser_to_the_docs_and_stays_out_of_the_schema(client):
+def test_root_sends_a_browser_to_the_dashboard_and_stays_out_of_the_schema(client):
     response = client.get("/", follow_redirects=False)
-    assert response.status_code == 307 and response.headers["location"] == "/docs"
-    assert client.get("/").status_code == 200  # followed: the docs page, no token needed
+    assert response.status_code == 307 and response.headers["location"] == "/ui"
+    assert client.get("/").status_code == 200  # followed: the dashboard's page, no token needed to load it
     assert "/" not in client.get("/openapi.json").json()["paths"]

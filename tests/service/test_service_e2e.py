@@ -133,6 +133,7 @@ def test_job_runs_with_progress_downloads_and_makes_v2(cluster, acme, receiver, 
     assert job["status"] == "succeeded", job["error"]
     assert len(steps_seen) >= 2, f"progress should advance while the job runs: {steps_seen}"
     assert job["result"]["version"] == 1 and job["progress"]["step"] == 12
+    assert set(job["progress"]["losses"]) == {"pre", "post"}  # OTMF's two objectives, each with its own loss
     manifest = job["result"]["manifest"]
     assert manifest["job_id"] == job["id"] and manifest["parent"] == 0
 

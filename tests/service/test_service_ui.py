@@ -199,8 +199,8 @@ def test_job_page_follows_a_running_job_live_and_cancels_it(cluster, browser, ac
         wait_for(page, lambda: "task 2/2" in step.inner_text() and shown_step() >= 2, timeout=120)
         first = shown_step()
         wait_for(page, lambda: shown_step() > first + 2 and "ETA –" not in step.inner_text())
-        assert re.search(r"task 2/2 · step \d+/20000 · loss [\d.e+-]+ · ETA [\d.]+ (s|min|h)", step.inner_text()), \
-            step.inner_text()
+        shown = r"task 2/2 · step \d+/20000 · pre [\d.e+-]+\s+post [\d.e+-]+ · ETA [\d.]+ (s|min|h)"  # both objectives
+        assert re.search(shown, step.inner_text()), step.inner_text()
         assert page.evaluate("window.stillTheSamePage"), "progress moved without a reload"
         assert page.inner_text("#status") == "running" and "(live)" in page.inner_text("#live")
         page.wait_for_selector('#events li[data-type="task_started"]')

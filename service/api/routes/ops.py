@@ -22,7 +22,8 @@ router = APIRouter(tags=["operations"])
 
 @router.get("/", include_in_schema=False)
 def root() -> RedirectResponse:
-    return RedirectResponse("/docs", status_code=307)
+    """A browser at the bare URL gets the dashboard, which links to the API docs."""
+    return RedirectResponse("/ui", status_code=307)
 
 
 @router.get("/healthz", response_model=Health)

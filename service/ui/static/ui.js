@@ -97,6 +97,14 @@ function facts(dl, pairs) {
     .flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
 }
 
+// One loss per objective where the method alternates several (OTMF: pre, post), else the latest loss.
+function lossText(p) {
+  if (p.losses && Object.keys(p.losses).length) {
+    return Object.entries(p.losses).map(([name, value]) => `${name} ${value.toPrecision(4)}`).join("  ");
+  }
+  return typeof p.loss === "number" ? `loss ${p.loss.toPrecision(4)}` : null;
+}
+
 function progressText(p) {
   if (!p) return "–";
   return `task ${p.task_index + 1}/${p.tasks_total} · step ${p.step}/${p.steps_total}`;
@@ -406,7 +414,7 @@ class JobView {
     $("#progress").max = p.tasks_total;
     $("#progress").value = p.task_index + p.step / p.steps_total;
     $("#progress-text").textContent = [progressText(p),
-      typeof p.loss === "number" ? `loss ${p.loss.toPrecision(4)}` : null,
+      lossText(p),
       this.final ? null : `ETA ${this.eta(p)}`].filter(Boolean).join(" · ");
     $("#progress-text").dataset.step = String(p.step);
   }
