@@ -50,7 +50,7 @@ from engine.methods import get_method
 from engine.methods.base import Method, MethodState, StepInput, StepOutput
 from engine.streaming import Sinks, Streaming
 from engine.tensorfiles import materialize
-from engine.tensors import load_state_dict, resolve_device, save_safetensors
+from engine.tensors import load_state_dict, resolve_device, save_safetensors, torch_threads
 
 
 @dataclass
@@ -197,17 +197,13 @@ def rebuild_version(store: LineageStore, tenant: str, lineage: str, version: int
     history = [store.manifest(tenant, lineage, v) for v in range(1, manifest["parent"] + 1)]
     plan = _plan_job(spec, {**doc, "head": manifest["parent"]}, history, settings)
     plan.device = resolve_device(manifest.get("device"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(manifest.get("threads", threads))
     torch.manual_seed(spec.params.seed)
-    try:
-        with tempfile.TemporaryDirectory(prefix="mergeline-rebuild-") as tmp:
-            work = Path(tmp)
-            inputs, merged = _merge(spec, plan, store, tenant, settings, work, progress)
-            written = _version_files(spec, plan, inputs, merged, work / "version")
-            rebuilt = {f.path: file_sha256(f.local) for f in written}
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(manifest.get("threads", torch.get_num_threads())), \
+            tempfile.TemporaryDirectory(prefix="mergeline-rebuild-") as tmp:
+        work = Path(tmp)
+        inputs, merged = _merge(spec, plan, store, tenant, settings, work, progress)
+        written = _version_files(spec, plan, inputs, merged, work / "version")
+        rebuilt = {f.path: file_sha256(f.local) for f in written}
     recorded = {f["path"]: f["sha256"] for f in manifest["files"]}
     files = [{"path": path, "sha256": recorded.get(path), "rebuilt_sha256": rebuilt.get(path),
               "match": recorded.get(path) == rebuilt.get(path)} for path in sorted(recorded.keys() | rebuilt.keys())]

@@ -7,9 +7,10 @@ Every failure becomes an `InvalidInput` naming the spec field, never a stack tra
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -211,3 +212,14 @@ def buffers_to(module: torch.nn.Module, device: torch.device) -> None:
         for name, buffer in sub._buffers.items():
             if buffer is not None and buffer.device != device:
                 sub._buffers[name] = buffer.to(device)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with `n` intra-op threads, then restore the count (CPU reductions, so a version's bytes, depend on it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

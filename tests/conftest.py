@@ -45,6 +45,17 @@ def s3_bucket(s3_endpoint) -> str:
     return name
 
 
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path):
+    """A fresh lineage store, once over a local folder and once over moto's S3 server."""
+    from core.store import LineageStore
+
+    if request.param == "file":
+        return LineageStore((tmp_path / "store").as_uri())
+    bucket = request.getfixturevalue("s3_bucket")
+    return LineageStore(f"s3://{bucket}/prefix")
+
+
 @pytest.fixture
 def settings(tmp_path):
     from core.settings import Settings

@@ -11,14 +11,6 @@ from core.store import FileToCommit, LineageStore, version_chain
 BASE = {"family": "state_dict", "arch": None, "uri": "file:///base.safetensors", "sha256": "ab"}
 
 
-@pytest.fixture(params=["file", "s3"])
-def store(request, tmp_path):
-    if request.param == "file":
-        return LineageStore((tmp_path / "store").as_uri())
-    bucket = request.getfixturevalue("s3_bucket")
-    return LineageStore(f"s3://{bucket}/prefix")
-
-
 def commit(store, tmp_path, name, parent, task):
     """A version with weights, a method state and one task's eval set and head, like the engine writes."""
     files = []

@@ -13,7 +13,6 @@ import os
 import shlex
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from core.spec import JobSpec
 from core.store import LineageStore
 from engine.families import get_family
 from engine.job import run_job
+from engine.tensors import torch_threads
 from mergeline.bars import StepRow, losses_text
 from mergeline.demo.base import SHIPPED_BASE, BaseConfig, pretrain_base, sha256_of, shipped_base
 from mergeline.demo.build import finetuned_task, local, write_task_data
@@ -57,16 +57,6 @@ def demo_threads() -> int:
     took 0.3 s with one thread and 4.6 s with torch's default two threads, which wait on each other."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(4, int(cores - os.getloadavg()[0])))
-
-
-@contextmanager
-def torch_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_demo(workdir: Path, *, n_tasks: int = 4, config: DemoConfig = DemoConfig(), threads: int | None = None,
