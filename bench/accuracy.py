@@ -1,4 +1,4 @@
-"""Continual-merging accuracy on the bench suite: every method, all 8 tasks, 3 task orders, through `run_job`.
+"""Continual-merging accuracy on a bench suite: every method, all 8 tasks, 3 task orders, through `run_job`.
 
 For each task order and method, one job per task is posted onto a fresh lineage (bench.suite.build.merge_continually,
 the path a pipeline takes); each job's metrics hold the accuracy of every merged task on the new version.
@@ -7,9 +7,14 @@ From them:
   normalized         mean over tasks of (merged accuracy ÷ that task's individual fine-tuned accuracy)
   BWT                mean over tasks 1..T−1 of (final accuracy − accuracy right after the task was merged)
 reported as mean ± half-range (spread) over the orders, with the curve of average accuracy against the number of
-merged tasks plotted to docs/benchmarks-accuracy.png.
+merged tasks plotted to docs/benchmarks-accuracy[-SUITE].png. Also counted: OTMF's degenerate steps, those whose
+trained masks never beat the all-ones start (the step is then the plain α-blend).
 
-    .venv/bin/python -m bench.accuracy [--orders 3] [--methods otmf-current,ties] [--otmf-steps 100]
+The report reads eval (`--split eval`, the default). Choosing anything runs on validation instead
+(`--split validation`, image suite only): the process then cannot open eval data (bench/suite/split.py).
+
+    .venv/bin/python -m bench.accuracy [--suite image|text] [--split eval|validation] [--orders 3]
+                                       [--methods otmf-paper,ties] [--otmf-params '{"alpha": 0.6}']
 """
 
 from __future__ import annotations
@@ -23,23 +28,36 @@ import time
 import traceback
 
 from bench.common import CACHE, DOCS, write_result
-from bench.suite import TASKS, get_suite, task_orders
+from bench.suite import SUITES, get_suite, task_orders
 
-# label: (method, params, head tuning). Everything else is the method's defaults (service/spec.py). "+heads"
-# labels give every job the task's labelled head_data, so the step ends with the paper's head tuning; they are
-# not data-free, so task arithmetic is run with the same labels to compare like with like.
+# label: (method, params, head tuning). Everything else is the method's defaults (core/methods.py). The paper's own
+# mode comes first: OTMF without replay (pre_data "current": D_pre is the current task's calibration inputs). The
+# reservoir stores unlabelled inputs of earlier tasks and replays them, an extension. "+heads" labels give every job
+# the task's labelled head_data, so the step ends with the paper's head tuning; they are not data-free, so task
+# arithmetic is run with the same labels to compare like with like.
 METHODS: dict[str, tuple[str, dict, bool]] = {
-    "otmf-current": ("otmf", {"pre_data": "current"}, False),
-    "otmf-reservoir": ("otmf", {"pre_data": "reservoir"}, False),
-    "otmf-reservoir+heads": ("otmf", {"pre_data": "reservoir"}, True),
+    "otmf-paper": ("otmf", {"pre_data": "current"}, False),
+    "otmf-paper+heads": ("otmf", {"pre_data": "current"}, True),
+    "otmf-replay": ("otmf", {"pre_data": "reservoir"}, False),
+    "otmf-replay+heads": ("otmf", {"pre_data": "reservoir"}, True),
     "task_arithmetic": ("task_arithmetic", {}, False),
     "task_arithmetic+heads": ("task_arithmetic", {}, True),
     "ties": ("ties", {}, False),
     "opcm": ("opcm", {}, False),
     "weight_average": ("weight_average", {}, False),
 }
+LABELS = {
+    "otmf-paper": "OTMF (paper: no replay)",
+    "otmf-paper+heads": "OTMF (paper: no replay) + heads",
+    "otmf-replay": "OTMF + replay (extension)",
+    "otmf-replay+heads": "OTMF + replay (extension) + heads",
+    "task_arithmetic": "task arithmetic",
+    "task_arithmetic+heads": "task arithmetic + heads",
+    "ties": "TIES",
+    "opcm": "OPCM",
+    "weight_average": "weight averaging",
+}
 DATA_FREE = ("task_arithmetic", "ties", "opcm", "weight_average")
-PLOT = DOCS / "benchmarks-accuracy.png"
 
 
 def run_lineage(suite: dict, order: list[str], method: str, params: dict, *, lineage: str, store, settings,
@@ -51,8 +69,10 @@ def run_lineage(suite: dict, order: list[str], method: str, params: dict, *, lin
                                 tune_heads=tune_heads)
     seconds = time.monotonic() - started
     per_step = [{n: m["accuracy"] for n, m in r["metrics"]["tasks"].items()} for r in results]
+    steps = [s for r in results for s in r["metrics"]["steps"] if s.get("iterations")]  # fusion steps with data
     return {"order": order, "curve": [r["metrics"]["avg_accuracy"] for r in results], "per_step": per_step,
-            "seconds": round(seconds, 2), "job_seconds": [r["metrics"].get("seconds") for r in results]}
+            "seconds": round(seconds, 2), "job_seconds": [r["metrics"].get("seconds") for r in results],
+            "degenerate_steps": [sum(bool(s.get("masks_kept_all_ones")) for s in steps), len(steps)]}
 
 
 def summarise(run: dict, individual: dict[str, float]) -> dict:
@@ -74,24 +94,30 @@ def spread(values: list[float]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=SUITES, default="image")
+    parser.add_argument("--split", choices=("eval", "validation"), default="eval")
     parser.add_argument("--orders", type=int, default=3)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--otmf-steps", type=int, default=None, help="override OTMF's `steps` (default: its own)")
     parser.add_argument("--otmf-params", default="{}", help="extra OTMF params as JSON, e.g. '{\"lr\": 0.02}'")
-    parser.add_argument("--name", default="accuracy", help="result file name under bench/results")
+    parser.add_argument("--name", default=None, help="result file name under bench/results (default: accuracy, "
+                        "then -SUITE unless image, then -validation for the validation split)")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
 
     from core.settings import Settings
     from core.store import LineageStore
 
-    suite = get_suite(log=lambda m: print(m, flush=True))
-    individual = {n: suite["tasks"][n]["individual_accuracy"] for n in TASKS}
-    store_root = CACHE / "stores" / args.name
+    name = args.name or "-".join(["accuracy", *([args.suite] if args.suite != "image" else []),
+                                  *(["validation"] if args.split == "validation" else [])])
+    suite = get_suite(log=lambda m: print(m, flush=True), name=args.suite, split=args.split)
+    tasks = list(suite["tasks"])
+    individual = {n: suite["tasks"][n]["individual_accuracy"] for n in tasks}
+    store_root = CACHE / "stores" / name
     shutil.rmtree(store_root, ignore_errors=True)
     settings = Settings(store=store_root.as_uri(), allowed_roots=str(CACHE), device="cpu")
     store = LineageStore(settings.store)
-    orders = task_orders(args.orders)
+    orders = task_orders(args.orders, tasks)
     otmf_extra = json.loads(args.otmf_params)
     if args.otmf_steps:
         otmf_extra["steps"] = args.otmf_steps
@@ -115,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[accuracy] {label} order {k}: avg {run['avg_accuracy']:.4f} norm {run['normalized']:.4f} "
                   f"bwt {run['bwt']:+.4f} ({run['seconds']:.0f} s)", flush=True)
             runs.append(run)
-        entry: dict = {"method": method, "params": params, "head_tuning": tune_heads, "runs": runs}
+        entry: dict = {"label": LABELS[label], "method": method, "params": params, "head_tuning": tune_heads,
+                       "runs": runs}
         if error:
             entry["error"] = error
         if runs and not error:
@@ -124,10 +151,13 @@ def main(argv: list[str] | None = None) -> dict:
             curves = [r["curve"] for r in runs]
             entry["curve"] = [statistics.fmean(c[i] for c in curves) for i in range(len(curves[0]))]
             entry["seconds"] = spread([r["seconds"] for r in runs])
+            if method == "otmf":
+                entry["degenerate_steps"] = [sum(r["degenerate_steps"][i] for r in runs) for i in (0, 1)]
         methods[label] = entry
 
+    config = {k: ("TINY_CLIP" if k == "arch" else v) for k, v in suite["config"].items()}
     result = {
-        "suite": {"tasks": TASKS, "build": suite["config"] | {"arch": "TINY_CLIP"},
+        "suite": {"name": args.suite, "split": args.split, "tasks": tasks, "build": config,
                   "individual": individual, "base": suite["base_accuracy"],
                   "individual_avg": statistics.fmean(individual.values()),
                   "base_avg": statistics.fmean(suite["base_accuracy"].values())},
@@ -136,32 +166,31 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python -m bench.accuracy " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     result["targets"] = targets(result)
-    write_result(args.name, result)
+    write_result(name, result)
     if not args.no_plot:
-        plot(result, PLOT if args.name == "accuracy" else DOCS / f"benchmarks-{args.name}.png")
+        plot(result, DOCS / f"benchmarks-{name}.png")
     return result
 
 
 def targets(result: dict) -> dict:
-    """OTMF ≥ best data-free + 5 points and ≥ 0.90 normalized, for the better OTMF variant that uses no labels (the
-    `+heads` rows use labelled data, so they are compared with task arithmetic given the same labels)."""
+    """Each OTMF row against its like: without heads, the best data-free method (target +5 points and 0.90
+    normalized); with heads (labelled data), task arithmetic given the same labels."""
     ok = {k: v for k, v in result["methods"].items() if "avg_accuracy" in v}
-    otmf = {k: v for k, v in ok.items() if v["method"] == "otmf" and not v.get("head_tuning")}
-    free = {k: v for k, v in ok.items() if k in DATA_FREE}
-    if not otmf or not free:
+    free = [k for k in ok if k in DATA_FREE]
+    if not free:
         return {}
     mean = lambda label, key="avg_accuracy": ok[label][key]["mean"]  # noqa: E731
-    best_otmf = max(otmf, key=mean)
     best_free = max(free, key=mean)
-    out = {"best_otmf": best_otmf, "best_data_free": best_free,
-           "margin_points": 100 * (mean(best_otmf) - mean(best_free)),
-           "normalized": mean(best_otmf, "normalized")}
-    out["margin_met"] = out["margin_points"] >= 5.0
-    out["normalized_met"] = out["normalized"] >= 0.90
-    if "otmf-reservoir+heads" in ok and "task_arithmetic+heads" in ok:
-        out["heads"] = {"otmf": "otmf-reservoir+heads", "baseline": "task_arithmetic+heads",
-                        "margin_points": 100 * (mean("otmf-reservoir+heads") - mean("task_arithmetic+heads")),
-                        "normalized": mean("otmf-reservoir+heads", "normalized")}
+    out = {}
+    for label, entry in ok.items():
+        if entry["method"] != "otmf":
+            continue
+        baseline = "task_arithmetic+heads" if entry["head_tuning"] else best_free
+        if baseline not in ok:
+            continue
+        margin = 100 * (mean(label) - mean(baseline))
+        out[label] = {"baseline": baseline, "margin_points": margin, "normalized": mean(label, "normalized"),
+                      "margin_met": margin >= 5.0, "normalized_met": mean(label, "normalized") >= 0.90}
     return out
 
 
@@ -180,13 +209,14 @@ def plot(result: dict, path) -> None:
         runs = entry["runs"]
         lo = [min(r["curve"][i] for r in runs) * 100 for i in range(n)]
         hi = [max(r["curve"][i] for r in runs) * 100 for i in range(n)]
-        (line,) = ax.plot(xs, [c * 100 for c in entry["curve"]], marker="o", label=label)
+        (line,) = ax.plot(xs, [c * 100 for c in entry["curve"]], marker="o", label=entry.get("label", label))
         ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12)
     ax.axhline(result["suite"]["individual_avg"] * 100, color="k", ls="--", lw=1, label="individual (avg)")
     ax.axhline(result["suite"]["base_avg"] * 100, color="gray", ls=":", lw=1, label="base + heads (avg)")
     ax.set_xlabel("tasks merged")
     ax.set_ylabel("average accuracy over merged tasks (%)")
-    ax.set_title(f"Continual merging on the bench suite (mean over {len(result['orders'])} task orders)")
+    ax.set_title(f"Continual merging, {result['suite']['name']} suite, {result['suite']['split']} "
+                 f"(mean over {len(result['orders'])} task orders)")
     ax.set_xticks(xs)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right", ncol=2)

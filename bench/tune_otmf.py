@@ -1,24 +1,31 @@
-"""OTMF tuning on the bench suite, in one process: the job's own continual steps (`engine.job.merge_steps`) and
-accuracy, without the store.
+"""OTMF tuning on the image suite's validation split, in one process: the job's own continual steps
+(`engine.job.merge_steps`) and accuracy, without the store. The suite comes as bench/suite/split.py's validation
+view, so this process cannot open eval data: nothing chosen here has seen what the report measures.
 
 For exploring settings quickly (no sha256, no files written); every setting worth keeping is then confirmed through
-`run_job` with `python -m bench.accuracy --methods otmf-current --otmf-params '{...}'`.
+`run_job` with `python -m bench.accuracy --split validation --methods otmf-paper --otmf-params '{...}'`.
 
-    .venv/bin/python -m bench.tune_otmf --grid '[{"alpha": 0.5}, {"alpha": 0.8, "lr": 0.05}]' [--tasks 8] [--order 0]
+    .venv/bin/python -m bench.tune_otmf --grid '[{"alpha": 0.5}, {"alpha": 0.8, "lr": 0.05}]' [--tasks 8]
+                                        [--orders 1] [--out NAME]   (NAME: also write bench/results/NAME.json)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import shlex
 import statistics
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from bench.common import write_result
 from bench.suite import get_suite, task_orders
 from core.methods import method_entry
 from core.uris import Fetched
@@ -56,7 +63,7 @@ def run(params: dict, order: list[str], suite: dict, method_name: str = "otmf") 
         just_merged[order[i]] = final[order[i]]
         curve.append(statistics.fmean(final.values()))
         losses.append({k: round(v, 4) for k, v in out.metrics.items()
-                       if k in ("loss_initial", "loss_best", "best_iteration")})
+                       if k in ("loss_initial", "loss_best", "best_iteration", "masks_kept_all_ones", "alpha")})
 
     started = time.monotonic()
     torch.manual_seed(p.seed)
@@ -67,7 +74,12 @@ def run(params: dict, order: list[str], suite: dict, method_name: str = "otmf") 
             "normalized": statistics.fmean(final[n] / individual[n] for n in order),
             "bwt": statistics.fmean(final[n] - just_merged[n] for n in order[:-1]) if len(order) > 1 else 0.0,
             "final": {n: round(a, 3) for n, a in final.items()}, "losses": losses,
+            "degenerate_steps": sum(bool(x.get("masks_kept_all_ones")) for x in losses),
             "seconds": round(time.monotonic() - started, 1)}
+
+
+def _run(work: tuple) -> dict:
+    return run(*work)
 
 
 def main() -> None:
@@ -75,12 +87,33 @@ def main() -> None:
     parser.add_argument("--grid", default="[{}]", help="JSON list of OTMF params to try")
     parser.add_argument("--method", default="otmf")
     parser.add_argument("--tasks", type=int, default=8)
-    parser.add_argument("--order", type=int, default=0)
+    parser.add_argument("--orders", type=int, default=1, help="task orders each setting runs (their mean is its score)")
+    parser.add_argument("--out", default=None, help="also write every row to bench/results/OUT.json")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, one torch thread each")
     args = parser.parse_args()
-    suite = get_suite(log=lambda m: None)
-    order = task_orders(args.order + 1)[args.order][: args.tasks]
-    for params in json.loads(args.grid):
-        print(json.dumps(run(params, order, suite, args.method)), flush=True)
+    suite = get_suite(log=lambda m: None, split="validation")
+    orders = [o[: args.tasks] for o in task_orders(args.orders, list(suite["tasks"]))]
+    grid = json.loads(args.grid)
+    work = [(params, order, suite, args.method) for params in grid for order in orders]
+    # Forked workers inherit this process's seal on the report data (an audit hook lives in the interpreter).
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork"),
+                             initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        done = []
+        for r in pool.map(_run, work):
+            done.append(r)
+            print(f"[{len(done)}/{len(work)}] {json.dumps(r['params'])}: {r['avg']:.4f} "
+                  f"({r['degenerate_steps']} degenerate, {r['seconds']:.0f} s)", flush=True)
+    rows = []
+    for i, params in enumerate(grid):
+        runs = done[i * len(orders): (i + 1) * len(orders)]
+        row = {"method": args.method, "params": params, "avg": statistics.fmean(r["avg"] for r in runs),
+               "normalized": statistics.fmean(r["normalized"] for r in runs),
+               "degenerate_steps": sum(r["degenerate_steps"] for r in runs), "runs": runs}
+        print(json.dumps({k: v for k, v in row.items() if k != "runs"}), flush=True)
+        rows.append(row)
+    if args.out:
+        write_result(args.out, {"split": "validation", "orders": orders, "rows": rows,
+                                "command": "python -m bench.tune_otmf " + shlex.join(sys.argv[1:])})
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -63,7 +63,12 @@ class OTMFParams(CommonParams):
 
     DEFAULT_STEPS: ClassVar[int] = 100
 
-    alpha: float = Field(0.7, gt=0.0, lt=1.0, description="weight of the previous head's masked task vector")
+    ALPHA_CANDIDATES: ClassVar[tuple[float, ...]] = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+    alpha: Annotated[float, Field(gt=0.0, lt=1.0)] | Literal["auto"] = Field(
+        0.7, description="weight of the previous head's masked task vector; \"auto\": chosen per step, without "
+                         "labels, as the candidate (0.5 to 0.9) whose α-blend has the lowest held-out Sinkhorn loss "
+                         "against both teachers (an extension of the paper)")
     steps: int | None = Field(None, ge=1, le=100_000, description="mask-training iterations (100 unless `epochs` "
                               "is given), alternating M_pre and M_post")
     epochs: int | None = Field(None, ge=1, le=10_000, description="instead of `steps`: passes over the task's "

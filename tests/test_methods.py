@@ -591,3 +591,20 @@ def test_otmf_joint_updates_descend_where_alternate_updates_climb_in_the_papers_
     assert joint["loss_initial"] == alternate["loss_initial"]
     assert alternate["loss_final"] > alternate["loss_initial"]
     assert joint["loss_final"] < 0.95 * joint["loss_initial"] and joint["best_iteration"] >= 30
+
+
+def test_otmf_auto_alpha_trains_at_the_candidate_with_the_lowest_held_out_loss(world: World, monkeypatch):
+    auto = step("otmf", world, world.tasks[0], 1, MethodState(),
+                OTMFParams(alpha="auto", steps=20, eval_every=2, pre_data="current")).metrics
+    losses = {float(a): loss for a, loss in auto["alpha_losses"].items()}
+    assert list(losses) == list(OTMFParams.ALPHA_CANDIDATES)
+    assert auto["alpha"] == min(losses, key=losses.__getitem__)
+    assert auto["loss_initial"] == pytest.approx(losses[auto["alpha"]], rel=1e-5)
+    # With one candidate, "auto" is that α: the masks train, and the head is merged, at it.
+    monkeypatch.setattr(OTMFParams, "ALPHA_CANDIDATES", (0.3,))
+    params = OTMFParams(steps=20, eval_every=2, pre_data="current")
+    one = step("otmf", world, world.tasks[0], 1, MethodState(), params.model_copy(update={"alpha": "auto"}))
+    fixed = step("otmf", world, world.tasks[0], 1, MethodState(), params.model_copy(update={"alpha": 0.3}))
+    assert one.metrics["alpha"] == fixed.metrics["alpha"] == 0.3
+    for k in fixed.merged:
+        torch.testing.assert_close(one.merged[k], fixed.merged[k], rtol=1e-4, atol=1e-5)

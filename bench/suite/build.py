@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +25,19 @@ from mergeline.demo.build import finetuned_task, local, pretrained_base, write_t
 from mergeline.demo.tasks import TaskData, build_task, glyphs
 from mergeline.demo.train import TINY_CLIP, as_uint8_npz
 
-SUITE_VERSION = 2
+SUITE_VERSION = 3  # 3: a validation set per task, held out of fine-tuning
 
 
 def build_suite(root: Path, task_names: list[str], *, seed: int = 0, pretrain_steps: int = 3000,
                 proxy: str = "glyphs", proxy_sources: tuple[str, ...] = ("mnist", "digits", "shapes"),
                 proxy_size: int = 20000, finetune_steps: int = 600, finetune_lr: float = 7e-5, calib_size: int = 256,
-                eval_size: int = 500, head_fraction: float = 0.25,
+                eval_size: int = 500, validation_size: int = 250, head_fraction: float = 0.25,
                 arch: dict | None = None, log: Callable[[str], None] = lambda _: None) -> dict:
-    """Write the base, every task's checkpoint, head, calibration, eval and head-tuning set under `root`; reuse them
-    when `root/suite.json` says they were built with the same settings. Returns that description.
+    """Write the base, every task's checkpoint, head, calibration, validation, eval and head-tuning set under
+    `root`; reuse them when `root/suite.json` says they were built with the same settings. Returns that description.
+
+    Validation sets are the last `validation_size` images of each task's training split, held out of fine-tuning:
+    labelled inputs disjoint from eval (the test split) on which every choice is made (bench/suite/split.py).
 
     The defaults aim at the regime merging is used in (a strong base, small fine-tuning steps, as with CLIP): a
     base pretrained on printed glyphs, then fine-tunes at a small learning rate. `proxy_sources` feed only the
@@ -41,7 +45,7 @@ def build_suite(root: Path, task_names: list[str], *, seed: int = 0, pretrain_st
     config = {"version": SUITE_VERSION, "arch": arch or TINY_CLIP, "seed": seed, "pretrain_steps": pretrain_steps,
               "proxy": proxy, "proxy_sources": list(proxy_sources), "proxy_size": proxy_size,
               "finetune_steps": finetune_steps, "finetune_lr": finetune_lr, "calib_size": calib_size,
-              "eval_size": eval_size, "head_fraction": head_fraction}
+              "eval_size": eval_size, "validation_size": validation_size, "head_fraction": head_fraction}
     described = root / "suite.json"
     if described.exists():
         suite = json.loads(described.read_text())
@@ -59,16 +63,24 @@ def build_suite(root: Path, task_names: list[str], *, seed: int = 0, pretrain_st
     tasks = {}
     for i, (name, data) in enumerate(datasets.items()):
         folder = root / "tasks" / name
+        cut = len(data.x_train) - validation_size
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(folder / "validation.npz", **as_uint8_npz(data.x_train[cut:], data.y_train[cut:]))
+        data = replace(data, x_train=data.x_train[:cut], y_train=data.y_train[:cut])
         write_task_data(folder, data, calib_size=calib_size, eval_size=eval_size)
         _write_head_data(folder, data, head_fraction)
         log(f"fine-tuning {name} ({finetune_steps} steps)")
         tasks[name] = {**finetuned_task(family, loaded, folder, data, steps=finetune_steps, lr=finetune_lr,
                                         seed=seed * 1000 + i),
-                       "head_data": (folder / "head_data.npz").as_uri()}
+                       "head_data": (folder / "head_data.npz").as_uri(),
+                       "validation": (folder / "validation.npz").as_uri()}
+        tuned = family.load_checkpoint(local(folder / "checkpoint.safetensors"), loaded, field="task")
+        tasks[name]["individual_validation_accuracy"] = _accuracy(family, loaded, tuned, folder, "validation.npz")
     # The base with each task's fine-tuned head shows how much of the task the head alone carries.
-    base_acc = {name: _base_accuracy(family, loaded, root / "tasks" / name) for name in tasks}
     suite = {"config": config, "base": {"family": "open_clip", "arch": config["arch"], "uri": base_file.as_uri()},
-             "tasks": tasks, "base_accuracy": base_acc}
+             "tasks": tasks,
+             **{key: {name: _accuracy(family, loaded, loaded.tower, root / "tasks" / name, file) for name in tasks}
+                for key, file in (("base_accuracy", "eval.npz"), ("base_validation_accuracy", "validation.npz"))}}
     described.write_text(json.dumps(suite, indent=2))
     return suite
 
@@ -87,11 +99,11 @@ def _write_head_data(folder: Path, data: TaskData, head_fraction: float) -> None
     np.savez(folder / "head_data.npz", **as_uint8_npz(data.x_train[:n_head], data.y_train[:n_head]))
 
 
-def _base_accuracy(family: Family, loaded: LoadedBase, folder: Path) -> float:
-    """The base's accuracy on a task's eval set through that task's fine-tuned head."""
-    evaluation = family.load_inputs(local(folder / "eval.npz"), loaded, labelled=True, field="e")
+def _accuracy(family: Family, loaded: LoadedBase, tower: dict, folder: Path, file: str) -> float:
+    """`tower`'s accuracy on a task's labelled `file` (eval or validation) through that task's fine-tuned head."""
+    inputs = family.load_inputs(local(folder / file), loaded, labelled=True, field="e")
     head = load_file(folder / "head.safetensors")
-    return round(accuracy(family, loaded, loaded.tower, evaluation, head, device=torch.device("cpu")), 6)
+    return round(accuracy(family, loaded, tower, inputs, head, device=torch.device("cpu")), 6)
 
 
 def task_entry(suite: dict, name: str, *, with_calibration: bool = True, tune_head: bool = False) -> dict:

@@ -158,7 +158,7 @@ class OTMF(Method):
 def _optimise(inp: StepInput, params: OTMFParams, pre: InputSource, post: InputSource) -> tuple[Tensors, dict]:
     """One fusion step with data: the new head (float32, CPU) and the step's metrics."""
     m_pre, m_post, metrics = _train_masks(inp, params, pre, post)  # the device-side state is freed on return
-    return merge_from_masks(inp.base, inp.merged, inp.task, m_pre, m_post, params.alpha), metrics
+    return merge_from_masks(inp.base, inp.merged, inp.task, m_pre, m_post, metrics["alpha"]), metrics
 
 
 def _train_masks(
@@ -179,9 +179,15 @@ def _train_masks(
     post_side = _Side(post, schedule.post_hold, _teacher_features(
         inp.family, inp.loaded, inp.task, post, schedule.used_post(), device, dtype, chunk))
 
-    tower = _MaskedTower(inp, params, device, dtype)
+    auto = params.alpha == "auto"
+    tower = _MaskedTower(inp, params, 0.5 if auto else params.alpha, device, dtype)
+    alpha_losses = {}
+    if auto:  # each candidate's α-blend on the held-out batches; the masks then train at the best one
+        alpha_losses = {a: tower.held_out_loss(pre_side, post_side, same_data, params.blur, blend=a)
+                        for a in OTMFParams.ALPHA_CANDIDATES}
+        tower.rescale(min(alpha_losses, key=alpha_losses.__getitem__))
     # The α-blend (all-ones masks) is what any trained masks must beat, whatever the masks start from.
-    initial = final = tower.held_out_loss(pre_side, post_side, same_data, params.blur, all_ones=True)
+    initial = final = tower.held_out_loss(pre_side, post_side, same_data, params.blur, blend=tower.alpha)
     best = _BestMasks(initial)
     for s in range(steps):
         if params.mask_update == "joint":  # both masks on the sum of both sides' losses
@@ -199,6 +205,8 @@ def _train_masks(
 
     metrics = {
         "iterations": steps,
+        "alpha": tower.alpha,
+        **({"alpha_losses": {str(a): loss for a, loss in alpha_losses.items()}} if auto else {}),
         "loss_initial": initial,
         "loss_final": final,
         "loss_best": best.loss,
@@ -290,10 +298,9 @@ class _MaskedTower:
     improved. Element-wise masks: 9× the tower in float32, whatever the lineage's length; row or tensor masks are
     negligible beside the tower, leaving θ0, a, b and θ_M (about 3×, 1.5× in bfloat16 with θ0 copied)."""
 
-    def __init__(self, inp: StepInput, params: OTMFParams, device: torch.device, dtype: torch.dtype):
+    def __init__(self, inp: StepInput, params: OTMFParams, alpha: float, device: torch.device, dtype: torch.dtype):
         self.family, self.loaded, self.device, self.dtype = inp.family, inp.loaded, device, dtype
-        self.bound = params.mask_bound
-        alpha = params.alpha
+        self.bound, self.alpha = params.mask_bound, alpha
         self.theta0 = {k: to_device(v, device, dtype) for k, v in inp.base.items()}
         self.a = {k: to_device((inp.merged[k] - inp.base[k]).mul_(alpha), device, dtype) for k in inp.base}
         self.b = {k: to_device((inp.task[k] - inp.base[k]).mul_(1.0 - alpha), device, dtype) for k in inp.base}
@@ -305,7 +312,21 @@ class _MaskedTower:
 
         self.p_pre, self.p_post = parameters(), parameters()
         self.opt = torch.optim.Adam([*self.p_pre.values(), *self.p_post.values()], lr=params.lr)
-        self.ones = {k: torch.ones((), device=device) for k in self.theta0}
+
+    def _scales(self, alpha: float) -> tuple[Tensors, Tensors]:
+        """Constant masks that turn the prescaled a, b into the α-blend at `alpha` (all ones at the tower's own)."""
+        pre, post = alpha / self.alpha, (1.0 - alpha) / (1.0 - self.alpha)
+        return ({k: torch.tensor(pre, device=self.device) for k in self.theta0},
+                {k: torch.tensor(post, device=self.device) for k in self.theta0})
+
+    @torch.no_grad()
+    def rescale(self, alpha: float) -> None:
+        """Move the prescaled task vectors to another α, before any training."""
+        pre, post = alpha / self.alpha, (1.0 - alpha) / (1.0 - self.alpha)
+        for k in self.theta0:
+            self.a[k].mul_(pre)
+            self.b[k].mul_(post)
+        self.alpha = alpha
 
     def _mask(self, p: Tensors) -> Tensors:
         return {k: torch.sigmoid(v) for k, v in p.items()} if self.bound == "sigmoid" else p
@@ -382,9 +403,10 @@ class _MaskedTower:
         return loss.detach().item()
 
     @torch.no_grad()
-    def held_out_loss(self, pre: _Side, post: _Side, same_data: bool, blur: float, *, all_ones: bool = False) -> float:
-        """The loss on the held-out batches of the current masks, or of the all-ones masks (the α-blend)."""
-        tower = self.compose(self.ones, self.ones) if all_ones else self.compose(*self.masks())
+    def held_out_loss(self, pre: _Side, post: _Side, same_data: bool, blur: float, *, blend: float | None = None
+                      ) -> float:
+        """The loss on the held-out batches of the current masks, or of the α-blend at `blend` (no masks)."""
+        tower = self.compose(*self._scales(blend)) if blend is not None else self.compose(*self.masks())
         f_pre = self.features(tower, pre.source, pre.hold)
         f_post = f_pre if same_data else self.features(tower, post.source, post.hold)
         loss = sinkhorn_divergence(f_pre, pre.teacher.take(pre.hold), blur)
