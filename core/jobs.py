@@ -70,6 +70,12 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 redis.call('HSET', KEYS[1], 'progress', ARGV[1])
 return redis.call('HGET', KEYS[1], 'cancel') or '0'
 """
+# Flag the job for cancellation only while the record exists; returns its status, or false when the record is gone.
+_CANCEL_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+redis.call('HSET', KEYS[1], 'cancel', '1')
+return redis.call('HGET', KEYS[1], 'status')
+"""
 # Append an event (trimmed to the newest ARGV[2]) only while the record exists; returns whether it did.
 _EVENT_IF_EXISTS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -183,6 +189,7 @@ class JobStore:
         self.send = send
         self._progress_if_exists = client.register_script(_PROGRESS_IF_EXISTS)
         self._event_if_exists = client.register_script(_EVENT_IF_EXISTS)
+        self._cancel_if_exists = client.register_script(_CANCEL_IF_EXISTS)
 
     @classmethod
     def from_settings(cls, settings: Settings, send: Send | None = None,
@@ -397,20 +404,25 @@ class JobStore:
             return [json.loads(e) for e in self.r.lrange(self._events(job_id), start, -1)]
 
     def request_cancel(self, tenant: str, job_id: str) -> dict:
-        """A queued job is cancelled now; a running one is flagged and stops at its next step boundary."""
+        """A queued job is cancelled now; a running one is flagged and stops at its next step boundary. A record
+        that vanishes meanwhile (Redis restarted without its data) is a missing job: nothing is written for it."""
         record = self.get(tenant, job_id)
         if record["status"] in FINAL:
             return record
-        with redis_errors():
-            self.r.hset(self._job(job_id), "cancel", "1")
-            if record["status"] == "queued":
-                final = self.finish(job_id, None, "cancelled", error={"type": "cancelled",
-                                                                      "message": "cancelled before it started"})
-                if final is not None:
-                    self.kick(record["tenant"], record["lineage"])
-                    return final
-            self.add_event(job_id, "cancel_requested", "cancellation requested; stops at the next step")
-            return self.load(job_id) or record
+        try:
+            with redis_errors():
+                if self._cancel_if_exists(keys=[self._job(job_id)]) is None:
+                    raise RecordLost(job_id)
+                if record["status"] == "queued":
+                    final = self.finish(job_id, None, "cancelled", error={"type": "cancelled",
+                                                                          "message": "cancelled before it started"})
+                    if final is not None:
+                        self.kick(record["tenant"], record["lineage"])
+                        return final
+                self.add_event(job_id, "cancel_requested", "cancellation requested; stops at the next step")
+        except RecordLost:
+            raise NotFound(f"no job {job_id!r}", param="id") from None
+        return self.load(job_id) or record
 
     def counts(self) -> dict[str, int]:
         with redis_errors():

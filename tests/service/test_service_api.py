@@ -118,6 +118,23 @@ def test_status_polls_count_against_the_rate_limit(settings, sent):
         assert client.get(f"/v1/jobs/{job['id']}", headers={"Authorization": "Bearer nope"}).status_code == 401
 
 
+def test_a_cancel_whose_record_vanishes_is_a_404(client):
+    """Redis comes back empty while the cancel runs: the caller gets a 404, and nothing of the job is re-created."""
+    job = client.post("/v1/jobs", headers=A, json=SPEC).json()
+    jobs = client.app.state.services.jobs
+    read = jobs.get
+
+    def read_then_lose(tenant: str, job_id: str) -> dict:
+        found = read(tenant, job_id)
+        jobs.r.delete(jobs._job(job_id), jobs._events(job_id))
+        return found
+
+    jobs.get = read_then_lose
+    response = client.post(f"/v1/jobs/{job['id']}/cancel", headers=A)
+    assert response.status_code == 404 and error_of(response)["type"] == "not_found"
+    assert not jobs.r.exists(jobs._job(job["id"]), jobs._events(job["id"]))
+
+
 def test_idempotency_key_over_http(client):
     headers = {**A, "Idempotency-Key": "ci-42"}
     first = client.post("/v1/jobs", headers=headers, json=SPEC)
