@@ -70,11 +70,11 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 redis.call('HSET', KEYS[1], 'progress', ARGV[1])
 return redis.call('HGET', KEYS[1], 'cancel') or '0'
 """
-# Flag the job for cancellation only while the record exists; returns its status, or false when the record is gone.
+# Flag the job for cancellation only while the record exists; returns whether it did.
 _CANCEL_IF_EXISTS = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'cancel', '1')
-return redis.call('HGET', KEYS[1], 'status')
+return 1
 """
 # Append an event (trimmed to the newest ARGV[2]) only while the record exists; returns whether it did.
 _EVENT_IF_EXISTS = """
@@ -411,7 +411,7 @@ class JobStore:
             return record
         try:
             with redis_errors():
-                if self._cancel_if_exists(keys=[self._job(job_id)]) is None:
+                if not self._cancel_if_exists(keys=[self._job(job_id)]):
                     raise RecordLost(job_id)
                 if record["status"] == "queued":
                     final = self.finish(job_id, None, "cancelled", error={"type": "cancelled",

@@ -129,6 +129,7 @@ def create_app(services: Services) -> FastAPI:
     """The API over `services` (built by the entry point: `uvicorn --factory mergeline.compose:api_app`)."""
     settings = services.settings
     logs.configure(settings.log_level)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield

@@ -72,7 +72,7 @@ def _metadata_filter(request: Request) -> dict[str, str]:
 
 @router.get("/{job_id}", response_model=Job)
 async def get_job(job_id: str, caller: Caller, reads: Reads) -> Any:
-    """The status poll: the rate count and the read in one round trip to Redis, on the event loop."""
+    # The status poll: the caller's rate count and the read in one round trip to Redis, on the event loop.
     return public_job(await reads.poll(caller, job_id))
 
 
