@@ -256,8 +256,9 @@ def service_section(r: dict | None) -> list[str]:
         return [*out, "_Not run._", ""]
     if "error" in r:
         return [*out, f"_Failed: {r['error']}_", ""]
+    wrk = f" --wrk-seconds {r['wrk_seconds']:g}" if r.get("wrk_seconds") else ""
     out += [f"`python -m bench.service_load --jobs {r['jobs']} --polls {r['polls']} --concurrency "
-            f"{r['concurrency']} --seconds {r['seconds_bound']:.0f}`: {r['setup']}. Each phase is bounded to "
+            f"{r['concurrency']} --seconds {r['seconds_bound']:.0f}{wrk}`: {r['setup']}. Each phase is bounded to "
             f"{r['seconds_bound']:.0f} s. Client times include the load generator, which shares the machine; "
             "API times are the service's own (`Server-Timing`, up to the response head).", "",
             "| operation | requests | req/s | client p50 ms | client p99 ms | API p50 ms | API p99 ms | errors |",
@@ -267,6 +268,7 @@ def service_section(r: dict | None) -> list[str]:
     for name, key in phases:
         e = r.get(key)
         if e:
+            name += f" ({e['generator']})" if "generator" in e else ""  # the load generator, when recorded
             out.append(f"| {name} | {e['requests']} | {e['per_s']:.0f} | {e['p50_ms']:.1f} | {e['p99_ms']:.1f} | "
                        f"{e.get('server_p50_ms', float('nan')):.1f} | {e.get('server_p99_ms', float('nan')):.1f} | "
                        f"{e.get('errors', '–')} |")

@@ -6,10 +6,15 @@ bounded in count and in time) posts tiny data-free jobs (state_dict family, a 4 
 and polls their status. Everything it started is stopped at the end, by process id.
 
     .venv/bin/python -m bench.service_load [--jobs 1000] [--polls 3000] [--concurrency 32] [--seconds 60]
+                                           [--wrk-seconds 15] [--no-wrk]
 
 Each phase reports the client's latency (p50/p99) and the API's own (`Server-Timing`), requests per second and
 errors: submission, status polls while the worker runs the submitted jobs, and status polls once it is idle. Every
 submitted job is then followed to its end (`jobs_outcome`: a lost job would show as `http 404`).
+
+The polls are sent by `wrk` when it is installed (`apt-get install wrk`), for `--wrk-seconds` each: a Python client
+on the same few cores costs more CPU per request than the API does and would measure itself. Without `wrk` (or with
+`--no-wrk`), the httpx client polls too. Each phase records its `generator`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -24,6 +30,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -114,6 +121,66 @@ class Services:
                 proc.wait()
 
 
+# wrk's script: each connection polls the ids (IDS_FILE) in turn with the bearer token, each thread keeps the
+# status codes and `Server-Timing` durations it saw, and `done` prints the whole run as one JSON line.
+WRK_SCRIPT = r"""
+local ids, threads = {}, {}
+for line in io.lines(os.getenv("IDS_FILE")) do ids[#ids + 1] = line end
+local auth = {["Authorization"] = "Bearer " .. os.getenv("TOKEN")}
+local i = 0
+server, codes = {}, {}
+
+function setup(thread) threads[#threads + 1] = thread end
+
+function request()
+  i = i + 1
+  return wrk.format("GET", "/v1/jobs/" .. ids[i % #ids + 1], auth)
+end
+
+function response(status, headers, body)
+  codes[status] = (codes[status] or 0) + 1
+  local timing = headers["server-timing"] or headers["Server-Timing"]
+  local dur = timing and timing:match("dur=([%d.]+)")
+  if dur then server[#server + 1] = tonumber(dur) end
+end
+
+function done(summary, latency, requests)
+  local all, merged = {}, {}
+  for _, thread in ipairs(threads) do
+    for _, v in ipairs(thread:get("server")) do all[#all + 1] = v end
+    for code, n in pairs(thread:get("codes")) do merged[tostring(code)] = (merged[tostring(code)] or 0) + n end
+  end
+  table.sort(all)
+  local function pct(q) return #all > 0 and all[math.max(1, math.floor(q / 100 * (#all - 1) + 1.5))] or -1 end
+  local e = summary.errors
+  local parts = {}
+  for code, n in pairs(merged) do parts[#parts + 1] = string.format('"%s": %d', code, n) end
+  io.write(string.format('WRK_RESULT {"requests": %d, "seconds": %.3f, "p50_ms": %.3f, "p99_ms": %.3f, ' ..
+    '"mean_ms": %.3f, "server_p50_ms": %.3f, "server_p99_ms": %.3f, "socket_errors": %d, "status_codes": {%s}}\n',
+    summary.requests, summary.duration / 1e6, latency:percentile(50) / 1e3, latency:percentile(99) / 1e3,
+    latency.mean / 1e3, pct(50), pct(99), e.connect + e.read + e.write + e.timeout, table.concat(parts, ", ")))
+end
+"""
+
+
+def wrk_polls(url: str, ids: list[str], *, concurrency: int, seconds: float) -> dict:
+    """Status polls of `ids` by `wrk` (`concurrency` connections, two threads) for `seconds`: the phase's figures
+    in the shape `stats` gives."""
+    with tempfile.TemporaryDirectory() as tmp:
+        script, id_file = Path(tmp) / "poll.lua", Path(tmp) / "ids.txt"
+        script.write_text(WRK_SCRIPT)
+        id_file.write_text("\n".join(ids) + "\n")
+        threads = max(1, min(2, concurrency))
+        out = subprocess.run([shutil.which("wrk"), f"-t{threads}", f"-c{concurrency}", f"-d{seconds:g}s",
+                              "--timeout", "10s", "-s", str(script), f"{url}/"], capture_output=True, text=True,
+                             env={**os.environ, "IDS_FILE": str(id_file), "TOKEN": TOKEN}, check=True).stdout
+    line = next(x for x in out.splitlines() if x.startswith("WRK_RESULT "))
+    r = json.loads(line.removeprefix("WRK_RESULT "))
+    codes = {int(code): n for code, n in r.pop("status_codes").items()}
+    errors = sum(n for code, n in codes.items() if code >= 400) + r.pop("socket_errors")
+    return {**r, "per_s": r["requests"] / r["seconds"], "errors": errors, "status_codes": codes, "generator": "wrk"}
+
+
 def server_ms(response) -> float | None:
     """The API's own time from its `Server-Timing: app;dur=<ms>` header."""
     timing = response.headers.get("server-timing", "")
@@ -126,10 +193,13 @@ def stats(client_s: list[float], server: list[float], elapsed: float, codes: dic
             "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99),
             "mean_ms": statistics.fmean(ms) if ms else float("nan"),
             "server_p50_ms": percentile(server, 50), "server_p99_ms": percentile(server, 99),
-            "errors": sum(n for code, n in codes.items() if code >= 400), "status_codes": codes}
+            "errors": sum(n for code, n in codes.items() if code >= 400), "status_codes": codes,
+            "generator": "httpx"}
 
 
-async def load(url: str, base: Path, task: Path, *, jobs: int, polls: int, concurrency: int, seconds: float) -> dict:
+async def load(url: str, base: Path, task: Path, *, jobs: int, polls: int, concurrency: int, seconds: float,
+               wrk_seconds: float | None) -> dict:
+    """The phases; the polls by wrk for `wrk_seconds` each when that is given, else by the httpx client."""
     import httpx
 
     headers = {"Authorization": f"Bearer {TOKEN}"}
@@ -172,9 +242,14 @@ async def load(url: str, base: Path, task: Path, *, jobs: int, polls: int, concu
             for i in range(polls):
                 yield "GET", f"/v1/jobs/{ids[i % len(ids)]}", None
 
+        async def poll_phase() -> dict:
+            if wrk_seconds:
+                return await asyncio.to_thread(wrk_polls, url, ids, concurrency=concurrency, seconds=wrk_seconds)
+            return await run_phase(iter(polls_of()))
+
         submit = await run_phase(iter(submits()),
                                  lambda r: ids.append(r.json()["id"]) if r.status_code in (200, 202) else None)
-        poll_busy = await run_phase(iter(polls_of()))  # while the worker runs the submitted jobs
+        poll_busy = await poll_phase()  # while the worker runs the submitted jobs
 
         # Every submitted job must still be there and end: wait (bounded) for the worker to finish them.
         drain_deadline = time.monotonic() + 10 * seconds
@@ -190,7 +265,7 @@ async def load(url: str, base: Path, task: Path, *, jobs: int, polls: int, concu
         outcome: dict[str, int] = {}
         for job_id in ids:
             outcome[final.get(job_id, "unknown")] = outcome.get(final.get(job_id, "unknown"), 0) + 1
-        poll_idle = await run_phase(iter(polls_of()))  # the worker idle: the API's cost alone
+        poll_idle = await poll_phase()  # the worker idle: the API's cost alone
 
     return {"readyz": ready.status_code, "submit": submit, "poll": poll_idle, "poll_while_worker_busy": poll_busy,
             "jobs_submitted": len(ids), "jobs_outcome": outcome}
@@ -202,23 +277,31 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--polls", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=60.0, help="time bound of each phase")
+    parser.add_argument("--wrk-seconds", type=float, default=15.0, help="how long wrk polls in each poll phase")
+    parser.add_argument("--no-wrk", action="store_true", help="poll with the httpx client even if wrk is installed")
     args = parser.parse_args(argv)
+    wrk_seconds = None if args.no_wrk or not shutil.which("wrk") else args.wrk_seconds
     base, task = make_files()
     services = Services()
     try:
         url = services.start()
         result = asyncio.run(load(url, base, task, jobs=args.jobs, polls=args.polls, concurrency=args.concurrency,
-                                  seconds=args.seconds))
+                                  seconds=args.seconds, wrk_seconds=wrk_seconds))
     finally:
         services.stop()
+    poller = (f"wrk ({args.concurrency} connections, {wrk_seconds:g} s a phase)" if wrk_seconds
+              else "the same httpx client")
     result.update({"jobs": args.jobs, "polls": args.polls, "concurrency": args.concurrency,
-                   "seconds_bound": args.seconds, "setup": "redis-server + `mergeline serve` (uvicorn) + one "
-                   "`mergeline worker`, all on 127.0.0.1; load generator in the same machine (httpx, asyncio); "
+                   "seconds_bound": args.seconds, "wrk_seconds": wrk_seconds,
+                   "poll_generator": "wrk" if wrk_seconds else "httpx",
+                   "setup": "redis-server + `mergeline serve` (uvicorn) + one `mergeline worker`, all on 127.0.0.1; "
+                   f"load generator in the same machine: submissions by httpx (asyncio), polls by {poller}; "
                    "per-tenant rate and active-job limits lifted, since one tenant sends every request"})
     for phase in ("submit", "poll_while_worker_busy", "poll"):
         r = result[phase]
-        print(f"[service_load] {phase}: {r['per_s']:.0f}/s p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms "
-              f"(API p50 {r['server_p50_ms']:.1f} p99 {r['server_p99_ms']:.1f} ms), errors {r['errors']}")
+        print(f"[service_load] {phase} ({r['generator']}): {r['per_s']:.0f}/s p50 {r['p50_ms']:.1f} ms "
+              f"p99 {r['p99_ms']:.1f} ms (API p50 {r['server_p50_ms']:.1f} p99 {r['server_p99_ms']:.1f} ms), "
+              f"errors {r['errors']}")
     print(f"[service_load] jobs {result['jobs_outcome']}")
     write_result("service_load", result)
     return result

@@ -32,6 +32,7 @@ as absent.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -44,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+import redis.asyncio
 from redis.exceptions import RedisError, WatchError
 
 from core.errors import BadRequest, BrokerUnavailable, Conflict, NotFound, RateLimited
@@ -58,6 +60,9 @@ IDEMPOTENCY_TTL_S = 24 * 3600
 MAX_EVENTS = 5000
 SENT_TTL_S = 600  # a message not taken by any worker this long is presumed lost, and the reconciler sends another
 RECORD_FIELDS = ("id", "tenant", "lineage", "status", "method", "created_at")
+# What a status read needs: the Job object's fields and the owner (not the spec, which can be large).
+JOB_FIELDS = (*RECORD_FIELDS, "started_at", "finished_at", "progress", "result", "error", "metadata")
+RATE_WINDOW_TTL_S = 120  # a minute's counter outlives its minute
 
 # Set the progress only while the record exists; returns the cancel flag, or false when the record is gone.
 _PROGRESS_IF_EXISTS = """
@@ -65,12 +70,32 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 redis.call('HSET', KEYS[1], 'progress', ARGV[1])
 return redis.call('HGET', KEYS[1], 'cancel') or '0'
 """
+# Flag the job for cancellation only while the record exists; returns whether it did.
+_CANCEL_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'cancel', '1')
+return 1
+"""
 # Append an event (trimmed to the newest ARGV[2]) only while the record exists; returns whether it did.
 _EVENT_IF_EXISTS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
 return 1
+"""
+# Count one request in the tenant's rate window KEYS[1] (kept ARGV[1] seconds); returns the count.
+_COUNT_REQUEST = """
+local n = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return n
+"""
+# The same, and read the fields ARGV[2..] of the job record KEYS[2]: a status poll in one round trip.
+_COUNT_AND_READ = """
+local n = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+local values = redis.call('HMGET', KEYS[2], unpack(ARGV, 2))
+table.insert(values, 1, n)
+return values
 """
 ACTIVE_CAP_RETRY_AFTER_S = 30
 
@@ -98,9 +123,12 @@ def redis_errors() -> Iterator[None]:
         raise BrokerUnavailable(f"job store (Redis) unavailable: {type(exc).__name__}: {exc}") from None
 
 
+_CLIENT_OPTIONS = {"decode_responses": True, "socket_connect_timeout": 5, "socket_timeout": 15,
+                   "health_check_interval": 30, "retry_on_timeout": True}
+
+
 def connect(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5, socket_timeout=15,
-                                health_check_interval=30, retry_on_timeout=True)
+    return redis.Redis.from_url(url, **_CLIENT_OPTIONS)
 
 
 def body_hash(body: Any) -> str:
@@ -110,6 +138,17 @@ def body_hash(body: Any) -> str:
 def is_complete(record: dict) -> bool:
     """A record with every field the contract's Job needs (not one a stray write left behind)."""
     return all(record.get(field) for field in RECORD_FIELDS)
+
+
+def is_job_id(job_id: str) -> bool:
+    return job_id.startswith("job_") and len(job_id) <= 64
+
+
+def owned_job(record: dict | None, tenant: str, job_id: str) -> dict:
+    """The record if it is the tenant's job; another tenant's job is as absent as a missing one."""
+    if record is None or not is_complete(record) or record["tenant"] != tenant:
+        raise NotFound(f"no job {job_id!r}", param="id")
+    return record
 
 
 def public_job(record: dict) -> dict:
@@ -150,6 +189,7 @@ class JobStore:
         self.send = send
         self._progress_if_exists = client.register_script(_PROGRESS_IF_EXISTS)
         self._event_if_exists = client.register_script(_EVENT_IF_EXISTS)
+        self._cancel_if_exists = client.register_script(_CANCEL_IF_EXISTS)
 
     @classmethod
     def from_settings(cls, settings: Settings, send: Send | None = None,
@@ -182,6 +222,9 @@ class JobStore:
 
     def _open(self, tenant: str) -> str:
         return f"{self.p}:open:{tenant}"
+
+    def _rate(self, tenant: str, now: float) -> str:
+        return f"{self.p}:rate:{tenant}:{int(now // 60)}"
 
     def _by_metadata(self, tenant: str, key: str, value: str) -> str:
         return f"{self.p}:jobs:{tenant}:m:{hashlib.sha256(f'{key}={value}'.encode()).hexdigest()[:32]}"
@@ -275,19 +318,11 @@ class JobStore:
                               retry_after=ACTIVE_CAP_RETRY_AFTER_S)
         self.r.srem(self._open(tenant), *stale)  # changes the watched set: the transaction retries with it
 
-    def check_rate(self, tenant: str) -> None:
-        """Count one request of `tenant` in this minute's window; RateLimited past `rate_limit`."""
-        if not self.rate_limit:
-            return
-        now = time.time()
-        window = int(now // 60)
-        key = f"{self.p}:rate:{tenant}:{window}"
-        with redis_errors(), self.r.pipeline() as pipe:
-            pipe.incr(key)
-            pipe.expire(key, 120)
-            count = pipe.execute()[0]
-        if count > self.rate_limit:
-            retry_after = max(1, math.ceil((window + 1) * 60 - now))
+    def rate_verdict(self, count: int, now: float) -> None:
+        """RateLimited, with the seconds left in the window, when `count` requests this minute are too many (the
+        count itself is kept by `AsyncJobReads`, in the API)."""
+        if self.rate_limit and count > self.rate_limit:
+            retry_after = max(1, math.ceil((int(now // 60) + 1) * 60 - now))
             raise RateLimited(f"more than {self.rate_limit} requests this minute (MERGELINE_RATE_LIMIT)",
                               retry_after=retry_after)
 
@@ -315,7 +350,7 @@ class JobStore:
             return self.r.hgetall(self._job(op_id)) or None
 
     def load(self, job_id: str) -> dict | None:
-        if not job_id.startswith("job_") or len(job_id) > 64:
+        if not is_job_id(job_id):
             return None
         with redis_errors():
             record = self.r.hgetall(self._job(job_id))
@@ -323,10 +358,7 @@ class JobStore:
 
     def get(self, tenant: str, job_id: str) -> dict:
         """The tenant's job; another tenant's job is as absent as a missing one."""
-        record = self.load(job_id)
-        if record is None or record["tenant"] != tenant:
-            raise NotFound(f"no job {job_id!r}", param="id")
-        return record
+        return owned_job(self.load(job_id), tenant, job_id)
 
     def list(self, tenant: str, *, lineage: str | None = None, status: str | None = None, limit: int = 20,
              after: str | None = None, metadata: dict[str, str] | None = None) -> tuple[list[dict], bool]:
@@ -372,20 +404,25 @@ class JobStore:
             return [json.loads(e) for e in self.r.lrange(self._events(job_id), start, -1)]
 
     def request_cancel(self, tenant: str, job_id: str) -> dict:
-        """A queued job is cancelled now; a running one is flagged and stops at its next step boundary."""
+        """A queued job is cancelled now; a running one is flagged and stops at its next step boundary. A record
+        that vanishes meanwhile (Redis restarted without its data) is a missing job: nothing is written for it."""
         record = self.get(tenant, job_id)
         if record["status"] in FINAL:
             return record
-        with redis_errors():
-            self.r.hset(self._job(job_id), "cancel", "1")
-            if record["status"] == "queued":
-                final = self.finish(job_id, None, "cancelled", error={"type": "cancelled",
-                                                                      "message": "cancelled before it started"})
-                if final is not None:
-                    self.kick(record["tenant"], record["lineage"])
-                    return final
-            self.add_event(job_id, "cancel_requested", "cancellation requested; stops at the next step")
-            return self.load(job_id) or record
+        try:
+            with redis_errors():
+                if not self._cancel_if_exists(keys=[self._job(job_id)]):
+                    raise RecordLost(job_id)
+                if record["status"] == "queued":
+                    final = self.finish(job_id, None, "cancelled", error={"type": "cancelled",
+                                                                          "message": "cancelled before it started"})
+                    if final is not None:
+                        self.kick(record["tenant"], record["lineage"])
+                        return final
+                self.add_event(job_id, "cancel_requested", "cancellation requested; stops at the next step")
+        except RecordLost:
+            raise NotFound(f"no job {job_id!r}", param="id") from None
+        return self.load(job_id) or record
 
     def counts(self) -> dict[str, int]:
         with redis_errors():
@@ -626,6 +663,59 @@ class JobStore:
             if job_id:
                 sent.append(job_id)
         return sent
+
+
+class AsyncJobReads:
+    """What the API does with Redis on every request, on asyncio so that it costs no thread hop: count the
+    tenant's request for the rate limit (`JobStore.rate_verdict`), and read a job for a status poll, both in one
+    round trip. A client belongs to one event loop, so there is one per loop (uvicorn runs one; test clients may
+    start several)."""
+
+    def __init__(self, jobs: JobStore, url: str):
+        self.jobs = jobs
+        self.url = url
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: redis.asyncio.Redis | None = None
+
+    def _redis(self) -> redis.asyncio.Redis:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            self._client, self._loop = redis.asyncio.Redis.from_url(self.url, **_CLIENT_OPTIONS), loop
+            # Sent as EVALSHA, and loaded first when Redis does not know them (a restarted Redis).
+            self._count_request = self._client.register_script(_COUNT_REQUEST)
+            self._count_and_read = self._client.register_script(_COUNT_AND_READ)
+        return self._client
+
+    async def check_rate(self, tenant: str) -> None:
+        """Count one request of `tenant` in this minute's window; RateLimited past the limit."""
+        if not self.jobs.rate_limit:
+            return
+        now = time.time()
+        self._redis()
+        with redis_errors():
+            count = await self._count_request(keys=[self.jobs._rate(tenant, now)], args=[RATE_WINDOW_TTL_S])
+        self.jobs.rate_verdict(count, now)
+
+    async def poll(self, tenant: str, job_id: str) -> dict:
+        """The tenant's job (the Job object's fields, not its spec), the request counted as `check_rate` does."""
+        if not is_job_id(job_id):
+            await self.check_rate(tenant)
+            return owned_job(None, tenant, job_id)
+        now = time.time()
+        client = self._redis()
+        with redis_errors():
+            if self.jobs.rate_limit:
+                count, *values = await self._count_and_read(keys=[self.jobs._rate(tenant, now), self.jobs._job(job_id)],
+                                                            args=[RATE_WINDOW_TTL_S, *JOB_FIELDS])
+            else:
+                count, values = 0, await client.hmget(self.jobs._job(job_id), JOB_FIELDS)
+        self.jobs.rate_verdict(count, now)
+        return owned_job({f: v for f, v in zip(JOB_FIELDS, values, strict=True) if v is not None}, tenant, job_id)
+
+    async def aclose(self) -> None:
+        if self._client is not None and self._loop is asyncio.get_running_loop():
+            await self._client.aclose()
+        self._client = None
 
 
 def _event(type: str, message: str, data: dict | None = None) -> str:

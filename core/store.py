@@ -38,7 +38,7 @@ from core.digests import CHUNK, file_sha256
 from core.errors import Conflict, InvalidInput, MergelineError, NotFound, StoreUnavailable
 from core.ids import utc_now
 from core.names import is_lineage_name, is_tenant_name
-from core.objects import store_for_root
+from core.objects import s3_copy_in_parts, s3_location, store_for_root
 
 log = logging.getLogger("mergeline.store")
 
@@ -50,6 +50,8 @@ TUNED_HEAD_FILE = "head.safetensors"  # the name a head re-fitted by the job is 
 TASKS_FOLDER = "tasks/"  # a version's task eval sets and heads
 PURGE_FOLDER = "_purge"  # _purge/{tenant}/{lineage}.json: deleted lineages awaiting purge ("_" starts no tenant)
 CARRIED_KEYS = ("base", "method", "params", "metrics", "code_version", "device")  # what a copied version keeps
+# An S3 object larger than this is copied in parts of this size (one CopyObject takes at most 5 GiB).
+COPY_PART_BYTES = 1 << 30
 
 
 def version_folder(version: int) -> str:
@@ -135,10 +137,12 @@ def _safe_rel_path(path: str) -> str:
 
 
 class LineageStore:
-    def __init__(self, root: str, *, claim_ttl_s: float = 900.0):
+    def __init__(self, root: str, *, claim_ttl_s: float = 900.0, copy_part_bytes: int = COPY_PART_BYTES):
         self.root = root
         self.claim_ttl_s = claim_ttl_s
+        self.copy_part_bytes = copy_part_bytes
         self._store = store_for_root(root)
+        self._s3 = s3_location(root)
 
     # -- low level -------------------------------------------------------------------------------------------
     def _key(self, tenant: str, lineage: str, *parts: str) -> str:
@@ -195,6 +199,16 @@ class LineageStore:
 
         with open(local, "rb") as f:
             self._call(obstore.put, self._store, key, f, chunk_size=CHUNK)
+
+    def _copy(self, src: str, dest: str, size: int) -> None:
+        """Copy an object within the store, on the server; an S3 object over `copy_part_bytes` in parts."""
+        import obstore
+
+        if self._s3 is not None and size > self.copy_part_bytes:
+            bucket, prefix = self._s3
+            self._call(s3_copy_in_parts, bucket, prefix + src, prefix + dest, part_bytes=self.copy_part_bytes)
+        else:
+            self._call(obstore.copy, self._store, src, dest)
 
     def ping(self) -> None:
         """Raise StoreUnavailable unless the store answers."""
@@ -515,8 +529,6 @@ class LineageStore:
                      manifest: dict, job_id: str) -> dict:
         """Commit version head+1 of `name` from files already in the store, (lineage, version, manifest entry)
         each, copied within the store; the same steps as `commit_version`. Returns the manifest as stored."""
-        import obstore
-
         parent = lineage["head"]
         version = parent + 1
         self._claim(tenant, name, version, job_id)
@@ -524,7 +536,7 @@ class LineageStore:
             src = self._key(tenant, src_name, version_folder(src_version), entry["path"])
             dest = self._key(tenant, name, version_folder(version), _safe_rel_path(entry["path"]))
             try:
-                self._call(obstore.copy, self._store, src, dest)
+                self._copy(src, dest, entry["bytes"])
             except FileNotFoundError:
                 raise StoreUnavailable(f"{version_file_label(src_version, entry['path'])} of {src_name!r} is "
                                        "missing from the store") from None

@@ -51,6 +51,7 @@ def job_store(settings: Settings, send: Callable[[str], None] | None) -> tuple[J
 # -- the API process ----------------------------------------------------------------------------------------------
 def api_services(settings: Settings, send: Callable[[str], None] | None = None) -> Services:
     """Connections for one API app. `send` enqueues a job id (default: a Celery producer from the settings)."""
+    from core.jobs import AsyncJobReads
     from core.metrics import RedisMetrics, ServiceCollector
     from core.queue import make_celery, send_job
     from service.api.deps import Services, TokenTable
@@ -78,7 +79,8 @@ def api_services(settings: Settings, send: Callable[[str], None] | None = None) 
 
     return Services(settings=settings, jobs=jobs, store=lineage_store(settings),
                     tokens=TokenTable(settings.tenants_by_token()), metrics=metrics,
-                    collector=ServiceCollector(jobs, metrics, broker_depth), broker_check=broker_check)
+                    collector=ServiceCollector(jobs, metrics, broker_depth),
+                    reads=AsyncJobReads(jobs, settings.job_redis_url()), broker_check=broker_check)
 
 
 def api_app(settings: Settings | None = None) -> FastAPI:

@@ -157,3 +157,38 @@ def test_cli_rollback_fork_delete_on_a_local_store(tmp_path, monkeypatch):
     assert missing.exit_code == 1 and "not_found" in missing.output
     bad = CliRunner().invoke(cli, ["lineage", "fork", "lin-fork", "x", *local[:-1]])
     assert bad.exit_code == 1 and "NAME@VERSION" in bad.output
+
+
+def test_s3_copies_larger_than_a_part_are_made_in_parts(s3_endpoint, s3_bucket, tmp_path):
+    """One S3 CopyObject takes at most 5 GiB: a rollback or fork copies a larger file in parts on the server
+    (UploadPartCopy). Here the part size is S3's smallest (5 MiB) and the model file 2.5 parts; the small method
+    state is one plain copy."""
+    import hashlib
+    import os
+
+    import boto3
+
+    from core.errors import StoreUnavailable
+
+    part = 5 << 20
+    store = LineageStore(f"s3://{s3_bucket}/prefix", copy_part_bytes=part)
+    model, state = tmp_path / "model.safetensors", tmp_path / "state.safetensors"
+    model.write_bytes(os.urandom(2 * part + part // 2))
+    state.write_bytes(b"state")
+    store.commit_version("acme", "lin", parent=0, base=BASE, job_id="job_1",
+                         files=[FileToCommit("model.safetensors", model), FileToCommit("state.safetensors", state)],
+                         manifest={"method": "opcm", "tasks": [], "metrics": {}})
+    assert store.rollback("acme", "lin", 1, job_id="op_r")["version"] == 2
+    store.fork("acme", "lin", 1, "fork", job_id="op_f")
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    for version in ("lin/v2", "fork/v1"):
+        etag = s3.head_object(Bucket=s3_bucket, Key=f"prefix/acme/{version}/model.safetensors")["ETag"].strip('"')
+        assert etag.endswith("-3"), f"{version}: copied in three parts, not at once ({etag})"
+        etag = s3.head_object(Bucket=s3_bucket, Key=f"prefix/acme/{version}/state.safetensors")["ETag"].strip('"')
+        assert "-" not in etag, f"{version}: a small file is one copy"
+    store.download_version("acme", "fork", 1, tmp_path / "out")  # checks every file's sha256 against the manifest
+    assert hashlib.sha256((tmp_path / "out" / "model.safetensors").read_bytes()).digest() == \
+        hashlib.sha256(model.read_bytes()).digest()
+    s3.delete_object(Bucket=s3_bucket, Key="prefix/acme/lin/v1/model.safetensors")
+    with pytest.raises(StoreUnavailable, match="missing from the store"):
+        store.rollback("acme", "lin", 1, job_id="op_gone")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -128,7 +129,13 @@ def create_app(services: Services) -> FastAPI:
     """The API over `services` (built by the entry point: `uvicorn --factory mergeline.compose:api_app`)."""
     settings = services.settings
     logs.configure(settings.log_level)
-    app = FastAPI(title="Mergeline", version=core.__version__,
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        await services.reads.aclose()
+
+    app = FastAPI(title="Mergeline", version=core.__version__, lifespan=lifespan,
                   description="Continual model merging as a service: submit merge jobs, follow them, read lineages.")
     app.state.services = services
     for router in (jobs.router, lineages.router, ops.router):

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -97,6 +98,41 @@ def test_submit_get_list_cancel(client, sent):
     assert cancelled["status"] == "cancelled" and cancelled["finished_at"]
     events = client.get(f"/v1/jobs/{job['id']}/events", headers=A).json()["data"]
     assert [e["type"] for e in events] == ["queued", "cancelled"]
+
+
+def test_status_polls_count_against_the_rate_limit(settings, sent):
+    """The poll counts its request in the same round trip as its read: the limit holds for it as for every route."""
+    if time.time() % 60 > 55:  # the counts below must fall in one minute's window
+        time.sleep(60 - time.time() % 60 + 0.1)
+    limited = settings.model_copy(update={"rate_limit": 5})
+    with TestClient(create_app(api_services(limited, send=sent.append)), raise_server_exceptions=False) as client:
+        job = client.post("/v1/jobs", headers=A, json=SPEC).json()
+        paths = (f"/v1/jobs/{job['id']}", "/v1/jobs/job_missing", "/v1/jobs/nope", f"/v1/jobs/{job['id']}")
+        answers = [client.get(path, headers=A).status_code for path in paths]
+        assert answers == [200, 404, 404, 200]
+        over = client.get(f"/v1/jobs/{job['id']}", headers=A)
+        assert over.status_code == 429 and error_of(over)["type"] == "rate_limited"
+        assert 1 <= int(over.headers["Retry-After"]) <= 60
+        assert client.get("/v1/jobs", headers=A).status_code == 429, "one count per tenant, whatever the route"
+        assert client.get(f"/v1/jobs/{job['id']}", headers=G).status_code == 404, "another tenant has its own count"
+        assert client.get(f"/v1/jobs/{job['id']}", headers={"Authorization": "Bearer nope"}).status_code == 401
+
+
+def test_a_cancel_whose_record_vanishes_is_a_404(client):
+    """Redis comes back empty while the cancel runs: the caller gets a 404, and nothing of the job is re-created."""
+    job = client.post("/v1/jobs", headers=A, json=SPEC).json()
+    jobs = client.app.state.services.jobs
+    read = jobs.get
+
+    def read_then_lose(tenant: str, job_id: str) -> dict:
+        found = read(tenant, job_id)
+        jobs.r.delete(jobs._job(job_id), jobs._events(job_id))
+        return found
+
+    jobs.get = read_then_lose
+    response = client.post(f"/v1/jobs/{job['id']}/cancel", headers=A)
+    assert response.status_code == 404 and error_of(response)["type"] == "not_found"
+    assert not jobs.r.exists(jobs._job(job["id"]), jobs._events(job["id"]))
 
 
 def test_idempotency_key_over_http(client):

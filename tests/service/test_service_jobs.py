@@ -162,6 +162,28 @@ def test_a_vanished_record_is_never_recreated_and_a_partial_one_reads_as_absent(
     assert jobs.r.ttl(jobs._job(record["id"])) > 0
 
 
+@pytest.mark.parametrize("status", ["queued", "running"])
+def test_a_cancel_landing_after_the_record_vanished_writes_nothing(jobs, monkeypatch, status):
+    """Redis comes back empty between the cancel's read and its write: the cancel finds no job, and leaves no
+    partial hash or event list behind (a partial hash would also stop the worker recording how the job ended)."""
+    record = submit(jobs)
+    if status == "running":
+        record = jobs.acquire(record["id"], "tok").record
+    read = jobs.get
+
+    def read_then_lose(tenant: str, job_id: str) -> dict:
+        found = read(tenant, job_id)
+        jobs.r.delete(jobs._job(job_id), jobs._events(job_id))  # what a restart without persistence leaves
+        return found
+
+    monkeypatch.setattr(jobs, "get", read_then_lose)
+    with pytest.raises(NotFound):
+        jobs.request_cancel("acme", record["id"])
+    assert not jobs.r.exists(jobs._job(record["id"]), jobs._events(record["id"]))
+    final = jobs.record_lost(record, "cancelled", error={"type": "cancelled", "message": "cancelled"})
+    assert final is not None and final["status"] == "cancelled"
+
+
 def test_a_job_is_not_sent_again_while_its_message_waits(jobs, sent):
     record = submit(jobs)
     assert sent == [record["id"]]

@@ -17,7 +17,7 @@ from core.names import LINEAGE_PATTERN
 from core.spec import MAX_METADATA_VALUE, METADATA_KEY, parse_body, parse_job_spec
 from core.statuses import FINAL
 from core.uris import check_submission_policy
-from service.api.deps import Jobs, Tenant
+from service.api.deps import Caller, Jobs, Reads, Tenant
 from service.api.models import ERROR_RESPONSES, EventList, Job, JobList, JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
@@ -71,8 +71,9 @@ def _metadata_filter(request: Request) -> dict[str, str]:
 
 
 @router.get("/{job_id}", response_model=Job)
-def get_job(job_id: str, tenant: Tenant, jobs: Jobs) -> Any:
-    return public_job(jobs.get(tenant, job_id))
+async def get_job(job_id: str, caller: Caller, reads: Reads) -> Any:
+    # The status poll: the caller's rate count and the read in one round trip to Redis, on the event loop.
+    return public_job(await reads.poll(caller, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=Job)
