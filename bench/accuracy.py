@@ -21,23 +21,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import shutil
 import statistics
 import sys
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor
 
 from bench.common import CACHE, DOCS, write_result
 from bench.suite import SUITES, get_suite, task_orders
 
 # label: (method, params, head tuning). Everything else is the method's defaults (core/methods.py). The paper's own
-# mode comes first: OTMF without replay (pre_data "current": D_pre is the current task's calibration inputs). The
+# mode comes first: OTMF without replay (pre_data "current": D_pre is the current task's calibration inputs), at the
+# α that mode scored best with on the validation split (bench/results/otmf_select.json). The
 # reservoir stores unlabelled inputs of earlier tasks and replays them, an extension. "+heads" labels give every job
 # the task's labelled head_data, so the step ends with the paper's head tuning; they are not data-free, so task
 # arithmetic is run with the same labels to compare like with like.
 METHODS: dict[str, tuple[str, dict, bool]] = {
-    "otmf-paper": ("otmf", {"pre_data": "current"}, False),
-    "otmf-paper+heads": ("otmf", {"pre_data": "current"}, True),
+    "otmf-paper": ("otmf", {"pre_data": "current", "alpha": 0.8}, False),
+    "otmf-paper+heads": ("otmf", {"pre_data": "current", "alpha": 0.8}, True),
     "otmf-replay": ("otmf", {"pre_data": "reservoir"}, False),
     "otmf-replay+heads": ("otmf", {"pre_data": "reservoir"}, True),
     "task_arithmetic": ("task_arithmetic", {}, False),
@@ -88,6 +91,34 @@ def summarise(run: dict, individual: dict[str, float]) -> dict:
     }
 
 
+_context: dict = {}
+
+
+def _worker_init(context: dict) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    _context.update(context)
+
+
+def _run_one(work: tuple) -> dict:
+    """One lineage of one method and task order, in a worker; a failure is reported, the other runs go on."""
+    label, k, order, params = work
+    method, _, tune_heads = METHODS[label]
+    c, lineage = _context, f"{label.replace('_', '-').replace('+', '-')}-o{k}"
+    print(f"[accuracy] {label} order {k}: {' → '.join(order)}", flush=True)
+    try:
+        run = run_lineage(c["suite"], order, method, params, lineage=lineage, store=c["store"],
+                          settings=c["settings"], tune_heads=tune_heads)
+    except Exception as exc:  # a method that has not landed yet, or fails
+        traceback.print_exc()
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    run.update(summarise(run, c["individual"]))
+    print(f"[accuracy] {label} order {k}: avg {run['avg_accuracy']:.4f} norm {run['normalized']:.4f} "
+          f"bwt {run['bwt']:+.4f} ({run['seconds']:.0f} s)", flush=True)
+    return run
+
+
 def spread(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "spread": (max(values) - min(values)) / 2, "values": values}
 
@@ -103,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--name", default=None, help="result file name under bench/results (default: accuracy, "
                         "then -SUITE unless image, then -validation for the validation split)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--jobs", type=int, default=1, help="lineages run at once, one torch thread each")
     args = parser.parse_args(argv)
 
     from core.settings import Settings
@@ -122,25 +154,22 @@ def main(argv: list[str] | None = None) -> dict:
     if args.otmf_steps:
         otmf_extra["steps"] = args.otmf_steps
 
+    labels = args.methods.split(",")
+    work = [(label, k, order, {**METHODS[label][1], **(otmf_extra if METHODS[label][0] == "otmf" else {})})
+            for label in labels for k, order in enumerate(orders)]
+    context = {"suite": suite, "store": store, "settings": settings, "individual": individual}
+    # Forked workers inherit the suite, the store and a validation view's seal on the eval data.
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork"),
+                             initializer=_worker_init, initargs=(context,)) as pool:
+        done = dict(zip([(w[0], w[1]) for w in work], pool.map(_run_one, work), strict=True))
+
     methods: dict[str, dict] = {}
-    for label in args.methods.split(","):
-        method, params, tune_heads = METHODS[label]
-        params = {**params, **(otmf_extra if method == "otmf" else {})}
-        runs, error = [], None
-        for k, order in enumerate(orders):
-            lineage = f"{label.replace('_', '-').replace('+', '-')}-o{k}"
-            print(f"[accuracy] {label} order {k}: {' → '.join(order)}", flush=True)
-            try:
-                run = run_lineage(suite, order, method, params, lineage=lineage, store=store, settings=settings,
-                                  tune_heads=tune_heads)
-            except Exception as exc:  # a method that has not landed yet, or fails: report it, keep the others
-                error = f"{type(exc).__name__}: {exc}"
-                traceback.print_exc()
-                break
-            run.update(summarise(run, individual))
-            print(f"[accuracy] {label} order {k}: avg {run['avg_accuracy']:.4f} norm {run['normalized']:.4f} "
-                  f"bwt {run['bwt']:+.4f} ({run['seconds']:.0f} s)", flush=True)
-            runs.append(run)
+    for label in labels:
+        method, _, tune_heads = METHODS[label]
+        params = next(w[3] for w in work if w[0] == label)
+        outcomes = [done[(label, k)] for k in range(len(orders))]
+        runs = [o for o in outcomes if "error" not in o]
+        error = next((o["error"] for o in outcomes if "error" in o), None)
         entry: dict = {"label": LABELS[label], "method": method, "params": params, "head_tuning": tune_heads,
                        "runs": runs}
         if error:

@@ -1,6 +1,8 @@
-"""Writes docs/benchmarks.md from the result files of the bench scripts (bench/results/*.json).
+"""Writes docs/benchmarks.md from the result files of the bench scripts (bench/results/*.json), the prose from
+bench/notes.md. Each part sits between `<!-- name -->` markers; a part whose result file is missing (measured
+before result files were kept) keeps its text from the doc as it stands.
 
-    .venv/bin/python -m bench.report [--command "bench/run_all"] [--seconds N]
+    .venv/bin/python -m bench.report [--command "bench/run_all"] [--seconds N] [--notes bench/notes.md]
 """
 
 from __future__ import annotations
@@ -370,13 +372,34 @@ def splice_section(doc: Path, name: str, lines: list[str]) -> None:
     doc.write_text(text)
 
 
+def marked(name: str, lines: list[str]) -> list[str]:
+    return [f"<!-- {name} -->", *lines, f"<!-- /{name} -->", ""]
+
+
+def previous_block(text: str, name: str) -> list[str] | None:
+    """The lines between `name`'s markers in the doc as it stands, if it has them."""
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    if start not in text or end not in text:
+        return None
+    return text[text.index(start) + len(start): text.index(end)].strip("\n").split("\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--command", default="bench/run_all")
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--notes", default=None, help="a markdown file whose text is inserted after the header")
     args = parser.parse_args(argv)
-    acc, peers, cost, svc = (read_result(n) for n in ("accuracy", "peers", "engine_cost", "service_load"))
+    names = ("accuracy", "accuracy-validation", "otmf_select", "accuracy-text", "peers", "engine_cost",
+             "service_load", "lora_cost")
+    r = {n: read_result(n) for n in names}
+    old = DOC.read_text() if DOC.exists() else ""
+
+    def section(name: str, result: dict | None, lines: list[str]) -> list[str]:
+        # A part measured before its result file was kept keeps its text until it runs again.
+        kept = previous_block(old, name) if result is None else None
+        return marked(name, kept if kept is not None else lines)
+
     m = machine()
     lines = [
         "# Benchmarks",
@@ -389,24 +412,32 @@ def main(argv: list[str] | None = None) -> None:
     ]
     if args.notes and Path(args.notes).exists():
         lines += [Path(args.notes).read_text().strip(), ""]
-    lines += targets_section(acc, cost)
-    lora = read_result("lora_cost")
-    for section in (accuracy_section(acc), peers_section(peers), cost_section(cost), otmf_memory_section(),
-                    service_section(svc), lora_section(lora)):
-        lines += section
-    results = [(n, x) for n, x in (("accuracy", acc), ("peers", peers), ("engine_cost", cost),
-                                   ("service_load", svc), ("lora_cost", lora)) if x]
-    names = ("big_merge.json", "big_merge_small.json")
-    big = [p for p in (ROOT / "bench" / "results" / n for n in names) if p.exists()]
+    lines += marked("targets", targets_section(r["accuracy"], r["engine_cost"]))
+    lines += marked("accuracy", accuracy_section(r["accuracy"], "## 1. Continual-merging accuracy: image suite, eval"))
+    lines += marked("accuracy-validation", [
+        *selection_section(r["otmf_select"], "## 1a. Choosing OTMF's defaults: image suite, validation split"),
+        *accuracy_section(r["accuracy-validation"], "### The data-free methods on the validation split",
+                          "benchmarks-accuracy-validation.png")])
+    lines += marked("accuracy-text", accuracy_section(
+        r["accuracy-text"], "## 1b. Continual-merging accuracy: text suite (report only)",
+        "benchmarks-accuracy-text.png"))
+    lines += section("peers", r["peers"], peers_section(r["peers"]))
+    lines += section("engine-cost", r["engine_cost"], cost_section(r["engine_cost"]))
+    for name, part in (("otmf-memory", otmf_memory_section()), ("service", service_section(r["service_load"])),
+                       ("lora", lora_section(r["lora_cost"]))):
+        lines += marked(name, part)
+    big = [p for p in (ROOT / "bench" / "results" / n for n in ("big_merge.json", "big_merge_small.json"))
+           if p.exists()]
     if big:  # the 3 B run where there is one, else the small one
-        lines += ["<!-- big-merge -->", *big_merge_section(json.loads(big[0].read_text())), "<!-- /big-merge -->", ""]
-    lines += ["## When and where each part was measured", "", "| part | written | machine load (1-min avg) |",
-              "| --- | --- | ---: |"]
-    for name, x in results:
-        lines.append(f"| {name} | {x.get('generated_at')} | {x.get('machine', {}).get('load_avg_1m')} |")
-        for part, info in (x.get("parts_measured") or {}).items():
-            lines.append(f"| {name}: {part} | {info.get('generated_at')} | {info.get('load_avg_1m')} |")
-    lines.append("")
+        lines += marked("big-merge", big_merge_section(json.loads(big[0].read_text())))
+    when = ["## When and where each part was measured", "", "| part | written | machine load (1-min avg) |",
+            "| --- | --- | ---: |"]
+    for name, x in r.items():
+        if x:
+            when.append(f"| {name} | {x.get('generated_at')} | {x.get('machine', {}).get('load_avg_1m')} |")
+            for part, info in (x.get("parts_measured") or {}).items():
+                when.append(f"| {name}: {part} | {info.get('generated_at')} | {info.get('load_avg_1m')} |")
+    lines += marked("when", when)
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text("\n".join(lines))
     print(f"wrote {DOC}")

@@ -78,7 +78,7 @@ class OTMFParams(CommonParams):
         "none", description="none: real-valued masks; clamp: kept in [0, 1] after every update; sigmoid: "
                             "sigmoid of a learnt logit (masks that select components, as the paper describes them)")
     mask_update: Literal["alternate", "joint"] = Field(
-        "alternate", description="alternate: the paper's scheme, M_pre on D_pre against the head and M_post on D_t "
+        "joint", description="alternate: the paper's scheme, M_pre on D_pre against the head and M_post on D_t "
                                  "against θ_t on alternate iterations; joint: both masks every iteration on the sum "
                                  "of both losses, the objective the held-out check scores")
     mask_granularity: Literal["element", "row", "tensor"] = Field(
