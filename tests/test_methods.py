@@ -353,7 +353,7 @@ def test_otmf_first_step_is_the_first_checkpoint(world: World):
     assert out.state.tensors["reservoir.task_index"].tolist() == [0] * 10
 
 
-TWO_TASK = OTMFParams(alpha=0.5, steps=60, seed=0)
+TWO_TASK = OTMFParams(alpha=0.5, steps=60, seed=0, mask_update="alternate")  # the paper's scheme, side by side
 
 
 @dataclass
@@ -512,7 +512,7 @@ def test_otmf_pre_iterations_train_only_the_pre_mask(world: World):
     base = world.base
     head = {k: world.tasks[0][k] if k == "0.weight" else v for k, v in base.items()}
     task = {k: world.tasks[1][k] if k == "5.weight" else v for k, v in base.items()}
-    params = OTMFParams(steps=1, eval_every=1, alpha=0.05, lr=0.05)
+    params = OTMFParams(steps=1, eval_every=1, alpha=0.05, lr=0.05, mask_update="alternate")
     reservoir = step("otmf", world, base, 0, MethodState(), params).state  # D_pre: task 0's inputs
     out = get_method("otmf").step(
         StepInput(
@@ -569,7 +569,7 @@ def test_otmf_bounded_masks_stay_in_the_unit_interval(world: World, bound: str):
 
 def test_otmf_epochs_are_passes_over_the_task_calibration_data(world: World):
     calls: list[tuple] = []
-    params = OTMFParams(epochs=2, pre_data="current", eval_every=5)
+    params = OTMFParams(epochs=2, pre_data="current", eval_every=5, mask_update="alternate")
     out = step("otmf", world, world.tasks[0], 1, MethodState(), params, lambda *a: calls.append(a))
     # 96 inputs: 16 held out, 80 for training = 5 batches of 16 per pass; each pass updates both masks per batch.
     assert out.metrics["iterations"] == 2 * 2 * 5 == len(calls) and calls[-1][:2] == (20, 20)

@@ -36,9 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.suite import CACHE
+from bench.suite import TEXT_SUITE_DIR
 
-TEXT_SUITE_DIR = CACHE / "text-suite"
 SUITE_VERSION = 1
 CONFIG = {"version": SUITE_VERSION, "seed": 0, "steps": 80, "batch_size": 16, "lr": 1e-4, "head_lr": 3e-3,
           "train_size": 1500, "eval_size": 500, "validation_size": 250, "calib_size": 256, "head_fraction": 0.25}
