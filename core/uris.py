@@ -11,6 +11,7 @@ lineage store. Every input's sha256 is recorded for the manifest.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shutil
 import urllib.parse
@@ -111,7 +112,7 @@ class UriReader:
         self.tenant = tenant
         self._roots = settings.allowed_root_paths()
         self._store = StoreLocation.of(settings.store)
-        self._count = 0
+        self._count = itertools.count(1)  # fetches may run on several threads
 
     def fetch(self, uri: str, *, field: str | None = None) -> Fetched:
         try:
@@ -268,9 +269,8 @@ class UriReader:
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _dest(self, uri: str, *, is_dir: bool = False) -> Path:
-        self._count += 1
         name = Path(urllib.parse.urlsplit(uri).path.rstrip("/")).name or "download"
-        dest = self.workdir / "inputs" / f"{self._count:03d}" / name
+        dest = self.workdir / "inputs" / f"{next(self._count):03d}" / name
         if is_dir:
             shutil.rmtree(dest, ignore_errors=True)
             dest.mkdir(parents=True)
