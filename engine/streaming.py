@@ -15,6 +15,9 @@ not by the largest tensor; OPCM, which needs whole matrices, sees whole tensors.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import itertools
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -35,6 +38,8 @@ from engine.tensorfiles import (
 )
 
 PIECE_NUMEL = 1 << 22  # elements per block of rows (16 MB in float32)
+KEPT_BLOCK_BYTES = 32 * 2**20  # malloc serves blocks up to this size from its heap (glibc's own ceiling)
+KEPT_FREE_BYTES = 256 * 2**20  # and keeps up to this much freed heap for reuse
 MAX_RECOMPUTED = 4  # unwritten steps a head may stand on: a read holds a few blocks per step
 SCRATCH_SHARD_BYTES = 1 << 62  # scratch towers are one file each
 _counter = itertools.count()
@@ -162,6 +167,18 @@ def scratch_sink(folder: Path, shapes: Mapping[str, tuple[int, ...]],
     return WriterSink(writer, {k: k for k in shapes}, pieces)
 
 
+@functools.cache
+def reuse_freed_blocks() -> None:
+    """Have glibc's malloc reuse freed blocks of a block's size instead of mapping fresh pages for each: every read
+    and every operation of a streamed merge allocates a block and frees it soon after, and the kernel zero-fills each
+    freshly mapped page (a fifth of the merge's CPU time). Peak memory is unchanged; other C libraries are left be."""
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None)
+        libc.mallopt(m_mmap_threshold, KEPT_BLOCK_BYTES)
+        libc.mallopt(m_trim_threshold, KEPT_FREE_BYTES)
+
+
 class Streaming:
     """Where a streamed job's steps write: scratch files under `work`, the last step into the version through
     `final(pieces)` (the family's `open_version`); `version` is then that sink, its `files` the version's."""
@@ -175,6 +192,7 @@ class Streaming:
         self.final = final
         self.version: WriterSink | None = None
         self.base_view = PieceView(base, self.pieces)
+        reuse_freed_blocks()
 
     def view(self, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """`tensors` by pieces (θ0 through one view for the whole job: its pieces, which every step reads, are
