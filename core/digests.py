@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,11 +17,17 @@ R = TypeVar("R")
 CHUNK = 8 * 2**20
 
 
-def file_sha256(path: Path) -> str:
+class Stopped(Exception):
+    """Hashing was stopped (`stop` was set) before the file's end."""
+
+
+def file_sha256(path: Path, stop: threading.Event | None = None) -> str:
     digest = hashlib.sha256()
     buffer = memoryview(bytearray(CHUNK))  # one buffer for the whole file: no fresh pages per chunk
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buffer):
+            if stop is not None and stop.is_set():
+                raise Stopped(path.name)
             digest.update(buffer[:n])
     return digest.hexdigest()
 
@@ -38,7 +45,7 @@ def in_parallel(fn: Callable[[T], R], items: list[T]) -> list[R]:
         return list(pool.map(fn, items))
 
 
-def cached_file_sha256(path: Path, cache_dir: Path) -> str:
+def cached_file_sha256(path: Path, cache_dir: Path, stop: threading.Event | None = None) -> str:
     """`file_sha256`, remembered per file identity and change times: every job of a lineage names the same base,
     and hashing it again each time dominated data-free jobs. ctime cannot be set by users (unlike mtime), so a
     rewritten file always misses the cache."""
@@ -49,7 +56,7 @@ def cached_file_sha256(path: Path, cache_dir: Path) -> str:
         known = entry.read_text()
         if len(known) == 64:
             return known
-    digest = file_sha256(path)
+    digest = file_sha256(path, stop)
     with contextlib.suppress(OSError):  # a cache that cannot be written only costs time
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")

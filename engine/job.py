@@ -182,19 +182,22 @@ def _staging(store: LineageStore, job_id: str) -> Iterator[Path | None]:
 
 def _merge(spec: JobSpec, plan: JobPlan, store: LineageStore, tenant: str, settings: Settings, work: Path,
            out_dir: Path, progress: Progress) -> tuple[JobInputs, MergeResult]:
-    """Fetch and read every input, then run the continual steps (nothing is written to the store)."""
-    base_file, tasks = _fetch_inputs(spec, plan, UriReader(settings, work, store=store, tenant=tenant), progress)
-    inputs = _read_inputs(spec, plan, store, tenant, base_file, tasks, work)
-    # Every input is read and checked; from here on only a cancellation or the store can stop the job.
-    # A data-free method streams: it reads every input tensor by tensor and writes the version (into
-    # `out_dir`, where `_version_files` finds it) as it goes.
-    open_version = partial(plan.family.open_version, inputs.loaded, out_dir, VersionFormat.of(spec.params))
-    stream = None if plan.method.data_driven else Streaming(
-        work / "steps", inputs.loaded.tower, open_version, elementwise=plan.method.elementwise)
-    merged = merge_steps(
-        plan.family, inputs.loaded, plan.method, spec.params, _step_tasks(plan, inputs), merged=inputs.head,
-        state=inputs.state, position=len(plan.merged_before), device=plan.device, evals=inputs.evals,
-        progress=progress, stream=stream)
+    """Fetch and read every input, then run the continual steps (nothing is written to the store). Local inputs
+    are hashed while the merge runs: their digests are all known when this returns."""
+    with UriReader(settings, work, store=store, tenant=tenant, background=True) as reader:
+        base_file, tasks = _fetch_inputs(spec, plan, reader, progress)
+        inputs = _read_inputs(spec, plan, store, tenant, base_file, tasks, work)
+        # Every input is read and checked; from here on only a cancellation, an input that can no longer be read
+        # or the store can stop the job. A data-free method streams: it reads every input tensor by tensor and
+        # writes the version (into `out_dir`, where `_version_files` finds it) as it goes.
+        open_version = partial(plan.family.open_version, inputs.loaded, out_dir, VersionFormat.of(spec.params))
+        stream = None if plan.method.data_driven else Streaming(
+            work / "steps", inputs.loaded.tower, open_version, elementwise=plan.method.elementwise)
+        merged = merge_steps(
+            plan.family, inputs.loaded, plan.method, spec.params, _step_tasks(plan, inputs), merged=inputs.head,
+            state=inputs.state, position=len(plan.merged_before), device=plan.device, evals=inputs.evals,
+            progress=progress, stream=stream)
+    plan.base_ref["sha256"] = base_file.sha256
     return inputs, merged
 
 
@@ -299,14 +302,13 @@ def _check_task_names(spec: JobSpec, merged_before: list[str]) -> None:
 # -- loading inputs ---------------------------------------------------------------------------------------------
 def _fetch_inputs(spec: JobSpec, plan: JobPlan, reader: UriReader,
                   progress: Progress) -> tuple[Fetched, list[TaskInputs]]:
-    """The base and every task's files, fetched under the URI policy (several at once: hashing them is most of the
-    time); records the base's sha256 in the plan."""
+    """The base and every task's files, fetched under the URI policy (several at once); a lineage's base is checked
+    against the sha256 the lineage recorded."""
     fetches = [partial(reader.fetch, plan.base_ref["uri"], field="base.uri")]
     fetches += [partial(_fetch_task, reader, task, i, plan.method.data_driven) for i, task in enumerate(spec.tasks)]
     base_file, *tasks = in_parallel(lambda fetch: fetch(), fetches)
     if plan.lineage and base_file.sha256 != plan.lineage["base"].get("sha256"):
         raise Conflict(f"the base at {plan.base_ref['uri']} changed since the lineage was created", param="base")
-    plan.base_ref["sha256"] = base_file.sha256
     progress.event("inputs_fetched", f"fetched the base and {len(tasks)} task(s)")
     return base_file, tasks
 
