@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 
 from core import __version__ as code_version
-from core.digests import file_sha256, in_parallel
+from core.digests import files_sha256, in_parallel
 from core.errors import Conflict, InvalidInput
 from core.ids import new_job_id
 from core.methods import CommonParams
@@ -221,7 +221,7 @@ def rebuild_version(store: LineageStore, tenant: str, lineage: str, version: int
         work = Path(tmp)
         inputs, merged = _merge(spec, plan, store, tenant, settings, work, work / "version", progress)
         written = _version_files(spec, plan, inputs, merged, work / "version")
-        rebuilt = {f.path: file_sha256(f.local) for f in written}
+        rebuilt = dict(zip([f.path for f in written], files_sha256([f.local for f in written]), strict=True))
     recorded = {f["path"]: f["sha256"] for f in manifest["files"]}
     files = [{"path": path, "sha256": recorded.get(path), "rebuilt_sha256": rebuilt.get(path),
               "match": recorded.get(path) == rebuilt.get(path)} for path in sorted(recorded.keys() | rebuilt.keys())]

@@ -73,10 +73,14 @@ class Sinks:
 
 
 class PieceView(Mapping[str, torch.Tensor]):
-    """`tensors` seen through `pieces` ({name: (key, first row, stop row)}): a lazy tower reads only the block."""
+    """`tensors` seen through `pieces` ({name: (key, first row, stop row)}): a lazy tower reads only the block.
+    With `keep_last`, the piece read last is kept and given again when asked for next (methods never modify the
+    tensors they read in place, lazy or not)."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], pieces: Mapping[str, tuple[str, int, int]]):
-        self.tensors, self.pieces = tensors, pieces
+    def __init__(self, tensors: Mapping[str, torch.Tensor], pieces: Mapping[str, tuple[str, int, int]], *,
+                 keep_last: bool = False):
+        self.tensors, self.pieces, self.keep_last = tensors, pieces, keep_last
+        self.last: tuple[str, torch.Tensor] | None = None
         if isinstance(tensors, LazyTensors):
             self.lazy: LazyTensors | None = LazyTensors(piece_infos(tensors.infos, pieces), dtype=tensors.dtype,
                                                         field=tensors.field, check_finite=tensors.check_finite)
@@ -84,6 +88,14 @@ class PieceView(Mapping[str, torch.Tensor]):
             self.lazy = None
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        if self.last is not None and self.last[0] == name:
+            return self.last[1]
+        value = self._read(name)
+        if self.keep_last:
+            self.last = (name, value)
+        return value
+
+    def _read(self, name: str) -> torch.Tensor:
         if self.lazy is not None:
             return self.lazy[name]
         if isinstance(self.tensors, Recomputed):
@@ -191,12 +203,13 @@ class Streaming:
         self.pieces = row_pieces(self.shapes, piece_numel) if elementwise else self.whole
         self.final = final
         self.version: WriterSink | None = None
-        self.base_view = PieceView(base, self.pieces)
+        self.base_view = PieceView(base, self.pieces, keep_last=True)
         reuse_freed_blocks()
 
     def view(self, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-        """`tensors` by pieces (θ0 through one view for the whole job: its pieces, which every step reads, are
-        checked for NaN/Inf once)."""
+        """`tensors` by pieces. θ0 goes through one view for the whole job: its pieces, which every step reads, are
+        checked for NaN/Inf once, and a step and the recomputed head beneath it, which read the same piece of θ0
+        one after the other, read it once."""
         return self.base_view if tensors is self.base_view.tensors else PieceView(tensors, self.pieces)
 
     def sinks(self, last: bool, head: Mapping[str, torch.Tensor], task: Mapping[str, torch.Tensor]) -> Sinks:
