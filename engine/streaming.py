@@ -6,8 +6,8 @@ two steps of a job the head of an `ElementwiseMethod` is not written at all: it 
 again from that step's inputs when the next step reads it (reading two bfloat16 inputs costs less than writing and
 reading back a float32 tower, and gives the same bits). A head is written to a float32 scratch file (exactly what
 the in-memory merge would hold) only when recomputing it would cost more: when it stands on `MAX_RECOMPUTED` unwritten
-steps, or when the next step reads it several times (TIES' threshold passes) and it stands on more than one. Other
-methods (OPCM) write every head to scratch.
+steps, or when the next step reads it several times (TIES' threshold passes) and it stands on more than one. OPCM's
+first head is θ_1 itself, read again from its files; its later heads are written to scratch.
 
 Methods that are `elementwise` see big tensors as blocks of rows (`row_pieces`), so memory is bounded by a block,
 not by the largest tensor; OPCM, which needs whole matrices, sees whole tensors.
@@ -183,7 +183,8 @@ def scratch_sink(folder: Path, shapes: Mapping[str, tuple[int, ...]],
 def reuse_freed_blocks() -> None:
     """Have glibc's malloc reuse freed blocks of a block's size instead of mapping fresh pages for each: every read
     and every operation of a streamed merge allocates a block and frees it soon after, and the kernel zero-fills each
-    freshly mapped page (a fifth of the merge's CPU time). Peak memory is unchanged; other C libraries are left be."""
+    freshly mapped page (a fifth of the merge's CPU time). The process then holds up to KEPT_FREE_BYTES of freed
+    heap; other C libraries are left be."""
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None)
