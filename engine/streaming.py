@@ -37,7 +37,7 @@ from engine.tensorfiles import (
     shape_of,
 )
 
-PIECE_NUMEL = 1 << 22  # elements per block of rows (16 MB in float32)
+PIECE_NUMEL = 1 << 18  # elements per block of rows (1 MB in float32: a block and its temporaries stay in cache)
 KEPT_BLOCK_BYTES = 32 * 2**20  # malloc serves blocks up to this size from its heap (glibc's own ceiling)
 KEPT_FREE_BYTES = 256 * 2**20  # and keeps up to this much freed heap for reuse
 MAX_RECOMPUTED = 4  # unwritten steps a head may stand on: a read holds a few blocks per step
