@@ -353,10 +353,12 @@ def big_merge_section(r: dict | None) -> list[str]:
                 "(`python -m bench.big_merge`) has not been made on this machine yet; at the throughputs above it "
                 "takes well over an hour for the five commands."]
     out += ["", "What a Mergeline job does that mergekit does not, inside the same wall time: it hashes every input "
-            "(sha256, for the manifest), merges continually (task 1 onto the base, then task 2 onto that head, the "
-            "head between them held exactly in a float32 scratch file; TIES finds its exact global top-k threshold "
-            "in two extra passes), and copies and hashes the version into the lineage store. mergekit merges both "
-            "tasks at once, in one pass, with a per-tensor top-k for TIES.", ""]
+            "and the version (sha256, for the manifest), and merges continually: task 1 onto the base, then task 2 "
+            "onto that head, whose values are computed again from the base and task 1 as task 2's step reads them "
+            "(exactly the float32 head, never written to disk); TIES finds its exact global top-k threshold in two "
+            "extra passes over the inputs. The version is written once, into the store's staging folder, and "
+            "renamed into place. mergekit merges both tasks at once, in one pass, with a per-tensor top-k for "
+            "TIES.", ""]
     return out
 
 

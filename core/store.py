@@ -7,7 +7,8 @@ spelling out paths.
 Committing version n:
   1. the head must be the caller's parent (n - 1), else `Conflict`;
   2. `v{n}/.claim` is created exclusively, so exactly one writer may write version n;
-  3. every file is written, then the manifest (exclusively): the version exists from that moment on;
+  3. every file is written, then the manifest (exclusively): the version exists from that moment on (a file
+     store moves the files a job wrote into its `staging_folder` with a rename instead of copying them);
   4. `lineage.json` is replaced with the new head.
 A crash anywhere leaves the head at a complete version. Readers treat `lineage.json`'s head as a hint and step
 forward over any manifest written after it, so a crash between 3 and 4 loses nothing, and a failure to write
@@ -28,13 +29,14 @@ import contextlib
 import hashlib
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from core.digests import CHUNK, file_sha256
+from core.digests import CHUNK, files_sha256
 from core.errors import Conflict, InvalidInput, MergelineError, NotFound, StoreUnavailable
 from core.ids import utc_now
 from core.names import is_lineage_name, is_tenant_name
@@ -49,6 +51,7 @@ STATE_FILE = "state.safetensors"  # a version's method state, carried to the nex
 TUNED_HEAD_FILE = "head.safetensors"  # the name a head re-fitted by the job is stored under
 TASKS_FOLDER = "tasks/"  # a version's task eval sets and heads
 PURGE_FOLDER = "_purge"  # _purge/{tenant}/{lineage}.json: deleted lineages awaiting purge ("_" starts no tenant)
+STAGING_FOLDER = "_staging"  # _staging/{job}…/: a job's version files, written on a file store's own disk
 CARRIED_KEYS = ("base", "method", "params", "metrics", "code_version", "device")  # what a copied version keeps
 # An S3 object larger than this is copied in parts of this size (one CopyObject takes at most 5 GiB).
 COPY_PART_BYTES = 1 << 30
@@ -195,8 +198,13 @@ class LineageStore:
             raise
 
     def _put_file(self, key: str, local: Path) -> None:
+        """Write an object from a local file: moved into place when it lies in this store's staging folder."""
         import obstore
 
+        staged = self._staged_key(local)
+        if staged is not None:
+            self._call(obstore.rename, self._store, staged, key)
+            return
         with open(local, "rb") as f:
             self._call(obstore.put, self._store, key, f, chunk_size=CHUNK)
 
@@ -209,6 +217,23 @@ class LineageStore:
             self._call(s3_copy_in_parts, bucket, prefix + src, prefix + dest, part_bytes=self.copy_part_bytes)
         else:
             self._call(obstore.copy, self._store, src, dest)
+
+    def staging_folder(self, job_id: str) -> Path | None:
+        """A fresh folder on a file:// store's own disk for a job to write its version's files into: committing
+        them is then a rename, not a second write of every byte. None for other stores. The job removes it when it
+        ends; until a commit moves them, its files belong to no version and no reader sees them."""
+        if not self.root.startswith("file://"):
+            return None
+        parent = self._store.prefix / STAGING_FOLDER
+        parent.mkdir(exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=parent))
+
+    def _staged_key(self, local: Path) -> str | None:
+        """The object key of a file in this store's staging folder, else None."""
+        if not self.root.startswith("file://"):
+            return None
+        path, root = Path(local).resolve(), Path(self._store.prefix)
+        return path.relative_to(root).as_posix() if path.is_relative_to(root / STAGING_FOLDER) else None
 
     def ping(self) -> None:
         """Raise StoreUnavailable unless the store answers."""
@@ -361,9 +386,9 @@ class LineageStore:
                        manifest: dict, job_id: str, written: list[str]) -> dict:
         """Every file of the version, then its manifest; `written` collects the keys put so far."""
         entries = []
-        for item in files:
+        for item, digest in zip(files, files_sha256([f.local for f in files]), strict=True):
             rel = _safe_rel_path(item.path)
-            entry = {"path": rel, "bytes": item.local.stat().st_size, "sha256": file_sha256(item.local)}
+            entry = {"path": rel, "bytes": item.local.stat().st_size, "sha256": digest}
             entries.append(entry | ({"dtype": item.dtype} if item.dtype else {}))
             key = self._key(tenant, name, version_folder(version), rel)
             written.append(key)

@@ -11,9 +11,13 @@ lineage store. Every input's sha256 is recorded for the manifest.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shutil
+import threading
 import urllib.parse
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -35,8 +39,13 @@ from core.store import LineageStore, model_files
 class Fetched:
     uri: str
     path: Path  # a file, or a folder for directory URIs (those ending in "/")
-    sha256: str
+    digest: str | Future[str]  # the sha256, or its hashing under way (`UriReader(background=True)`)
     bytes: int
+
+    @property
+    def sha256(self) -> str:
+        """The input's sha256 (waiting for it if it is still being hashed)."""
+        return self.digest if isinstance(self.digest, str) else self.digest.result()
 
     @classmethod
     def local(cls, path: Path) -> Fetched:
@@ -101,17 +110,36 @@ class StoreLocation:
 
 class UriReader:
     """Fetches a job's inputs into `workdir`, enforcing the URI policy of `settings`; `lineage://` URIs read
-    `tenant`'s versions from `store`."""
+    `tenant`'s versions from `store`.
+
+    With `background`, local files are hashed on a thread of their own while the caller goes on (a merge reads them
+    meanwhile, on another core): their `Fetched.sha256` waits for it. Leaving a `with` block waits for the hashing
+    to end, or stops it when the block raised."""
 
     def __init__(self, settings: Settings, workdir: Path, *, store: LineageStore | None = None,
-                 tenant: str | None = None):
+                 tenant: str | None = None, background: bool = False):
         self.settings = settings
         self.workdir = workdir
         self.lineages = store
         self.tenant = tenant
         self._roots = settings.allowed_root_paths()
         self._store = StoreLocation.of(settings.store)
-        self._count = 0
+        self._count = itertools.count(1)  # fetches may run on several threads
+        self._hashing = ThreadPoolExecutor(max_workers=1) if background else None
+        self._stop = threading.Event()
+
+    def __enter__(self) -> UriReader:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.close(finish=exc_type is None)
+
+    def close(self, *, finish: bool = False) -> None:
+        """Stop the hashing under way, or with `finish` wait for it to end."""
+        if not finish:
+            self._stop.set()
+        if self._hashing is not None:
+            self._hashing.shutdown(wait=True, cancel_futures=not finish)
 
     def fetch(self, uri: str, *, field: str | None = None) -> Fetched:
         try:
@@ -153,14 +181,24 @@ class UriReader:
                     raise missing
                 if not (target.is_dir() or target.is_file()):
                     raise FetchFailed(f"{uri}: {inner.name} is not a regular file", param=field)
-            digest, size = dir_sha256(path, self._local_sha256)
-            return Fetched(uri, path, digest, size)
+            size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+            return Fetched(uri, path, self._hashed(lambda: dir_sha256(path, self._local_sha256)[0], uri, field), size)
         if not path.is_file():  # a FIFO or device would block or never end: never opened
             raise FetchFailed(f"{uri}: not a regular file", param=field)
-        return Fetched(uri, path, self._local_sha256(path), path.stat().st_size)
+        return Fetched(uri, path, self._hashed(lambda: self._local_sha256(path), uri, field), path.stat().st_size)
+
+    def _hashed(self, digest: Callable[[], str], uri: str, field: str | None) -> str | Future[str]:
+        """`digest()` now, or on the hashing thread (`background`); a file that cannot be read is `FetchFailed`."""
+        def run() -> str:
+            try:
+                return digest()
+            except OSError as exc:
+                raise FetchFailed(f"{uri}: {exc.strerror or exc}", param=field) from None
+
+        return run() if self._hashing is None else self._hashing.submit(run)
 
     def _local_sha256(self, path: Path) -> str:
-        return cached_file_sha256(path, Path(self.settings.cache_dir).expanduser())
+        return cached_file_sha256(path, Path(self.settings.cache_dir).expanduser(), self._stop)
 
     # -- lineage:// ----------------------------------------------------------------------------------------
     def _fetch_lineage(self, uri: str, field: str | None) -> Fetched:
@@ -268,9 +306,8 @@ class UriReader:
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _dest(self, uri: str, *, is_dir: bool = False) -> Path:
-        self._count += 1
         name = Path(urllib.parse.urlsplit(uri).path.rstrip("/")).name or "download"
-        dest = self.workdir / "inputs" / f"{self._count:03d}" / name
+        dest = self.workdir / "inputs" / f"{next(self._count):03d}" / name
         if is_dir:
             shutil.rmtree(dest, ignore_errors=True)
             dest.mkdir(parents=True)

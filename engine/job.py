@@ -11,10 +11,12 @@ checked), `merge_steps` (the continual steps; no store, so tests and benchmarks 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,7 +25,7 @@ import torch
 from safetensors import safe_open
 
 from core import __version__ as code_version
-from core.digests import file_sha256
+from core.digests import files_sha256, in_parallel
 from core.errors import Conflict, InvalidInput
 from core.ids import new_job_id
 from core.methods import CommonParams
@@ -148,16 +150,18 @@ def run_job(
     plan = _plan_job(spec, lineage, history, settings)
     torch.manual_seed(spec.params.seed)
 
-    with tempfile.TemporaryDirectory(prefix="mergeline-job-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mergeline-job-") as tmp, _staging(store, job_id) as staged:
         work = Path(tmp)
-        inputs, merged = _merge(spec, plan, store, tenant, settings, work, progress)
+        # The version is written where committing it costs least: a file store's staging folder (a rename then).
+        out_dir = staged or work / "version"
+        inputs, merged = _merge(spec, plan, store, tenant, settings, work, out_dir, progress)
         metrics = _evaluate_all(plan.family, inputs.loaded, merged.tower, inputs.evals, plan.device)
         metrics["steps"] = merged.steps
         metrics["seconds"] = round(time.monotonic() - started, 3)
         progress.event("evaluated", f"accuracy on {len(inputs.evals)} task(s)",
                        {"avg_accuracy": metrics["avg_accuracy"]})
 
-        files = _version_files(spec, plan, inputs, merged, work / "version")
+        files = _version_files(spec, plan, inputs, merged, out_dir)
         progress.event("committing", f"writing v{plan.parent + 1}")
         stored = store.commit_version(tenant, spec.lineage, parent=plan.parent, base=plan.base_ref, files=files,
                                       manifest=_manifest(spec, plan, inputs, metrics), job_id=job_id)
@@ -165,21 +169,35 @@ def run_job(
     return _result(stored)
 
 
+@contextlib.contextmanager
+def _staging(store: LineageStore, job_id: str) -> Iterator[Path | None]:
+    """The store's staging folder for this job's version (None when the store has none), removed at the end."""
+    folder = store.staging_folder(job_id)
+    try:
+        yield folder
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _merge(spec: JobSpec, plan: JobPlan, store: LineageStore, tenant: str, settings: Settings, work: Path,
-           progress: Progress) -> tuple[JobInputs, MergeResult]:
-    """Fetch and read every input, then run the continual steps (nothing is written to the store)."""
-    base_file, tasks = _fetch_inputs(spec, plan, UriReader(settings, work, store=store, tenant=tenant), progress)
-    inputs = _read_inputs(spec, plan, store, tenant, base_file, tasks, work)
-    # Every input is read and checked; from here on only a cancellation or the store can stop the job.
-    # A data-free method streams: it reads every input tensor by tensor and writes the version (into
-    # work/version, where `_version_files` finds it) as it goes.
-    open_version = partial(plan.family.open_version, inputs.loaded, work / "version", VersionFormat.of(spec.params))
-    stream = None if plan.method.data_driven else Streaming(
-        work / "steps", inputs.loaded.tower, open_version, elementwise=plan.method.elementwise)
-    merged = merge_steps(
-        plan.family, inputs.loaded, plan.method, spec.params, _step_tasks(plan, inputs), merged=inputs.head,
-        state=inputs.state, position=len(plan.merged_before), device=plan.device, evals=inputs.evals,
-        progress=progress, stream=stream)
+           out_dir: Path, progress: Progress) -> tuple[JobInputs, MergeResult]:
+    """Fetch and read every input, then run the continual steps (nothing is written to the store). Local inputs
+    are hashed while the merge runs: their digests are all known when this returns."""
+    with UriReader(settings, work, store=store, tenant=tenant, background=True) as reader:
+        base_file, tasks = _fetch_inputs(spec, plan, reader, progress)
+        inputs = _read_inputs(spec, plan, store, tenant, base_file, tasks, work)
+        # Every input is read and checked; from here on only a cancellation, an input that can no longer be read
+        # or the store can stop the job. A data-free method streams: it reads every input tensor by tensor and
+        # writes the version (into `out_dir`, where `_version_files` finds it) as it goes.
+        open_version = partial(plan.family.open_version, inputs.loaded, out_dir, VersionFormat.of(spec.params))
+        stream = None if plan.method.data_driven else Streaming(
+            work / "steps", inputs.loaded.tower, open_version, elementwise=plan.method.elementwise)
+        merged = merge_steps(
+            plan.family, inputs.loaded, plan.method, spec.params, _step_tasks(plan, inputs), merged=inputs.head,
+            state=inputs.state, position=len(plan.merged_before), device=plan.device, evals=inputs.evals,
+            progress=progress, stream=stream)
+    plan.base_ref["sha256"] = base_file.sha256
     return inputs, merged
 
 
@@ -201,9 +219,9 @@ def rebuild_version(store: LineageStore, tenant: str, lineage: str, version: int
     with torch_threads(manifest.get("threads", torch.get_num_threads())), \
             tempfile.TemporaryDirectory(prefix="mergeline-rebuild-") as tmp:
         work = Path(tmp)
-        inputs, merged = _merge(spec, plan, store, tenant, settings, work, progress)
+        inputs, merged = _merge(spec, plan, store, tenant, settings, work, work / "version", progress)
         written = _version_files(spec, plan, inputs, merged, work / "version")
-        rebuilt = {f.path: file_sha256(f.local) for f in written}
+        rebuilt = dict(zip([f.path for f in written], files_sha256([f.local for f in written]), strict=True))
     recorded = {f["path"]: f["sha256"] for f in manifest["files"]}
     files = [{"path": path, "sha256": recorded.get(path), "rebuilt_sha256": rebuilt.get(path),
               "match": recorded.get(path) == rebuilt.get(path)} for path in sorted(recorded.keys() | rebuilt.keys())]
@@ -284,12 +302,13 @@ def _check_task_names(spec: JobSpec, merged_before: list[str]) -> None:
 # -- loading inputs ---------------------------------------------------------------------------------------------
 def _fetch_inputs(spec: JobSpec, plan: JobPlan, reader: UriReader,
                   progress: Progress) -> tuple[Fetched, list[TaskInputs]]:
-    """The base and every task's files, fetched under the URI policy; records the base's sha256 in the plan."""
-    base_file = reader.fetch(plan.base_ref["uri"], field="base.uri")
+    """The base and every task's files, fetched under the URI policy (several at once); a lineage's base is checked
+    against the sha256 the lineage recorded."""
+    fetches = [partial(reader.fetch, plan.base_ref["uri"], field="base.uri")]
+    fetches += [partial(_fetch_task, reader, task, i, plan.method.data_driven) for i, task in enumerate(spec.tasks)]
+    base_file, *tasks = in_parallel(lambda fetch: fetch(), fetches)
     if plan.lineage and base_file.sha256 != plan.lineage["base"].get("sha256"):
         raise Conflict(f"the base at {plan.base_ref['uri']} changed since the lineage was created", param="base")
-    plan.base_ref["sha256"] = base_file.sha256
-    tasks = [_fetch_task(reader, task, i, plan.method.data_driven) for i, task in enumerate(spec.tasks)]
     progress.event("inputs_fetched", f"fetched the base and {len(tasks)} task(s)")
     return base_file, tasks
 
@@ -426,8 +445,13 @@ def merge_steps(
     steps: list[dict] = []
     for i, task in enumerate(tasks):
         progress.event("task_started", f"merging {task.name}", {"task_index": i, "name": task.name})
-        # The checkpoint is referenced by the StepInput only, so it is freed as soon as the step returns.
+        # The checkpoint is referenced by the StepInput only, so it is freed as soon as the step returns (unless the
+        # streamed head is recomputed from it).
+        last = i == len(tasks) - 1
+        if stream is not None:
+            merged = stream.head(merged, method.head_reads(position + i))
         views = (loaded.tower, merged, task.checkpoint())
+        sinks = Sinks() if stream is None else stream.sinks(last, merged, views[2])
         if stream is not None:
             views = tuple(stream.view(v) for v in views)
         out = method.step(StepInput(
@@ -435,9 +459,9 @@ def merge_steps(
             device=device, family=family, loaded=loaded, calibration=task.calibration,
             progress=lambda step, total, loss, objective=None, i=i: progress.update(
                 task_index=i, tasks_total=len(tasks), step=step, steps_total=total, loss=loss, objective=objective),
-            sinks=Sinks() if stream is None else stream.sinks(last=i == len(tasks) - 1),
+            sinks=sinks,
         ))
-        del views
+        del views, sinks
         merged, state = out.merged, out.state
         if stream is not None:
             stream.step_done(merged)

@@ -180,17 +180,20 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     """Named tensors read from files on each access (nothing is held), as `dtype` (None: the file's).
 
     The merge reads its inputs through these, so a tower is never in memory as a whole; `check_finite` refuses
-    NaN/Inf as each tensor is read, naming `field`."""
+    NaN/Inf as each tensor is read, naming `field` (once per key: a merge may read a tensor several times)."""
 
     def __init__(self, infos: Mapping[str, TensorInfo], *, dtype: torch.dtype | None = torch.float32,
                  field: str = "checkpoint", check_finite: bool = False):
         self.infos, self.dtype, self.field, self.check_finite = dict(infos), dtype, field, check_finite
+        self.checked: set[str] = set()
 
     def __getitem__(self, key: str) -> torch.Tensor:
         info = self.infos[key]
         value = read_tensor(info)
-        if self.check_finite and value.is_floating_point() and not _finite(value):
-            raise InvalidInput(f"{self.field}: tensor {info.key!r} contains NaN or Inf values", param=self.field)
+        if self.check_finite and key not in self.checked and value.is_floating_point():
+            if not _finite(value):
+                raise InvalidInput(f"{self.field}: tensor {info.key!r} contains NaN or Inf values", param=self.field)
+            self.checked.add(key)
         return value if self.dtype is None or not value.is_floating_point() else value.to(self.dtype)
 
     def __iter__(self) -> Iterator[str]:

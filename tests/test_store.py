@@ -65,6 +65,25 @@ def test_concurrent_writers_on_one_head_commit_exactly_one_version(store, tmp_pa
     store.download_version("acme", "lin", 2, tmp_path / "check")
 
 
+def test_a_file_store_moves_staged_files_into_place_and_copies_the_others(store, tmp_path):
+    staged = store.staging_folder("job_1")
+    if store.root.startswith("s3://"):
+        assert staged is None  # an S3 store uploads from anywhere
+        return
+    (staged / "model.safetensors").write_bytes(b"merged")
+    user_file = tmp_path / "eval.npz"  # a user's input: never moved away
+    user_file.write_bytes(b"eval set")
+    m = store.commit_version("acme", "lin", parent=0, base=BASE, job_id="job_1", manifest={"method": "m", "tasks": []},
+                             files=[FileToCommit("model.safetensors", staged / "model.safetensors"),
+                                    FileToCommit("tasks/t/eval.npz", user_file)])
+    assert not (staged / "model.safetensors").exists() and user_file.read_bytes() == b"eval set"
+    assert store.staging_folder("job_1") != staged  # a fresh folder each time
+    store.download_version("acme", "lin", 1, tmp_path / "out")  # sha256s checked
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == b"merged"
+    assert [f["bytes"] for f in m["files"]] == [6, 8]
+    assert store.list_lineages("acme") == ["lin"]
+
+
 def test_crash_before_the_head_pointer_moves_loses_nothing(tmp_path):
     store = LineageStore((tmp_path / "store").as_uri())
     commit(store, tmp_path, 0, "job_1")

@@ -25,6 +25,7 @@ from engine.job import StepTask, merge_steps, run_job
 from engine.methods import get_method
 from engine.methods.base import MethodState
 from engine.streaming import Streaming
+from engine.streaming import scratch_sink as _scratch_sink
 from engine.tensorfiles import materialize, read_weights
 from engine.tensors import open_state_dict
 
@@ -96,6 +97,23 @@ def test_streamed_merge_equals_the_in_memory_merge(method, tmp_path):
     assert all(torch.equal(written[k], memory[-1][0][k]) for k in memory[-1][0])
     assert torch.equal(written["steps"], torch.tensor([7]))  # carried unchanged
     assert not list((tmp_path / "s" / "work").glob("*/tower-*/*.part"))
+
+
+@pytest.mark.parametrize(("method", "n_tasks", "written"), [("task_arithmetic", 2, 0), ("task_arithmetic", 6, 1),
+                                                         ("ties", 2, 0), ("ties", 4, 1)])
+def test_heads_between_steps_are_recomputed_unless_that_costs_more(method, n_tasks, written, tmp_path, monkeypatch):
+    """A head between two steps is written to scratch only when it stands on MAX_RECOMPUTED unwritten steps or on
+    more than one when the next step reads it several times; either way every step gives the in-memory result."""
+    import engine.streaming
+
+    calls = []
+    monkeypatch.setattr(engine.streaming, "scratch_sink", lambda *a: calls.append(a) or _scratch_sink(*a))
+    base, tasks = write_world(tmp_path / "in", n_tasks=n_tasks)
+    memory, _ = merge(method, base, tasks, tmp_path / "m", streamed=False)
+    streamed, _ = merge(method, base, tasks, tmp_path / "s", streamed=True)
+    assert len(calls) == written
+    for (a, _), (b, _) in zip(memory, streamed, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a), method
 
 
 def test_ties_threshold_is_exact_over_row_blocks(tmp_path):

@@ -34,6 +34,25 @@ def test_file_inside_root_with_sha256(tmp_path, roots):
     assert got.sha256 == hashlib.sha256(b"alpha").hexdigest() and got.bytes == 5
 
 
+def test_background_hashing_gives_the_same_digests_and_a_failing_block_stops_it(tmp_path, roots):
+    from core.digests import CHUNK, Stopped, file_sha256
+
+    allowed, _ = roots
+    folder = allowed / "model"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"shard{i}.bin").write_bytes(bytes([i]) * (CHUNK + 7))
+    settings = Settings(allowed_roots=allowed.as_uri(), cache_dir=str(tmp_path / "cache"))
+    now = [reader(tmp_path, allowed).fetch(uri) for uri in (folder.as_uri() + "/", (allowed / "a.bin").as_uri())]
+    with UriReader(settings, tmp_path / "work", background=True) as r:
+        later = [r.fetch(f.uri) for f in now]
+    assert [(f.sha256, f.bytes) for f in later] == [(f.sha256, f.bytes) for f in now]
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Stopped):  # what a reader's failing `with` block does to the hashing under way
+        file_sha256(folder / "shard0.bin", stop)
+
+
 def test_dotdot_and_symlinks_out_of_the_root_are_refused(tmp_path, roots):
     allowed, outside = roots
     r = reader(tmp_path, allowed)

@@ -4,7 +4,7 @@ head, carrying whatever state it needs between steps (stored as `state.safetenso
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -69,3 +69,40 @@ class Method(ABC):
 
     @abstractmethod
     def step(self, inp: StepInput) -> StepOutput: ...
+
+    def head_reads(self, index: int) -> int:
+        """How many times a step reads each tensor of its head (`merged`) when the lineage holds `index` tasks."""
+        return 1
+
+
+@dataclass
+class Prepared:
+    """An elementwise step once its global scalars are known: `merge(key)` computes the new head's tensor `key`
+    (float32, CPU) from the step's inputs alone."""
+
+    merge: Callable[[str], torch.Tensor]
+    state: MethodState
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class ElementwiseMethod(Method):
+    """A method whose step is `prepare` (any passes over the inputs for global scalars) then one independent
+    `merge(key)` per key. A streamed merge may keep such a step's head unwritten (`sinks.recompute`) and compute
+    each of its tensors again when the next step reads it: exactly the values a stored head would hold."""
+
+    elementwise = True
+
+    @abstractmethod
+    def prepare(self, inp: StepInput) -> Prepared: ...
+
+    def step(self, inp: StepInput) -> StepOutput:
+        prepared = self.prepare(inp)
+        if inp.sinks.recompute is not None:
+            merged = inp.sinks.recompute(prepared.merge)
+        else:
+            sink = inp.sinks.output()
+            for k in inp.base:
+                sink[k] = prepared.merge(k)
+            merged = sink.done()
+        inp.progress(1, 1, None)
+        return StepOutput(merged=merged, state=prepared.state, metrics=prepared.metrics)

@@ -48,17 +48,20 @@ class OPCM(Method):
         metrics: dict = {}
 
         if inp.index == 0:
-            # θ ← θ_1; the checkpoint's tensors are shared, not copied (nothing writes them in place).
-            first = inp.sinks.output()
+            # θ ← θ_1; the checkpoint's tensors are shared, not copied (nothing writes them in place). A streamed
+            # head between steps is θ_1's own files, read again (`sinks.recompute`), rather than a copy.
+            first = None if inp.sinks.recompute is not None else inp.sinks.output()
             sq_norm = 0.0
             for k in inp.base:
                 task = to_cpu(inp.task[k])
                 sq_norm += torch.linalg.vector_norm(to_device(task, dev) - to_device(inp.base[k], dev),
                                                     dtype=torch.float64).item() ** 2
-                first[k] = task
+                if first is not None:
+                    first[k] = task
             norms = [sq_norm**0.5]
+            merged = first.done() if first is not None else inp.sinks.recompute(lambda k: to_cpu(inp.task[k]))
             inp.progress(1, 1, None)
-            return StepOutput(first.done(), self._state(norms, 1.0), {"norm": norms[0], "lambda_prev": 1.0})
+            return StepOutput(merged, self._state(norms, 1.0), {"norm": norms[0], "lambda_prev": 1.0})
 
         if state is not None and state.meta.get("norms"):
             norms = [float(n) for n in state.meta["norms"]]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from core.methods import TiesParams
-from engine.methods.base import Method, MethodState, StepInput, StepOutput
+from engine.methods.base import ElementwiseMethod, MethodState, Prepared, StepInput
 from engine.methods.common import to_cpu, to_device
 from engine.tensorfiles import shape_of
 
@@ -88,37 +88,39 @@ def ties_merge_tensor(
     return torch.where(torch.sign(a) == sign, a, zero) + torch.where(torch.sign(b) == sign, b, zero)
 
 
-class Ties(Method):
+class Ties(ElementwiseMethod):
     """δ = τ_t at the first step, else TIES([θ − θ0, τ_t]) with the top `top_k`% of each vector kept;
     θ ← θ + λ·δ with λ = `scaling_factor`."""
 
-    elementwise = True  # the thresholds are global scalars; everything else is entry by entry
+    def head_reads(self, index: int) -> int:
+        return 0 if index == 0 else len(_DIGITS) + 1  # the threshold passes, then the merge
 
-
-    def step(self, inp: StepInput) -> StepOutput:
+    def prepare(self, inp: StepInput) -> Prepared:
         params: TiesParams = inp.params
         dev = inp.device
         lam = params.scaling_factor
-        keys = list(inp.base)
+        state = MethodState(meta={"method": self.name})
+        metrics: dict = {"scaling_factor": lam}
+        if inp.index == 0:
+            def first(k: str) -> torch.Tensor:
+                w0 = to_device(inp.base[k], dev)
+                return to_cpu((to_device(inp.task[k], dev) - w0).mul_(lam).add_(w0))
+
+            return Prepared(first, state, metrics)
 
         def both_vectors(k: str) -> tuple[torch.Tensor, torch.Tensor]:  # θ − θ0 and τ_t, θ0 read once
             w0 = to_device(inp.base[k], dev)
             return to_device(inp.merged[k], dev) - w0, to_device(inp.task[k], dev) - w0
 
-        merged = inp.sinks.output()
-        metrics: dict = {"scaling_factor": lam}
-        if inp.index == 0:
-            for k in keys:
-                w0 = to_device(inp.base[k], dev)
-                merged[k] = to_cpu((to_device(inp.task[k], dev) - w0).mul_(lam).add_(w0))
-        else:
-            numel = sum(math.prod(shape_of(inp.base, k)) for k in keys)
-            k_keep = kept_count(numel, params.top_k)
-            head_thr, tau_thr = kth_largest_magnitudes(lambda: (both_vectors(k) for k in keys), k_keep)
-            for k in keys:
-                w0, head = to_device(inp.base[k], dev), to_device(inp.merged[k], dev)
-                delta = ties_merge_tensor(head - w0, to_device(inp.task[k], dev) - w0, head_thr, tau_thr)
-                merged[k] = to_cpu(delta.mul_(lam).add_(head))
-            metrics.update({"kept_per_vector": k_keep, "head_threshold": head_thr, "task_threshold": tau_thr})
-        inp.progress(1, 1, None)
-        return StepOutput(merged=merged.done(), state=MethodState(meta={"method": self.name}), metrics=metrics)
+        keys = list(inp.base)
+        numel = sum(math.prod(shape_of(inp.base, k)) for k in keys)
+        k_keep = kept_count(numel, params.top_k)
+        head_thr, tau_thr = kth_largest_magnitudes(lambda: (both_vectors(k) for k in keys), k_keep)
+
+        def merge(k: str) -> torch.Tensor:
+            w0, head = to_device(inp.base[k], dev), to_device(inp.merged[k], dev)
+            delta = ties_merge_tensor(head - w0, to_device(inp.task[k], dev) - w0, head_thr, tau_thr)
+            return to_cpu(delta.mul_(lam).add_(head))
+
+        metrics.update({"kept_per_vector": k_keep, "head_threshold": head_thr, "task_threshold": tau_thr})
+        return Prepared(merge, state, metrics)
