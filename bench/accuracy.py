@@ -29,7 +29,7 @@ import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 
-from bench.common import CACHE, DOCS, write_result
+from bench.common import CACHE, DOCS, machine, now, read_result, write_result
 from bench.suite import SUITES, get_suite, task_orders
 
 # label: (method, params, head tuning). Everything else is the method's defaults (core/methods.py). The paper's own
@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "then -SUITE unless image, then -validation for the validation split)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--jobs", type=int, default=1, help="lineages run at once, one torch thread each")
+    parser.add_argument("--add", action="store_true", help="add these rows to the existing result file (same suite, "
+                        "split and orders), replacing rows of the same label")
     args = parser.parse_args(argv)
 
     from core.settings import Settings
@@ -194,11 +196,27 @@ def main(argv: list[str] | None = None) -> dict:
         "methods": methods,
         "command": "python -m bench.accuracy " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
+    if args.add:
+        result = _added_to(read_result(name), result)
     result["targets"] = targets(result)
     write_result(name, result)
     if not args.no_plot:
         plot(result, DOCS / f"benchmarks-{name}.png")
     return result
+
+
+def _added_to(old: dict | None, new: dict) -> dict:
+    """`old` with `new`'s rows in place of its rows of the same label; each invocation's time and load recorded."""
+    if old is None or old["suite"]["tasks"] != new["suite"]["tasks"] or old["orders"] != new["orders"] \
+            or old["suite"]["split"] != new["suite"]["split"]:
+        raise SystemExit("--add needs an existing result of the same suite, split and task orders")
+    parts = old.get("parts_measured") or {
+        "rows " + ", ".join(old["methods"]): {"generated_at": old["generated_at"], "command": old["command"],
+                                              "load_avg_1m": old["machine"]["load_avg_1m"]}}
+    parts["rows " + ", ".join(new["methods"])] = {"generated_at": now(), "command": new["command"],
+                                                  "load_avg_1m": machine()["load_avg_1m"]}
+    return {**old, "methods": {**old["methods"], **new["methods"]}, "parts_measured": parts,
+            "command": " && ".join(p["command"] for p in parts.values())}
 
 
 def targets(result: dict) -> dict:

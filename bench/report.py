@@ -72,7 +72,7 @@ def accuracy_section(r: dict | None, title: str = "## 1. Continual-merging accur
         return [*out, "_Not run._", ""]
     s = r["suite"]
     split = s.get("split", "eval")
-    out += [f"`{r['command']}` ({r['generated_at']}; {machine_line(r['machine'])}).", "", suite_words(s),
+    out += [f"`{r['command']}` ({r['generated_at']}; {machine_line(r['machine'])}).", "", suite_words(s), "",
             f"Accuracies below are on the **{split}** split.", "",
             "| task | base + task head | individual fine-tuned |", "| --- | ---: | ---: |"]
     for t in s["tasks"]:
@@ -100,7 +100,9 @@ def accuracy_section(r: dict | None, title: str = "## 1. Continual-merging accur
     out += ["", "Task orders:", ""]
     for k, order in enumerate(r["orders"]):
         out.append(f"{k}. {' → '.join(order)}")
-    out += ["", f"![average accuracy against tasks merged]({plot})", ""]
+    out.append("")
+    if (DOCS / plot).exists():
+        out += [f"![average accuracy against tasks merged]({plot})", ""]
     ran = {label: e for label, e in r["methods"].items() if e.get("runs")}
     out += ["Final per-task accuracy (%), task order 0:", "",
             "| task | " + " | ".join(e.get("label", label) for label, e in ran.items()) + " |",
