@@ -26,9 +26,11 @@ the files are gone.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -198,12 +200,11 @@ class LineageStore:
             raise
 
     def _put_file(self, key: str, local: Path) -> None:
-        """Write an object from a local file: moved into place when it lies in this store's staging folder."""
+        """Write an object from a local file: moved into place when it lies in this store's staging folder on the
+        filesystem of its destination (a lineage folder may be a mount of its own), else copied."""
         import obstore
 
-        staged = self._staged_key(local)
-        if staged is not None:
-            self._call(obstore.rename, self._store, staged, key)
+        if self._staged_key(local) is not None and self._call(_move, local, Path(self._store.prefix) / key):
             return
         with open(local, "rb") as f:
             self._call(obstore.put, self._store, key, f, chunk_size=CHUNK)
@@ -573,3 +574,15 @@ class LineageStore:
         head_doc = {**lineage, "head": version, "updated_at": stored["created_at"]}
         self._put(self._key(tenant, name, LINEAGE_FILE), json.dumps(head_doc, indent=2).encode())
         return stored
+
+
+def _move(source: Path, dest: Path) -> bool:
+    """Rename `source` to `dest` (atomic, parents made); False when they lie on different filesystems."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(source, dest)
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:
+            return False
+        raise
+    return True

@@ -457,8 +457,9 @@ def merge_steps(
         out = method.step(StepInput(
             base=views[0], merged=views[1], task=views[2], index=position + i, state=state, params=params,
             device=device, family=family, loaded=loaded, calibration=task.calibration,
-            progress=lambda step, total, loss, objective=None, i=i: progress.update(
-                task_index=i, tasks_total=len(tasks), step=step, steps_total=total, loss=loss, objective=objective),
+            progress=lambda step, total, loss, objective=None, losses=None, i=i: progress.update(
+                task_index=i, tasks_total=len(tasks), step=step, steps_total=total, loss=loss, objective=objective,
+                losses=losses),
             sinks=sinks,
         ))
         del views, sinks

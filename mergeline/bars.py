@@ -36,10 +36,12 @@ class StepRow:
         self.losses: dict[str | None, float] = {}
 
     def update(self, *, task_index: int, tasks_total: int, step: int, steps_total: int, loss: float | None,
-               objective: str | None = None) -> None:
+               objective: str | None = None, losses: dict[str, float] | None = None) -> None:
         if step == 1:
             self.losses.clear()
-        if loss is not None:
+        if losses:
+            self.losses.update(losses)
+        elif loss is not None:
             self.losses[objective] = loss
         self.bars.update(self.row, completed=step, total=steps_total, note=losses_text(self.losses),
                          description=self.description or f"task {task_index + 1}/{tasks_total}")

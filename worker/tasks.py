@@ -115,7 +115,7 @@ class RecordProgress:
         self._losses: dict[str, float] = {}  # the current task's latest loss of each named objective
 
     def update(self, *, task_index: int, tasks_total: int, step: int, steps_total: int,
-               loss: float | None, objective: str | None = None) -> None:
+               loss: float | None, objective: str | None = None, losses: dict[str, float] | None = None) -> None:
         if self.keeper.lost:
             raise LeaseLost("lost the lineage lease; another attempt owns the job")
         now = time.monotonic()
@@ -128,6 +128,7 @@ class RecordProgress:
             self._losses.clear()
         if objective is not None and loss is not None:
             self._losses[objective] = loss
+        self._losses.update({k: float(v) for k, v in (losses or {}).items() if math.isfinite(v)})
         progress = {"task_index": task_index, "tasks_total": tasks_total, "step": step, "steps_total": steps_total,
                     "loss": loss, **({"losses": dict(self._losses)} if self._losses else {})}
         try:

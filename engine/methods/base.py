@@ -17,9 +17,10 @@ from engine.streaming import Sinks
 
 
 class StepProgress(Protocol):
-    def __call__(self, step: int, steps_total: int, loss: float | None, objective: str | None = None) -> None:
-        """After every optimisation step; `objective` names which of alternating objectives `loss` measures.
-        Raises JobCancelled to stop."""
+    def __call__(self, step: int, steps_total: int, loss: float | None, objective: str | None = None,
+                 losses: dict[str, float] | None = None) -> None:
+        """After every optimisation step; `objective` names which of alternating objectives `loss` measures, `losses`
+        each objective's loss when the step measured several. Raises JobCancelled to stop."""
 
 
 @dataclass
@@ -46,7 +47,7 @@ class StepInput:
     family: Family
     loaded: LoadedBase
     calibration: Inputs | None = None  # required by data-driven methods
-    progress: StepProgress = lambda step, steps_total, loss, objective=None: None
+    progress: StepProgress = lambda step, steps_total, loss, objective=None, losses=None: None
     sinks: Sinks = field(default_factory=Sinks)
 
 

@@ -191,14 +191,13 @@ def _train_masks(
     best = _BestMasks(initial)
     for s in range(steps):
         if params.mask_update == "joint":  # both masks on the sum of both sides' losses
-            loss = tower.train_joint(pre_side, post_side, schedule.pre[s], schedule.post[s], blur=params.blur)
-            objective = "joint"
+            sides = tower.train_joint(pre_side, post_side, schedule.pre[s], schedule.post[s], blur=params.blur)
+            inp.progress(s + 1, steps, sides["pre"] + sides["post"], None, sides)
         else:  # alternately M_pre on D_pre against the head and M_post on D_t against θ_t
             on_pre = s % 2 == 0
             side, index = (pre_side, schedule.pre[s // 2]) if on_pre else (post_side, schedule.post[s // 2])
             loss = tower.train_iteration(side, index, train_pre=on_pre, blur=params.blur)
-            objective = "pre" if on_pre else "post"
-        inp.progress(s + 1, steps, loss, objective)
+            inp.progress(s + 1, steps, loss, "pre" if on_pre else "post")
         if (s + 1) % params.eval_every == 0 or s + 1 == steps:
             final = tower.held_out_loss(pre_side, post_side, same_data, params.blur)
             best.offer(final, s + 1, *tower.masks())
@@ -354,14 +353,15 @@ class _MaskedTower:
         return self._step(loss, [trained])
 
     def train_joint(self, pre: _Side, post: _Side, pre_index: torch.Tensor, post_index: torch.Tensor, *,
-                    blur: float) -> float:
+                    blur: float) -> dict[str, float]:
         """One Adam step on both masks against the sum of both sides' losses, the objective the held-out check
-        scores. Returns the loss."""
+        scores. Returns each side's loss."""
         tower = self._differentiable_tower({"pre": self.p_pre, "post": self.p_post})
-        loss = sinkhorn_divergence(self.features(tower, pre.source, pre_index), pre.teacher.take(pre_index), blur)
-        loss = loss + sinkhorn_divergence(self.features(tower, post.source, post_index), post.teacher.take(post_index),
-                                          blur)
-        return self._step(loss, [self.p_pre, self.p_post])
+        pre_loss = sinkhorn_divergence(self.features(tower, pre.source, pre_index), pre.teacher.take(pre_index), blur)
+        post_loss = sinkhorn_divergence(self.features(tower, post.source, post_index),
+                                        post.teacher.take(post_index), blur)
+        self._step(pre_loss + post_loss, [self.p_pre, self.p_post])
+        return {"pre": pre_loss.detach().item(), "post": post_loss.detach().item()}
 
     def _differentiable_tower(self, trained: dict[str, Tensors]) -> Tensors:
         """θ_M as leaf tensors whose gradient, as soon as backward has produced it, becomes the trained masks'
