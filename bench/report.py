@@ -350,6 +350,13 @@ def big_merge_section(r: dict | None) -> list[str]:
         out.append(f"- `{method}`: peak RSS {ours['peak_rss_gib']:.2f} GiB (target ≤ {r['rss_target_gib']:.0f} GiB: "
                    f"{met(within)}), {ours['gb_per_s'] / peer['gb_per_s']:.2f}× mergekit's throughput; the version "
                    f"is {ours['version_dtype']}, {ours['version_files']} weight file(s).")
+    from bench.big_merge import STREAMING_ENGINE
+
+    if r.get("engine", 1) != STREAMING_ENGINE:
+        out += ["", "**These figures were measured with an earlier streaming engine** (the head between the two steps "
+                "written to a float32 scratch file, the version copied into the store, inputs hashed in a pass of "
+                "their own); the paragraph below describes the current one. `python -m bench.big_merge --size small` "
+                "measures it again."]
     if m["parameters"] < 3e9:
         out += ["", f"**This is the small size ({m['parameters'] / 1e9:.2f} B), not the 3 B target:** the 3 B run "
                 "(`python -m bench.big_merge`) has not been made on this machine yet; at the throughputs above it "
