@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import shutil
 import statistics
 import sys
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor
 
-from bench.common import CACHE, DOCS, machine, now, read_result, write_result
+from bench.common import CACHE, DOCS, fork_pool, machine, now, read_result, write_result
 from bench.suite import SUITES, get_suite, task_orders
 
 # label: (method, params, head tuning). Everything else is the method's defaults (core/methods.py). The paper's own
@@ -94,13 +92,6 @@ def summarise(run: dict, individual: dict[str, float]) -> dict:
 _context: dict = {}
 
 
-def _worker_init(context: dict) -> None:
-    import torch
-
-    torch.set_num_threads(1)
-    _context.update(context)
-
-
 def _run_one(work: tuple) -> dict:
     """One lineage of one method and task order, in a worker; a failure is reported, the other runs go on."""
     label, k, order, params = work
@@ -161,8 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
             for label in labels for k, order in enumerate(orders)]
     context = {"suite": suite, "store": store, "settings": settings, "individual": individual}
     # Forked workers inherit the suite, the store and a validation view's seal on the eval data.
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork"),
-                             initializer=_worker_init, initargs=(context,)) as pool:
+    with fork_pool(args.jobs, _context.update, context) as pool:
         done = dict(zip([(w[0], w[1]) for w in work], pool.map(_run_one, work), strict=True))
 
     methods: dict[str, dict] = {}

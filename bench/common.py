@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -11,12 +12,30 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench" / ".cache"
 RESULTS = ROOT / "bench" / "results"  # committed: every table of docs/benchmarks.md renders from these
 DOCS = ROOT / "docs"
+
+
+def fork_pool(jobs: int, setup: Callable[..., None] | None = None, *args: Any) -> ProcessPoolExecutor:
+    """`jobs` worker processes forked from this one, so they inherit its state (a suite's seal on eval data
+    included), each on one torch thread and then `setup(*args)`."""
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"), initializer=_worker_start,
+                               initargs=(setup, args))
+
+
+def _worker_start(setup: Callable[..., None] | None, args: tuple) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    if setup is not None:
+        setup(*args)
 
 
 def write_result(name: str, data: dict) -> Path:

@@ -375,7 +375,7 @@ def splice_section(doc: Path, name: str, lines: list[str]) -> None:
     """Replace (or append) the part of `doc` between the `<!-- name -->` markers with `lines`."""
     start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
     text = doc.read_text() if doc.exists() else ""
-    block = "\n".join([start, *lines, end])
+    block = "\n".join(marked(name, lines)[:-1])
     if start in text and end in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:

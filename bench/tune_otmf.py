@@ -13,22 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import shlex
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from functools import partial
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from bench.common import write_result
+from bench.common import fork_pool, write_result
 from bench.suite import get_suite, task_orders
 from core.methods import method_entry
-from core.uris import Fetched
+from core.uris import Fetched, file_uri_path
 from engine.evaluate import accuracy
 from engine.families import get_family
 from engine.job import StepTask, merge_steps
@@ -38,8 +35,7 @@ from engine.methods.base import MethodState, StepOutput
 
 def _local(uri: str) -> Fetched:
     """A suite file as the engine's loaders take it: the suite is local, so nothing is fetched or hashed."""
-    path = Path(uri.removeprefix("file://"))
-    return Fetched(path.as_uri(), path, "", path.stat().st_size)
+    return Fetched.local(file_uri_path(uri))
 
 
 def run(params: dict, order: list[str], suite: dict, method_name: str = "otmf") -> dict:
@@ -96,8 +92,7 @@ def main() -> None:
     grid = json.loads(args.grid)
     work = [(params, order, suite, args.method) for params in grid for order in orders]
     # Forked workers inherit this process's seal on the report data (an audit hook lives in the interpreter).
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork"),
-                             initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    with fork_pool(args.jobs) as pool:
         done = []
         for r in pool.map(_run, work):
             done.append(r)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import copy
 import os
 import sys
-import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
+
+from core.uris import file_uri_path
 
 _sealed: list[str] = []
 
@@ -25,7 +26,7 @@ def validation_view(suite: dict, *, report_only: Iterable[Path] = ()) -> dict:
     """The suite as tuning sees it: each task's `eval` is its validation set, accuracies are the validation ones,
     and the eval files (and every `report_only` folder) can no longer be opened by this process."""
     view = copy.deepcopy(suite)
-    sealed = [_path(t["eval"]) for t in suite["tasks"].values()]
+    sealed = [file_uri_path(t["eval"]) for t in suite["tasks"].values()]
     for task in view["tasks"].values():
         task["eval"] = task.pop("validation")
         task["individual_accuracy"] = task.pop("individual_validation_accuracy")
@@ -49,6 +50,3 @@ def _refuse_sealed(event: str, args: tuple) -> None:
     if any(path == s or path.startswith(s + os.sep) for s in _sealed):
         raise ReportDataSealed(f"{path} is kept for the report: tuning reads validation data only")
 
-
-def _path(uri: str) -> Path:
-    return Path(urllib.parse.unquote(uri.removeprefix("file://")))

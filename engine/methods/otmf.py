@@ -312,16 +312,20 @@ class _MaskedTower:
         self.p_pre, self.p_post = parameters(), parameters()
         self.opt = torch.optim.Adam([*self.p_pre.values(), *self.p_post.values()], lr=params.lr)
 
+    def _ratios(self, alpha: float) -> tuple[float, float]:
+        """What the prescaled a, b are multiplied by to stand for the α-blend at `alpha` (1, 1 at the tower's own)."""
+        return alpha / self.alpha, (1.0 - alpha) / (1.0 - self.alpha)
+
     def _scales(self, alpha: float) -> tuple[Tensors, Tensors]:
-        """Constant masks that turn the prescaled a, b into the α-blend at `alpha` (all ones at the tower's own)."""
-        pre, post = alpha / self.alpha, (1.0 - alpha) / (1.0 - self.alpha)
+        """Constant masks that turn the prescaled a, b into the α-blend at `alpha`."""
+        pre, post = self._ratios(alpha)
         return ({k: torch.tensor(pre, device=self.device) for k in self.theta0},
                 {k: torch.tensor(post, device=self.device) for k in self.theta0})
 
     @torch.no_grad()
     def rescale(self, alpha: float) -> None:
         """Move the prescaled task vectors to another α, before any training."""
-        pre, post = alpha / self.alpha, (1.0 - alpha) / (1.0 - self.alpha)
+        pre, post = self._ratios(alpha)
         for k in self.theta0:
             self.a[k].mul_(pre)
             self.b[k].mul_(post)
