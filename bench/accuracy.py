@@ -41,6 +41,9 @@ METHODS: dict[str, tuple[str, dict, bool]] = {
     "otmf-paper+heads": ("otmf", {"pre_data": "current", "alpha": 0.8}, True),
     "otmf-replay": ("otmf", {"pre_data": "reservoir"}, False),
     "otmf-replay+heads": ("otmf", {"pre_data": "reservoir"}, True),
+    # One mask value per output row of each 2-D weight instead of per element (the low-memory masks).
+    "otmf-paper-row": ("otmf", {"pre_data": "current", "alpha": 0.8, "mask_granularity": "row"}, False),
+    "otmf-replay-row": ("otmf", {"pre_data": "reservoir", "mask_granularity": "row"}, False),
     "task_arithmetic": ("task_arithmetic", {}, False),
     "task_arithmetic+heads": ("task_arithmetic", {}, True),
     "ties": ("ties", {}, False),
@@ -52,6 +55,8 @@ LABELS = {
     "otmf-paper+heads": "OTMF (paper: no replay) + heads",
     "otmf-replay": "OTMF + replay (extension)",
     "otmf-replay+heads": "OTMF + replay (extension) + heads",
+    "otmf-paper-row": "OTMF (paper: no replay), row masks",
+    "otmf-replay-row": "OTMF + replay (extension), row masks",
     "task_arithmetic": "task arithmetic",
     "task_arithmetic+heads": "task arithmetic + heads",
     "ties": "TIES",

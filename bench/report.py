@@ -333,7 +333,8 @@ def big_merge_section(r: dict | None) -> list[str]:
         "one job with both tasks (`mergeline merge`, hf family) or one mergekit run "
         f"(mergekit {r['mergekit'].get('mergekit', '?')}, `--lazy-unpickle`), on the same files in the same run, "
         "each under `/usr/bin/time -v`. Throughput is the input bytes over the command's wall time; `cat files > "
-        "/dev/null` is the read limit " + ("(the inputs exceed the page cache, so reads come from disk)."
+        "/dev/null` is the read limit " + ("(the inputs are more than half the machine's memory: reads are partly "
+                                            "from the page cache, partly from disk)."
                                            if m["input_gb"] > r["machine"]["memory_gib"] * 1.07 / 2 else
                                            "(here the inputs fit the page cache: a cached read, not the disk's)."),
         "",

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -54,6 +56,7 @@ TUNED_HEAD_FILE = "head.safetensors"  # the name a head re-fitted by the job is 
 TASKS_FOLDER = "tasks/"  # a version's task eval sets and heads
 PURGE_FOLDER = "_purge"  # _purge/{tenant}/{lineage}.json: deleted lineages awaiting purge ("_" starts no tenant)
 STAGING_FOLDER = "_staging"  # _staging/{job}…/: a job's version files, written on a file store's own disk
+STAGING_OWNER_FILE = ".owner"  # locked (flock) by the process writing a staging folder
 CARRIED_KEYS = ("base", "method", "params", "metrics", "code_version", "device")  # what a copied version keeps
 # An S3 object larger than this is copied in parts of this size (one CopyObject takes at most 5 GiB).
 COPY_PART_BYTES = 1 << 30
@@ -219,15 +222,47 @@ class LineageStore:
         else:
             self._call(obstore.copy, self._store, src, dest)
 
-    def staging_folder(self, job_id: str) -> Path | None:
+    @contextlib.contextmanager
+    def staging(self, job_id: str) -> Iterator[Path | None]:
         """A fresh folder on a file:// store's own disk for a job to write its version's files into: committing
-        them is then a rename, not a second write of every byte. None for other stores. The job removes it when it
-        ends; until a commit moves them, its files belong to no version and no reader sees them."""
+        them is then a rename, not a second write of every byte. None for other stores. Removed when the job ends;
+        until a commit moves them, its files belong to no version and no reader sees them. The writing process
+        holds a lock on the folder for as long as it lives, so that `sweep_staging` can tell a killed job's
+        leftovers from a running job's files."""
         if not self.root.startswith("file://"):
-            return None
+            yield None
+            return
         parent = self._store.prefix / STAGING_FOLDER
         parent.mkdir(exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=parent))
+        folder = Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=parent))
+        owner = os.open(folder / STAGING_OWNER_FILE, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(owner, fcntl.LOCK_EX)  # released by the kernel when this process ends, however it ends
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+            os.close(owner)
+
+    def sweep_staging(self, *, min_age_s: float = 60.0) -> list[str]:
+        """Remove the staging folders no living process holds (a job killed or crashed mid-write left them) and
+        returns their names. Folders younger than `min_age_s` are left alone: their job may still be taking its
+        lock."""
+        parent = self._store.prefix / STAGING_FOLDER if self.root.startswith("file://") else None
+        if parent is None or not parent.is_dir():
+            return []
+        swept = []
+        for folder in parent.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - folder.lstat().st_mtime < min_age_s or not _unowned(folder):
+                    continue
+                if folder.is_dir() and not folder.is_symlink():
+                    shutil.rmtree(folder, ignore_errors=True)
+                else:
+                    folder.unlink()
+                swept.append(folder.name)
+        if swept:
+            log.info("removed staging folders of ended jobs", extra={"folders": ",".join(swept)})
+        return swept
 
     def _staged_key(self, local: Path) -> str | None:
         """The object key of a file in this store's staging folder, else None."""
@@ -574,6 +609,23 @@ class LineageStore:
         head_doc = {**lineage, "head": version, "updated_at": stored["created_at"]}
         self._put(self._key(tenant, name, LINEAGE_FILE), json.dumps(head_doc, indent=2).encode())
         return stored
+
+
+def _unowned(folder: Path) -> bool:
+    """Whether no process holds the staging folder's owner lock (taken and dropped here to find out)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return True
+    try:
+        owner = os.open(folder / STAGING_OWNER_FILE, os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return True  # never locked: its process ended before taking the lock
+    try:
+        fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(owner)
 
 
 def _move(source: Path, dest: Path) -> bool:

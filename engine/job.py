@@ -11,12 +11,10 @@ checked), `merge_steps` (the continual steps; no store, so tests and benchmarks 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -150,7 +148,7 @@ def run_job(
     plan = _plan_job(spec, lineage, history, settings)
     torch.manual_seed(spec.params.seed)
 
-    with tempfile.TemporaryDirectory(prefix="mergeline-job-") as tmp, _staging(store, job_id) as staged:
+    with tempfile.TemporaryDirectory(prefix="mergeline-job-") as tmp, store.staging(job_id) as staged:
         work = Path(tmp)
         # The version is written where committing it costs least: a file store's staging folder (a rename then).
         out_dir = staged or work / "version"
@@ -167,17 +165,6 @@ def run_job(
                                       manifest=_manifest(spec, plan, inputs, metrics), job_id=job_id)
     progress.event("committed", f"committed v{stored['version']}", {"version": stored["version"]})
     return _result(stored)
-
-
-@contextlib.contextmanager
-def _staging(store: LineageStore, job_id: str) -> Iterator[Path | None]:
-    """The store's staging folder for this job's version (None when the store has none), removed at the end."""
-    folder = store.staging_folder(job_id)
-    try:
-        yield folder
-    finally:
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _merge(spec: JobSpec, plan: JobPlan, store: LineageStore, tenant: str, settings: Settings, work: Path,

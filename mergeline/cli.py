@@ -76,6 +76,7 @@ class BarProgress(StepRow):
 def _run(spec, store, *, tenant: str, quiet: bool) -> dict:
     from engine.job import run_job
 
+    store.sweep_staging()  # a store without workers is tidied by the CLI: what killed merges left behind
     if quiet:
         return run_job(spec, store, tenant=tenant)
     with step_bars(console=err, transient=True) as bars:

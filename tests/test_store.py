@@ -1,7 +1,11 @@
 """The lineage store over a local folder and over a real S3 endpoint: atomic commits, conflicts, integrity."""
 
 import json
+import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -66,22 +70,56 @@ def test_concurrent_writers_on_one_head_commit_exactly_one_version(store, tmp_pa
 
 
 def test_a_file_store_moves_staged_files_into_place_and_copies_the_others(store, tmp_path):
-    staged = store.staging_folder("job_1")
-    if store.root.startswith("s3://"):
-        assert staged is None  # an S3 store uploads from anywhere
-        return
-    (staged / "model.safetensors").write_bytes(b"merged")
-    user_file = tmp_path / "eval.npz"  # a user's input: never moved away
-    user_file.write_bytes(b"eval set")
-    m = store.commit_version("acme", "lin", parent=0, base=BASE, job_id="job_1", manifest={"method": "m", "tasks": []},
-                             files=[FileToCommit("model.safetensors", staged / "model.safetensors"),
-                                    FileToCommit("tasks/t/eval.npz", user_file)])
-    assert not (staged / "model.safetensors").exists() and user_file.read_bytes() == b"eval set"
-    assert store.staging_folder("job_1") != staged  # a fresh folder each time
+    with store.staging("job_1") as staged:
+        if store.root.startswith("s3://"):
+            assert staged is None  # an S3 store uploads from anywhere
+            return
+        (staged / "model.safetensors").write_bytes(b"merged")
+        user_file = tmp_path / "eval.npz"  # a user's input: never moved away
+        user_file.write_bytes(b"eval set")
+        m = store.commit_version("acme", "lin", parent=0, base=BASE, job_id="job_1",
+                                 manifest={"method": "m", "tasks": []},
+                                 files=[FileToCommit("model.safetensors", staged / "model.safetensors"),
+                                        FileToCommit("tasks/t/eval.npz", user_file)])
+        assert not (staged / "model.safetensors").exists() and user_file.read_bytes() == b"eval set"
+        with store.staging("job_1") as again:
+            assert again != staged  # a fresh folder each time
+    assert not staged.exists() and not again.exists()  # removed when the job ends
     store.download_version("acme", "lin", 1, tmp_path / "out")  # sha256s checked
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == b"merged"
     assert [f["bytes"] for f in m["files"]] == [6, 8]
     assert store.list_lineages("acme") == ["lin"]
+
+
+KILLED_WRITER = """
+import os, sys, time
+from core.store import LineageStore
+with LineageStore(sys.argv[1]).staging("job_killed") as folder:
+    (folder / "model.safetensors").write_bytes(b"half")
+    print(folder, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_killed_jobs_staging_folder_is_swept_and_a_running_jobs_is_kept(tmp_path):
+    root = (tmp_path / "store").as_uri()
+    store = LineageStore(root)
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, root], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        killed = Path(writer.stdout.readline().strip())
+        with store.staging("job_running") as running:
+            (running / "model.safetensors").write_bytes(b"being written")
+            assert store.sweep_staging(min_age_s=0) == [], "a living writer's folder is never swept"
+            assert store.sweep_staging() == [], "nothing younger than a minute is swept"
+            writer.send_signal(signal.SIGKILL)
+            writer.wait(timeout=10)
+            assert killed.exists()
+            assert store.sweep_staging(min_age_s=0) == [killed.name]
+            assert not killed.exists() and (running / "model.safetensors").read_bytes() == b"being written"
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 def test_crash_before_the_head_pointer_moves_loses_nothing(tmp_path):

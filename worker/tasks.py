@@ -336,6 +336,7 @@ def register(app: Celery, context: Callable[[], WorkerContext]) -> None:
         purged = context().store.purge_due()
         if purged:
             log.info("purged deleted lineages", extra={"lineages": ",".join(purged)})
+        context().store.sweep_staging()  # version files of jobs killed mid-write
         return purged
 
     stop = threading.Event()

@@ -13,6 +13,7 @@ State (MethodState): meta {"method": "otmf", "reservoir": {...}} and the reservo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,8 @@ from engine.sinkhorn import sinkhorn_divergence
 _DATA_STREAM, _RESERVOIR_LOAD_STREAM, _RESERVOIR_ADD_STREAM = 0, 1, 2
 
 
-def compose(theta0: Tensors, a: Tensors, b: Tensors, m_pre: Tensors, m_post: Tensors, dtype: torch.dtype) -> Tensors:
+def compose(theta0: Tensors, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], m_pre: Tensors,
+            m_post: Tensors, dtype: torch.dtype) -> Tensors:
     """θ_M = θ0 + M_pre ⊙ a + M_post ⊙ b per tensor, with a = α·τ_pre and b = (1 − α)·τ_post scaled once per step.
     Computed in float32 (the masks' dtype) and cast to the forward's dtype; differentiable in the masks."""
     return {k: torch.addcmul(torch.addcmul(theta0[k], m_pre[k], a[k]), m_post[k], b[k]).to(dtype) for k in theta0}
@@ -288,21 +290,44 @@ def mask_shape(t: torch.Tensor, granularity: str) -> tuple[int, ...]:
     return (1,) * t.ndim
 
 
+class _TaskVector:
+    """scale·(x − θ0), tensor by tensor. On the CPU, where x and θ0 are already held in float32, each tensor is
+    computed when it is used and the step holds no copy of the vector; on another device it is stored there, in
+    the forward's dtype."""
+
+    def __init__(self, x: Tensors, theta0: Tensors, scale: float, device: torch.device, dtype: torch.dtype):
+        self.x, self.theta0, self.scale = x, theta0, scale
+        self.stored = None if device.type == "cpu" else {
+            k: to_device((x[k] - theta0[k]).mul_(scale), device, dtype) for k in theta0}
+
+    def __getitem__(self, k: str) -> torch.Tensor:
+        if self.stored is not None:
+            return self.stored[k]
+        return (self.x[k] - self.theta0[k]).mul_(self.scale)
+
+    @torch.no_grad()
+    def rescale(self, ratio: float) -> None:
+        self.scale *= ratio
+        for v in (self.stored or {}).values():
+            v.mul_(ratio)
+
+
 class _MaskedTower:
     """θ_M as a function of the two masks, with the masks' optimiser.
 
-    On the device: θ0 and the pre-scaled task vectors a = α·τ_pre, b = (1 − α)·τ_post (in the forward's dtype; θ0
-    is not copied for float32 on the CPU), the two masks' parameters in float32 and Adam's four moments, plus per
-    iteration θ_M and one mask's gradient, and a bfloat16 copy of the best masks once the held-out loss has
-    improved. Element-wise masks: 9× the tower in float32, whatever the lineage's length; row or tensor masks are
-    negligible beside the tower, leaving θ0, a, b and θ_M (about 3×, 1.5× in bfloat16 with θ0 copied)."""
+    Held for the step: the pre-scaled task vectors a = α·τ_pre, b = (1 − α)·τ_post (computed per tensor from the
+    float32 inputs on the CPU; stored with θ0 in the forward's dtype on another device), the two masks' parameters
+    in float32 and Adam's four moments, plus per iteration θ_M and one tensor's gradient at a time, and a bfloat16
+    copy of the best masks once the held-out loss has improved. Element-wise masks: about 7× the tower in float32
+    on the CPU; row or tensor masks are negligible beside the tower, leaving θ_M (1×, ½× in bfloat16)."""
 
     def __init__(self, inp: StepInput, params: OTMFParams, alpha: float, device: torch.device, dtype: torch.dtype):
         self.family, self.loaded, self.device, self.dtype = inp.family, inp.loaded, device, dtype
         self.bound, self.alpha = params.mask_bound, alpha
-        self.theta0 = {k: to_device(v, device, dtype) for k, v in inp.base.items()}
-        self.a = {k: to_device((inp.merged[k] - inp.base[k]).mul_(alpha), device, dtype) for k in inp.base}
-        self.b = {k: to_device((inp.task[k] - inp.base[k]).mul_(1.0 - alpha), device, dtype) for k in inp.base}
+        on_cpu = device.type == "cpu"  # θ0 in float32 as read: the composition casts to the forward's dtype
+        self.theta0 = {k: v if on_cpu else to_device(v, device, dtype) for k, v in inp.base.items()}
+        self.a = _TaskVector(inp.merged, inp.base, alpha, device, dtype)
+        self.b = _TaskVector(inp.task, inp.base, 1.0 - alpha, device, dtype)
         start = SIGMOID_START if self.bound == "sigmoid" else 1.0
 
         def parameters() -> Tensors:
@@ -322,13 +347,11 @@ class _MaskedTower:
         return ({k: torch.tensor(pre, device=self.device) for k in self.theta0},
                 {k: torch.tensor(post, device=self.device) for k in self.theta0})
 
-    @torch.no_grad()
     def rescale(self, alpha: float) -> None:
         """Move the prescaled task vectors to another α, before any training."""
         pre, post = self._ratios(alpha)
-        for k in self.theta0:
-            self.a[k].mul_(pre)
-            self.b[k].mul_(post)
+        self.a.rescale(pre)
+        self.b.rescale(post)
         self.alpha = alpha
 
     def _mask(self, p: Tensors) -> Tensors:
@@ -379,17 +402,18 @@ class _MaskedTower:
         scaled = {"pre": self.a, "post": self.b}
         for k, w in tower.items():
             w.requires_grad_(True)
-            pairs = [(p[k], scaled[side][k]) for side, p in trained.items()]
-            w.register_post_accumulate_grad_hook(lambda w, pairs=pairs: self._to_mask_grads(w, pairs))
+            pairs = [(p[k], scaled[side]) for side, p in trained.items()]
+            w.register_post_accumulate_grad_hook(lambda w, k=k, pairs=pairs: self._to_mask_grads(w, k, pairs))
         return tower
 
-    def _to_mask_grads(self, w: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Each trained mask parameter's gradient from θ_M's (`pairs`: the parameter and its scaled task vector)."""
+    def _to_mask_grads(self, w: torch.Tensor, key: str, pairs: list[tuple[torch.Tensor, _TaskVector]]) -> None:
+        """Each trained mask parameter's gradient from θ_M's tensor `key` (`pairs`: the parameter and its scaled
+        task vector, whose tensor is only computed here)."""
         assert w.grad is not None
         grad = w.grad.float()
         w.grad = None
         for p, vector in pairs:
-            g = (grad * vector).sum_to_size(p.shape)
+            g = (grad * vector[key]).sum_to_size(p.shape)
             if self.bound == "sigmoid":  # ∂M/∂logit = M (1 − M)
                 m = torch.sigmoid(p.detach())
                 g = g * m * (1.0 - m)
