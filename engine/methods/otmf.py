@@ -31,10 +31,15 @@ _DATA_STREAM, _RESERVOIR_LOAD_STREAM, _RESERVOIR_ADD_STREAM = 0, 1, 2
 
 
 def compose(theta0: Tensors, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], m_pre: Tensors,
-            m_post: Tensors, dtype: torch.dtype) -> Tensors:
+            m_post: Tensors, dtype: torch.dtype, out: Tensors | None = None) -> Tensors:
     """θ_M = θ0 + M_pre ⊙ a + M_post ⊙ b per tensor, with a = α·τ_pre and b = (1 − α)·τ_post scaled once per step.
-    Computed in float32 (the masks' dtype) and cast to the forward's dtype; differentiable in the masks."""
-    return {k: torch.addcmul(torch.addcmul(theta0[k], m_pre[k], a[k]), m_post[k], b[k]).to(dtype) for k in theta0}
+    Computed in float32 (the masks' dtype) and cast to the forward's dtype, into `out`'s tensors when given;
+    differentiable in the masks otherwise."""
+    composed = {}
+    for k in theta0:
+        value = torch.addcmul(torch.addcmul(theta0[k], m_pre[k], a[k]), m_post[k], b[k])
+        composed[k] = value.to(dtype) if out is None else out[k].copy_(value)
+    return composed
 
 
 def merge_from_masks(
@@ -336,6 +341,8 @@ class _MaskedTower:
 
         self.p_pre, self.p_post = parameters(), parameters()
         self.opt = torch.optim.Adam([*self.p_pre.values(), *self.p_post.values()], lr=params.lr)
+        self.tower: Tensors | None = None  # θ_M, allocated once and rewritten (see `compose`)
+        self.trained: dict[str, Tensors] = {}  # the masks the running backward pass trains, by side
 
     def _ratios(self, alpha: float) -> tuple[float, float]:
         """What the prescaled a, b are multiplied by to stand for the α-blend at `alpha` (1, 1 at the tower's own)."""
@@ -365,8 +372,17 @@ class _MaskedTower:
         """The current (M_pre, M_post), not tracked by autograd."""
         return self._fixed(self.p_pre), self._fixed(self.p_post)
 
+    @torch.no_grad()
     def compose(self, m_pre: Tensors, m_post: Tensors) -> Tensors:
-        return compose(self.theta0, self.a, self.b, m_pre, m_post, self.dtype)
+        """θ_M written into the step's one tower of leaf tensors: a fresh tower per iteration would leave the
+        allocator holding several. Each leaf's gradient becomes the trained masks' as soon as backward has produced
+        it (`_to_mask_grads`)."""
+        if self.tower is None:
+            self.tower = {k: torch.empty(v.shape, dtype=self.dtype, device=self.device) for k, v in self.theta0.items()}
+            for k, w in self.tower.items():
+                w.requires_grad_(True)
+                w.register_post_accumulate_grad_hook(lambda w, k=k: self._to_mask_grads(w, k))
+        return compose(self.theta0, self.a, self.b, m_pre, m_post, self.dtype, out=self.tower)
 
     def features(self, tower: Tensors, source: InputSource, index: torch.Tensor) -> torch.Tensor:
         return self.family.features(self.loaded, tower, source.batch(index, self.device, self.dtype)).float()  # [B, D]
@@ -391,29 +407,26 @@ class _MaskedTower:
         return {"pre": pre_loss.detach().item(), "post": post_loss.detach().item()}
 
     def _differentiable_tower(self, trained: dict[str, Tensors]) -> Tensors:
-        """θ_M as leaf tensors whose gradient, as soon as backward has produced it, becomes the trained masks'
-        gradient (∂L/∂M = Σ ∂L/∂θ_M ⊙ a, summed over the mask's broadcast dimensions) and is freed.
+        """θ_M at the current masks, as leaf tensors whose gradient, as soon as backward has produced it, becomes
+        the `trained` masks' gradient (∂L/∂M = Σ ∂L/∂θ_M ⊙ a, summed over the mask's broadcast dimensions) and is
+        freed.
 
         Autograd through the composition would keep the gradient of every tensor of θ_M until the end of backward
         (the composition's nodes run last): a whole tower more of memory. A leaf's gradient is accumulated the
         moment it is computed, so the hook holds one tensor's gradient at a time."""
-        with torch.no_grad():
-            tower = self.compose(*self.masks())
-        scaled = {"pre": self.a, "post": self.b}
-        for k, w in tower.items():
-            w.requires_grad_(True)
-            pairs = [(p[k], scaled[side]) for side, p in trained.items()]
-            w.register_post_accumulate_grad_hook(lambda w, k=k, pairs=pairs: self._to_mask_grads(w, k, pairs))
-        return tower
+        self.trained = trained
+        return self.compose(*self.masks())
 
-    def _to_mask_grads(self, w: torch.Tensor, key: str, pairs: list[tuple[torch.Tensor, _TaskVector]]) -> None:
-        """Each trained mask parameter's gradient from θ_M's tensor `key` (`pairs`: the parameter and its scaled
-        task vector, whose tensor is only computed here)."""
+    def _to_mask_grads(self, w: torch.Tensor, key: str) -> None:
+        """Each trained mask parameter's gradient from θ_M's tensor `key` (the scaled task vector's tensor is only
+        computed here)."""
         assert w.grad is not None
         grad = w.grad.float()
         w.grad = None
-        for p, vector in pairs:
-            g = (grad * vector[key]).sum_to_size(p.shape)
+        scaled = {"pre": self.a, "post": self.b}
+        for side, masks in self.trained.items():
+            p = masks[key]
+            g = (grad * scaled[side][key]).sum_to_size(p.shape)
             if self.bound == "sigmoid":  # ∂M/∂logit = M (1 − M)
                 m = torch.sigmoid(p.detach())
                 g = g * m * (1.0 - m)
