@@ -13,7 +13,7 @@ State (MethodState): meta {"method": "otmf", "reservoir": {...}} and the reservo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -320,11 +320,12 @@ class _TaskVector:
 class _MaskedTower:
     """θ_M as a function of the two masks, with the masks' optimiser.
 
-    Held for the step: the pre-scaled task vectors a = α·τ_pre, b = (1 − α)·τ_post (computed per tensor from the
-    float32 inputs on the CPU; stored with θ0 in the forward's dtype on another device), the two masks' parameters
-    in float32 and Adam's four moments, plus per iteration θ_M and one tensor's gradient at a time, and a bfloat16
-    copy of the best masks once the held-out loss has improved. Element-wise masks: about 7× the tower in float32
-    on the CPU; row or tensor masks are negligible beside the tower, leaving θ_M (1×, ½× in bfloat16)."""
+    Held for the step: θ_M (one tower of leaves in the forward's dtype, rewritten every iteration), the pre-scaled
+    task vectors a = α·τ_pre, b = (1 − α)·τ_post (computed per tensor from the float32 inputs on the CPU, so not
+    held there; stored with θ0 in the forward's dtype on another device), the masks' parameters in float32 with
+    Adam's moments and gradients, and a bfloat16 copy of the best masks once the held-out loss has improved.
+    Element-wise masks make the parameters, moments and gradients several towers' worth; row or tensor masks make
+    them negligible beside θ_M (docs/otmf.md, Memory, has the measurements)."""
 
     def __init__(self, inp: StepInput, params: OTMFParams, alpha: float, device: torch.device, dtype: torch.dtype):
         self.family, self.loaded, self.device, self.dtype = inp.family, inp.loaded, device, dtype
@@ -392,19 +393,20 @@ class _MaskedTower:
         grad stays None, and Adam skips it). Returns the batch's loss."""
         trained = self.p_pre if train_pre else self.p_post
         tower = self._differentiable_tower({"pre": self.p_pre} if train_pre else {"post": self.p_post})
-        loss = sinkhorn_divergence(self.features(tower, side.source, index), side.teacher.take(index), blur)
-        return self._step(loss, [trained])
+        (loss,) = self._step([lambda: self._loss(tower, side, index, blur)], [trained])
+        return loss
 
     def train_joint(self, pre: _Side, post: _Side, pre_index: torch.Tensor, post_index: torch.Tensor, *,
                     blur: float) -> dict[str, float]:
         """One Adam step on both masks against the sum of both sides' losses, the objective the held-out check
         scores. Returns each side's loss."""
         tower = self._differentiable_tower({"pre": self.p_pre, "post": self.p_post})
-        pre_loss = sinkhorn_divergence(self.features(tower, pre.source, pre_index), pre.teacher.take(pre_index), blur)
-        post_loss = sinkhorn_divergence(self.features(tower, post.source, post_index),
-                                        post.teacher.take(post_index), blur)
-        self._step(pre_loss + post_loss, [self.p_pre, self.p_post])
-        return {"pre": pre_loss.detach().item(), "post": post_loss.detach().item()}
+        pre_loss, post_loss = self._step([lambda: self._loss(tower, pre, pre_index, blur),
+                                          lambda: self._loss(tower, post, post_index, blur)], [self.p_pre, self.p_post])
+        return {"pre": pre_loss, "post": post_loss}
+
+    def _loss(self, tower: Tensors, side: _Side, index: torch.Tensor, blur: float) -> torch.Tensor:
+        return sinkhorn_divergence(self.features(tower, side.source, index), side.teacher.take(index), blur)
 
     def _differentiable_tower(self, trained: dict[str, Tensors]) -> Tensors:
         """θ_M at the current masks, as leaf tensors whose gradient, as soon as backward has produced it, becomes
@@ -432,16 +434,24 @@ class _MaskedTower:
                 g = g * m * (1.0 - m)
             p.grad = g if p.grad is None else p.grad + g
 
-    def _step(self, loss: torch.Tensor, trained: list[Tensors]) -> float:
+    def _step(self, objectives: list[Callable[[], torch.Tensor]], trained: list[Tensors]) -> list[float]:
+        """One Adam step on the sum of `objectives`, each computed and back-propagated in turn: the masks' gradients
+        add up the same, and backward never holds θ_M's gradients for long. (Through one graph of two forwards,
+        each θ_M tensor's gradient would wait for the other forward's before reaching its hook: a tower's worth.)
+        Returns each objective's value."""
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        values = []
+        for objective in objectives:
+            loss = objective()
+            loss.backward()
+            values.append(loss.detach().item())
         self.opt.step()
         if self.bound == "clamp":
             with torch.no_grad():
                 for masks in trained:
                     for v in masks.values():
                         v.clamp_(0.0, 1.0)
-        return loss.detach().item()
+        return values
 
     @torch.no_grad()
     def held_out_loss(self, pre: _Side, post: _Side, same_data: bool, blur: float, *, blend: float | None = None
