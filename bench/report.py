@@ -292,6 +292,8 @@ def targets_section(acc: dict | None, cost: dict | None) -> list[str]:
     t = targets(acc) if acc else {}  # derived from the stored per-method results, with the current target rules
     labels = {k: e.get("label", k) for k, e in (acc or {}).get("methods", {}).items()}
     for label, x in t.items():
+        if acc["methods"][label]["params"].get("mask_granularity", "element") != "element":
+            continue  # the low-memory masks are an option measured in §1, not the configuration the targets judge
         heads = acc["methods"][label]["head_tuning"]
         note = " (labelled head data; not a target)" if heads else ""
         out.append(f"| {labels[label]} ≥ {labels[x['baseline']]} + 5 points{note} | {x['margin_points']:+.1f} "
