@@ -43,11 +43,12 @@ def compose(theta0: Tensors, a: Mapping[str, torch.Tensor], b: Mapping[str, torc
 
 
 def merge_from_masks(
-    base: Tensors, head: Tensors, task: Tensors, m_pre: Tensors | None, m_post: Tensors | None, alpha: float
+    base: Tensors, head: Tensors, task: Tensors, m_pre: Tensors | None, m_post: Tensors | None, alpha: float,
+    into: Tensors | None = None,
 ) -> Tensors:
     """The new head θ0 + α·(M_pre ⊙ (θ − θ0)) + (1 − α)·(M_post ⊙ (θ_t − θ0)), float32 on the CPU, from the
-    float32 originals (so a bfloat16 optimisation loses no precision in the result), one tensor at a time.
-    A mask of None means all ones, without allocating it."""
+    float32 originals (so a bfloat16 optimisation loses no precision in the result), one tensor at a time, written
+    into `into`'s tensors when given. A mask of None means all ones, without allocating it."""
     out = {}
     for k in base:
         pre, post = head[k] - base[k], task[k] - base[k]
@@ -55,7 +56,8 @@ def merge_from_masks(
             pre.mul_(to_cpu(m_pre[k]))
         if m_post is not None:
             post.mul_(to_cpu(m_post[k]))
-        out[k] = pre.mul_(alpha).add_(post.mul_(1.0 - alpha)).add_(base[k])
+        value = pre.mul_(alpha).add_(post.mul_(1.0 - alpha)).add_(base[k])
+        out[k] = value if into is None else into[k].copy_(value)
     return out
 
 
@@ -164,15 +166,16 @@ class OTMF(Method):
 
 def _optimise(inp: StepInput, params: OTMFParams, pre: InputSource, post: InputSource) -> tuple[Tensors, dict]:
     """One fusion step with data: the new head (float32, CPU) and the step's metrics."""
-    m_pre, m_post, metrics = _train_masks(inp, params, pre, post)  # the device-side state is freed on return
-    return merge_from_masks(inp.base, inp.merged, inp.task, m_pre, m_post, metrics["alpha"]), metrics
+    m_pre, m_post, metrics, spare = _train_masks(inp, params, pre, post)  # the device-side state is freed on return
+    return merge_from_masks(inp.base, inp.merged, inp.task, m_pre, m_post, metrics["alpha"], into=spare), metrics
 
 
 def _train_masks(
     inp: StepInput, params: OTMFParams, pre: InputSource, post: InputSource
-) -> tuple[Tensors | None, Tensors | None, dict]:
+) -> tuple[Tensors | None, Tensors | None, dict, Tensors | None]:
     """Train M_pre and M_post; returns the masks with the lowest held-out loss (on the device; None while the
-    all-ones masks, the α-blend, were never bettered) and the metrics."""
+    all-ones masks, the α-blend, were never bettered), the metrics, and θ_M's storage when the new head can be
+    written into it."""
     device = torch.device(inp.device)
     dtype = torch.bfloat16 if params.dtype == "bfloat16" else torch.float32
     same_data = pre is post
@@ -228,7 +231,7 @@ def _train_masks(
         metrics["warning"] = (
             f"the masks never beat the all-ones start on the held-out batches (held-out loss {initial:.4g}, "
             f"{final:.4g} after training): this step is the plain α-blend of the two task vectors")
-    return best.pre, best.post, metrics
+    return best.pre, best.post, metrics, tower.spare()
 
 
 @dataclass
@@ -344,6 +347,13 @@ class _MaskedTower:
         self.opt = torch.optim.Adam([*self.p_pre.values(), *self.p_post.values()], lr=params.lr)
         self.tower: Tensors | None = None  # θ_M, allocated once and rewritten (see `compose`)
         self.trained: dict[str, Tensors] = {}  # the masks the running backward pass trains, by side
+
+    def spare(self) -> Tensors | None:
+        """θ_M's tensors once training is over, when they are float32 on the CPU: the new head's own shape and
+        place, so it is written there rather than beside them."""
+        if self.tower is None or self.dtype != torch.float32 or self.device.type != "cpu":
+            return None
+        return {k: w.detach() for k, w in self.tower.items()}
 
     def _ratios(self, alpha: float) -> tuple[float, float]:
         """What the prescaled a, b are multiplied by to stand for the α-blend at `alpha` (1, 1 at the tower's own)."""
