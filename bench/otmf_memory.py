@@ -70,7 +70,7 @@ def measure(arch: str, granularity: str, dtype: str, batch: int, steps: int, cal
                         mask_granularity=granularity)
     inp = StepInput(base=loaded.tower, merged=head, task=task, index=1, state=MethodState(), params=params,
                     device=torch.device("cpu"), family=family, loaded=loaded, calibration=Inputs({"pixels": pixels}),
-                    progress=lambda s, total, loss: stamps.append(time.perf_counter()))
+                    progress=lambda *_: stamps.append(time.perf_counter()))
     gc.collect()
     before = rss_mib()
     reset_peak()

@@ -250,8 +250,14 @@ def otmf_memory_section() -> list[str]:
         out.append(f"| {e['arch']} | {e['granularity']} | {e['dtype']} | {allocator} | {e['tower_mib']:.0f} | "
                    f"{e['step_peak_increment_mib']:.0f} | **{e['step_x_tower']:.2f}×** | {e['process_x_tower']:.2f}× | "
                    f"{e['iterations_per_s']:.3f} |")
-    return [*out, "", f"Batch {next(iter(r['runs'].values()))['batch']}, measured {r['machine']['cpu']}, "
-            f"{r['machine']['cores']} cores; iterations/s are CPU figures on a shared machine.", ""]
+    out += ["", f"Batch {next(iter(r['runs'].values()))['batch']}, joint mask updates (the default), measured "
+            f"{r['machine']['cpu']}, {r['machine']['cores']} cores; iterations/s are CPU figures on a shared machine.",
+            "", "Targets for `row` masks: the step's working memory ≤ 3.5× the float32 tower, a job process ≤ 6×:", ""]
+    for e in r["runs"].values():
+        if e["granularity"] == "row" and not e.get("malloc_mmap_threshold"):
+            out.append(f"- {e['arch']}, {e['dtype']}: step {e['step_x_tower']:.2f}× ({met(e['step_x_tower'] <= 3.5)}),"
+                       f" process {e['process_x_tower']:.2f}× ({met(e['process_x_tower'] <= 6)})")
+    return [*out, ""]
 
 
 def service_section(r: dict | None) -> list[str]:

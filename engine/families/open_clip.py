@@ -66,12 +66,16 @@ class OpenClipFamily(Family):
         check_finite(state, field=field)
         # Shapes are checked on a model without storage first: a file that cannot fill the arch never costs
         # the memory of building it.
-        layout = _check_base(_build_model(model_cfg, preprocess_overrides, device="meta"), state, field)
-        module = _build_model(model_cfg, preprocess_overrides)
+        module = _build_model(model_cfg, preprocess_overrides, device="meta")
+        layout = _check_base(module, state, field)
         if layout == FULL:
+            module = _build_model(model_cfg, preprocess_overrides)
             module.load_state_dict(state, strict=True)
         else:
-            module.visual.load_state_dict(_unprefixed(state, layout), strict=True)
+            # An image tower alone: it takes the file's tensors as its own (never a second copy), and the text
+            # tower, which nothing uses, stays without storage on the meta device.
+            visual = {k: v.float() for k, v in _unprefixed(state, layout).items()}
+            module.visual.load_state_dict(visual, strict=True, assign=True)
         module.eval().requires_grad_(False)
         # The tower shares storage with the module's parameters: θ0 is held once. `features` always substitutes
         # the tower it is given, so the module's own parameters are never read after this point.

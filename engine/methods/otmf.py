@@ -13,7 +13,7 @@ State (MethodState): meta {"method": "otmf", "reservoir": {...}} and the reservo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -31,18 +31,24 @@ _DATA_STREAM, _RESERVOIR_LOAD_STREAM, _RESERVOIR_ADD_STREAM = 0, 1, 2
 
 
 def compose(theta0: Tensors, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], m_pre: Tensors,
-            m_post: Tensors, dtype: torch.dtype) -> Tensors:
+            m_post: Tensors, dtype: torch.dtype, out: Tensors | None = None) -> Tensors:
     """θ_M = θ0 + M_pre ⊙ a + M_post ⊙ b per tensor, with a = α·τ_pre and b = (1 − α)·τ_post scaled once per step.
-    Computed in float32 (the masks' dtype) and cast to the forward's dtype; differentiable in the masks."""
-    return {k: torch.addcmul(torch.addcmul(theta0[k], m_pre[k], a[k]), m_post[k], b[k]).to(dtype) for k in theta0}
+    Computed in float32 (the masks' dtype) and cast to the forward's dtype, into `out`'s tensors when given;
+    differentiable in the masks otherwise."""
+    composed = {}
+    for k in theta0:
+        value = torch.addcmul(torch.addcmul(theta0[k], m_pre[k], a[k]), m_post[k], b[k])
+        composed[k] = value.to(dtype) if out is None else out[k].copy_(value)
+    return composed
 
 
 def merge_from_masks(
-    base: Tensors, head: Tensors, task: Tensors, m_pre: Tensors | None, m_post: Tensors | None, alpha: float
+    base: Tensors, head: Tensors, task: Tensors, m_pre: Tensors | None, m_post: Tensors | None, alpha: float,
+    into: Tensors | None = None,
 ) -> Tensors:
     """The new head θ0 + α·(M_pre ⊙ (θ − θ0)) + (1 − α)·(M_post ⊙ (θ_t − θ0)), float32 on the CPU, from the
-    float32 originals (so a bfloat16 optimisation loses no precision in the result), one tensor at a time.
-    A mask of None means all ones, without allocating it."""
+    float32 originals (so a bfloat16 optimisation loses no precision in the result), one tensor at a time, written
+    into `into`'s tensors when given. A mask of None means all ones, without allocating it."""
     out = {}
     for k in base:
         pre, post = head[k] - base[k], task[k] - base[k]
@@ -50,7 +56,8 @@ def merge_from_masks(
             pre.mul_(to_cpu(m_pre[k]))
         if m_post is not None:
             post.mul_(to_cpu(m_post[k]))
-        out[k] = pre.mul_(alpha).add_(post.mul_(1.0 - alpha)).add_(base[k])
+        value = pre.mul_(alpha).add_(post.mul_(1.0 - alpha)).add_(base[k])
+        out[k] = value if into is None else into[k].copy_(value)
     return out
 
 
@@ -159,15 +166,16 @@ class OTMF(Method):
 
 def _optimise(inp: StepInput, params: OTMFParams, pre: InputSource, post: InputSource) -> tuple[Tensors, dict]:
     """One fusion step with data: the new head (float32, CPU) and the step's metrics."""
-    m_pre, m_post, metrics = _train_masks(inp, params, pre, post)  # the device-side state is freed on return
-    return merge_from_masks(inp.base, inp.merged, inp.task, m_pre, m_post, metrics["alpha"]), metrics
+    m_pre, m_post, metrics, spare = _train_masks(inp, params, pre, post)  # the device-side state is freed on return
+    return merge_from_masks(inp.base, inp.merged, inp.task, m_pre, m_post, metrics["alpha"], into=spare), metrics
 
 
 def _train_masks(
     inp: StepInput, params: OTMFParams, pre: InputSource, post: InputSource
-) -> tuple[Tensors | None, Tensors | None, dict]:
+) -> tuple[Tensors | None, Tensors | None, dict, Tensors | None]:
     """Train M_pre and M_post; returns the masks with the lowest held-out loss (on the device; None while the
-    all-ones masks, the α-blend, were never bettered) and the metrics."""
+    all-ones masks, the α-blend, were never bettered), the metrics, and θ_M's storage when the new head can be
+    written into it."""
     device = torch.device(inp.device)
     dtype = torch.bfloat16 if params.dtype == "bfloat16" else torch.float32
     same_data = pre is post
@@ -223,7 +231,7 @@ def _train_masks(
         metrics["warning"] = (
             f"the masks never beat the all-ones start on the held-out batches (held-out loss {initial:.4g}, "
             f"{final:.4g} after training): this step is the plain α-blend of the two task vectors")
-    return best.pre, best.post, metrics
+    return best.pre, best.post, metrics, tower.spare()
 
 
 @dataclass
@@ -315,11 +323,12 @@ class _TaskVector:
 class _MaskedTower:
     """θ_M as a function of the two masks, with the masks' optimiser.
 
-    Held for the step: the pre-scaled task vectors a = α·τ_pre, b = (1 − α)·τ_post (computed per tensor from the
-    float32 inputs on the CPU; stored with θ0 in the forward's dtype on another device), the two masks' parameters
-    in float32 and Adam's four moments, plus per iteration θ_M and one tensor's gradient at a time, and a bfloat16
-    copy of the best masks once the held-out loss has improved. Element-wise masks: about 7× the tower in float32
-    on the CPU; row or tensor masks are negligible beside the tower, leaving θ_M (1×, ½× in bfloat16)."""
+    Held for the step: θ_M (one tower of leaves in the forward's dtype, rewritten every iteration), the pre-scaled
+    task vectors a = α·τ_pre, b = (1 − α)·τ_post (computed per tensor from the float32 inputs on the CPU, so not
+    held there; stored with θ0 in the forward's dtype on another device), the masks' parameters in float32 with
+    Adam's moments and gradients, and a bfloat16 copy of the best masks once the held-out loss has improved.
+    Element-wise masks make the parameters, moments and gradients several towers' worth; row or tensor masks make
+    them negligible beside θ_M (docs/otmf.md, Memory, has the measurements)."""
 
     def __init__(self, inp: StepInput, params: OTMFParams, alpha: float, device: torch.device, dtype: torch.dtype):
         self.family, self.loaded, self.device, self.dtype = inp.family, inp.loaded, device, dtype
@@ -336,6 +345,15 @@ class _MaskedTower:
 
         self.p_pre, self.p_post = parameters(), parameters()
         self.opt = torch.optim.Adam([*self.p_pre.values(), *self.p_post.values()], lr=params.lr)
+        self.tower: Tensors | None = None  # θ_M, allocated once and rewritten (see `compose`)
+        self.trained: dict[str, Tensors] = {}  # the masks the running backward pass trains, by side
+
+    def spare(self) -> Tensors | None:
+        """θ_M's tensors once training is over, when they are float32 on the CPU: the new head's own shape and
+        place, so it is written there rather than beside them."""
+        if self.tower is None or self.dtype != torch.float32 or self.device.type != "cpu":
+            return None
+        return {k: w.detach() for k, w in self.tower.items()}
 
     def _ratios(self, alpha: float) -> tuple[float, float]:
         """What the prescaled a, b are multiplied by to stand for the α-blend at `alpha` (1, 1 at the tower's own)."""
@@ -365,8 +383,17 @@ class _MaskedTower:
         """The current (M_pre, M_post), not tracked by autograd."""
         return self._fixed(self.p_pre), self._fixed(self.p_post)
 
+    @torch.no_grad()
     def compose(self, m_pre: Tensors, m_post: Tensors) -> Tensors:
-        return compose(self.theta0, self.a, self.b, m_pre, m_post, self.dtype)
+        """θ_M written into the step's one tower of leaf tensors: a fresh tower per iteration would leave the
+        allocator holding several. Each leaf's gradient becomes the trained masks' as soon as backward has produced
+        it (`_to_mask_grads`)."""
+        if self.tower is None:
+            self.tower = {k: torch.empty(v.shape, dtype=self.dtype, device=self.device) for k, v in self.theta0.items()}
+            for k, w in self.tower.items():
+                w.requires_grad_(True)
+                w.register_post_accumulate_grad_hook(lambda w, k=k: self._to_mask_grads(w, k))
+        return compose(self.theta0, self.a, self.b, m_pre, m_post, self.dtype, out=self.tower)
 
     def features(self, tower: Tensors, source: InputSource, index: torch.Tensor) -> torch.Tensor:
         return self.family.features(self.loaded, tower, source.batch(index, self.device, self.dtype)).float()  # [B, D]
@@ -376,59 +403,65 @@ class _MaskedTower:
         grad stays None, and Adam skips it). Returns the batch's loss."""
         trained = self.p_pre if train_pre else self.p_post
         tower = self._differentiable_tower({"pre": self.p_pre} if train_pre else {"post": self.p_post})
-        loss = sinkhorn_divergence(self.features(tower, side.source, index), side.teacher.take(index), blur)
-        return self._step(loss, [trained])
+        (loss,) = self._step([lambda: self._loss(tower, side, index, blur)], [trained])
+        return loss
 
     def train_joint(self, pre: _Side, post: _Side, pre_index: torch.Tensor, post_index: torch.Tensor, *,
                     blur: float) -> dict[str, float]:
         """One Adam step on both masks against the sum of both sides' losses, the objective the held-out check
         scores. Returns each side's loss."""
         tower = self._differentiable_tower({"pre": self.p_pre, "post": self.p_post})
-        pre_loss = sinkhorn_divergence(self.features(tower, pre.source, pre_index), pre.teacher.take(pre_index), blur)
-        post_loss = sinkhorn_divergence(self.features(tower, post.source, post_index),
-                                        post.teacher.take(post_index), blur)
-        self._step(pre_loss + post_loss, [self.p_pre, self.p_post])
-        return {"pre": pre_loss.detach().item(), "post": post_loss.detach().item()}
+        pre_loss, post_loss = self._step([lambda: self._loss(tower, pre, pre_index, blur),
+                                          lambda: self._loss(tower, post, post_index, blur)], [self.p_pre, self.p_post])
+        return {"pre": pre_loss, "post": post_loss}
+
+    def _loss(self, tower: Tensors, side: _Side, index: torch.Tensor, blur: float) -> torch.Tensor:
+        return sinkhorn_divergence(self.features(tower, side.source, index), side.teacher.take(index), blur)
 
     def _differentiable_tower(self, trained: dict[str, Tensors]) -> Tensors:
-        """θ_M as leaf tensors whose gradient, as soon as backward has produced it, becomes the trained masks'
-        gradient (∂L/∂M = Σ ∂L/∂θ_M ⊙ a, summed over the mask's broadcast dimensions) and is freed.
+        """θ_M at the current masks, as leaf tensors whose gradient, as soon as backward has produced it, becomes
+        the `trained` masks' gradient (∂L/∂M = Σ ∂L/∂θ_M ⊙ a, summed over the mask's broadcast dimensions) and is
+        freed.
 
         Autograd through the composition would keep the gradient of every tensor of θ_M until the end of backward
         (the composition's nodes run last): a whole tower more of memory. A leaf's gradient is accumulated the
         moment it is computed, so the hook holds one tensor's gradient at a time."""
-        with torch.no_grad():
-            tower = self.compose(*self.masks())
-        scaled = {"pre": self.a, "post": self.b}
-        for k, w in tower.items():
-            w.requires_grad_(True)
-            pairs = [(p[k], scaled[side]) for side, p in trained.items()]
-            w.register_post_accumulate_grad_hook(lambda w, k=k, pairs=pairs: self._to_mask_grads(w, k, pairs))
-        return tower
+        self.trained = trained
+        return self.compose(*self.masks())
 
-    def _to_mask_grads(self, w: torch.Tensor, key: str, pairs: list[tuple[torch.Tensor, _TaskVector]]) -> None:
-        """Each trained mask parameter's gradient from θ_M's tensor `key` (`pairs`: the parameter and its scaled
-        task vector, whose tensor is only computed here)."""
+    def _to_mask_grads(self, w: torch.Tensor, key: str) -> None:
+        """Each trained mask parameter's gradient from θ_M's tensor `key` (the scaled task vector's tensor is only
+        computed here)."""
         assert w.grad is not None
         grad = w.grad.float()
         w.grad = None
-        for p, vector in pairs:
-            g = (grad * vector[key]).sum_to_size(p.shape)
+        scaled = {"pre": self.a, "post": self.b}
+        for side, masks in self.trained.items():
+            p = masks[key]
+            g = (grad * scaled[side][key]).sum_to_size(p.shape)
             if self.bound == "sigmoid":  # ∂M/∂logit = M (1 − M)
                 m = torch.sigmoid(p.detach())
                 g = g * m * (1.0 - m)
             p.grad = g if p.grad is None else p.grad + g
 
-    def _step(self, loss: torch.Tensor, trained: list[Tensors]) -> float:
+    def _step(self, objectives: list[Callable[[], torch.Tensor]], trained: list[Tensors]) -> list[float]:
+        """One Adam step on the sum of `objectives`, each computed and back-propagated in turn: the masks' gradients
+        add up the same, and backward never holds θ_M's gradients for long. (Through one graph of two forwards,
+        each θ_M tensor's gradient would wait for the other forward's before reaching its hook: a tower's worth.)
+        Returns each objective's value."""
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        values = []
+        for objective in objectives:
+            loss = objective()
+            loss.backward()
+            values.append(loss.detach().item())
         self.opt.step()
         if self.bound == "clamp":
             with torch.no_grad():
                 for masks in trained:
                     for v in masks.values():
                         v.clamp_(0.0, 1.0)
-        return loss.detach().item()
+        return values
 
     @torch.no_grad()
     def held_out_loss(self, pre: _Side, post: _Side, same_data: bool, blur: float, *, blend: float | None = None
