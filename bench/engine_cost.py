@@ -104,7 +104,7 @@ def measure_iteration(batch: int, steps: int, repeats: int = 3, dtype: str = "fl
     """Plain forward+backward of the tower vs OTMF iterations, in this process (run it in a fresh one)."""
     import torch
 
-    from core.spec import OTMFParams
+    from core.methods import OTMFParams
     from core.uris import Fetched
     from engine.families import get_family
     from engine.methods import get_method
@@ -156,11 +156,15 @@ def measure_iteration(batch: int, steps: int, repeats: int = 3, dtype: str = "fl
     step_peak = peak_mib() - rss_before
     intervals = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     iteration = statistics.median(intervals)
+    # A joint update runs a forward and a backward on a batch of each side; an alternate one on one batch.
+    passes = 2 if params.mask_update == "joint" else 1
     return {
         "batch": batch, "steps": steps, "dtype": dtype, "tower_mib": tower_mib,
+        "mask_update": params.mask_update, "passes_per_iteration": passes,
         "plain_fwd_bwd_s": statistics.median(plain), "plain_samples_s": plain,
         "otmf_iteration_s": iteration, "otmf_iteration_samples_s": intervals,
-        "overhead_ratio": iteration / statistics.median(plain),
+        "iteration_ratio": iteration / statistics.median(plain),
+        "overhead_ratio": iteration / (passes * statistics.median(plain)),
         "otmf_step_s": step_s, "first_iteration_done_s": stamps[0] - t0 if stamps else None,
         "plain_peak_increment_mib": plain_peak,
         "otmf_peak_increment_mib": step_peak, "otmf_peak_increment_x_tower": step_peak / tower_mib,
@@ -281,14 +285,16 @@ def main(argv: list[str] | None = None) -> dict:
     parts = args.part.split(",")
     # Parts measured by separate invocations accumulate in one result file (bench/run_all starts from none).
     result: dict = read_result(args.name) or {}
-    result.update({"arch": ARCH, "files": prepare(), "command": "python -m bench.engine_cost " +
-                   " ".join(argv if argv is not None else sys.argv[1:])})
+    command = " ".join(["python -m bench.engine_cost", *(argv if argv is not None else sys.argv[1:])])
+    result.update({"arch": ARCH, "files": prepare(), "command": command})
+    result["commands"] = {**result.get("commands", {}), **{part: command for part in parts}}  # what measured each
     if "iteration" in parts:
         result["iteration"] = {}
         for dtype in args.dtypes.split(","):
             r = run_iteration(args.batch, args.steps, dtype)
             print(f"[engine_cost] {dtype}: fwd+bwd {r['plain_fwd_bwd_s']:.2f} s, OTMF iteration "
-                  f"{r['otmf_iteration_s']:.2f} s (×{r['overhead_ratio']:.2f}); step peak "
+                  f"{r['otmf_iteration_s']:.2f} s ({r['passes_per_iteration']} passes, ×{r['overhead_ratio']:.2f} "
+                  "per pass); step peak "
                   f"+{r['otmf_peak_increment_mib']:.0f} MiB = {r['otmf_peak_increment_x_tower']:.1f}× tower",
                   flush=True)
             result["iteration"][dtype] = r
