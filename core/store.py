@@ -8,7 +8,7 @@ Committing version n:
   1. the head must be the caller's parent (n - 1), else `Conflict`;
   2. `v{n}/.claim` is created exclusively, so exactly one writer may write version n;
   3. every file is written, then the manifest (exclusively): the version exists from that moment on (a file
-     store moves the files a job wrote into its `staging_folder` with a rename instead of copying them);
+     store moves the files a job wrote into its `staging` folder with a rename instead of copying them);
   4. `lineage.json` is replaced with the new head.
 A crash anywhere leaves the head at a complete version. Readers treat `lineage.json`'s head as a hint and step
 forward over any manifest written after it, so a crash between 3 and 4 loses nothing, and a failure to write
