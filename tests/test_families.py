@@ -154,6 +154,10 @@ def test_open_clip_base_in_every_layout(tmp_path, clip_files, layout):
     assert all(v.dtype == torch.float32 and torch.equal(v, visual[k]) for k, v in loaded.tower.items())
     expected_carried = {k for k in full if not k.startswith("visual.")} if layout == "full" else set()
     assert set(loaded.carried) == expected_carried
+    params = dict(loaded.module.visual.named_parameters())
+    assert all(v.data_ptr() == params[k].data_ptr() for k, v in loaded.tower.items()), "θ0 is held once"
+    if layout != "full":  # an image tower alone: the text tower, never used, takes no memory
+        assert all(p.is_meta for n, p in loaded.module.named_parameters() if not n.startswith("visual."))
 
 
 @pytest.mark.parametrize("layout", CLIP_LAYOUTS)
