@@ -207,7 +207,7 @@ class LineageStore:
         filesystem of its destination (a lineage folder may be a mount of its own), else copied."""
         import obstore
 
-        if self._staged_key(local) is not None and self._call(_move, local, Path(self._store.prefix) / key):
+        if self._is_staged(local) and self._call(_move, local, Path(self._store.prefix) / key):
             return
         with open(local, "rb") as f:
             self._call(obstore.put, self._store, key, f, chunk_size=CHUNK)
@@ -222,6 +222,11 @@ class LineageStore:
         else:
             self._call(obstore.copy, self._store, src, dest)
 
+    @property
+    def _staging_root(self) -> Path | None:
+        """Where jobs stage their version files: a folder of a file:// store; None for other stores."""
+        return Path(self._store.prefix) / STAGING_FOLDER if self.root.startswith("file://") else None
+
     @contextlib.contextmanager
     def staging(self, job_id: str) -> Iterator[Path | None]:
         """A fresh folder on a file:// store's own disk for a job to write its version's files into: committing
@@ -229,12 +234,11 @@ class LineageStore:
         until a commit moves them, its files belong to no version and no reader sees them. The writing process
         holds a lock on the folder for as long as it lives, so that `sweep_staging` can tell a killed job's
         leftovers from a running job's files."""
-        if not self.root.startswith("file://"):
+        if self._staging_root is None:
             yield None
             return
-        parent = self._store.prefix / STAGING_FOLDER
-        parent.mkdir(exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=parent))
+        self._staging_root.mkdir(exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=self._staging_root))
         owner = os.open(folder / STAGING_OWNER_FILE, os.O_CREAT | os.O_RDWR, 0o600)
         try:
             fcntl.flock(owner, fcntl.LOCK_EX)  # released by the kernel when this process ends, however it ends
@@ -247,29 +251,27 @@ class LineageStore:
         """Remove the staging folders no living process holds (a job killed or crashed mid-write left them) and
         returns their names. Folders younger than `min_age_s` are left alone: their job may still be taking its
         lock."""
-        parent = self._store.prefix / STAGING_FOLDER if self.root.startswith("file://") else None
-        if parent is None or not parent.is_dir():
+        if self._staging_root is None or not self._staging_root.is_dir():
             return []
         swept = []
-        for folder in parent.iterdir():
+        for entry in self._staging_root.iterdir():
             with contextlib.suppress(FileNotFoundError):
-                if time.time() - folder.lstat().st_mtime < min_age_s or not _unowned(folder):
+                if time.time() - entry.lstat().st_mtime < min_age_s:
                     continue
-                if folder.is_dir() and not folder.is_symlink():
-                    shutil.rmtree(folder, ignore_errors=True)
+                if entry.is_symlink() or not entry.is_dir():
+                    entry.unlink()  # nothing a job writes: never followed
+                elif _unowned(entry):
+                    shutil.rmtree(entry, ignore_errors=True)
                 else:
-                    folder.unlink()
-                swept.append(folder.name)
+                    continue
+                swept.append(entry.name)
         if swept:
             log.info("removed staging folders of ended jobs", extra={"folders": ",".join(swept)})
         return swept
 
-    def _staged_key(self, local: Path) -> str | None:
-        """The object key of a file in this store's staging folder, else None."""
-        if not self.root.startswith("file://"):
-            return None
-        path, root = Path(local).resolve(), Path(self._store.prefix)
-        return path.relative_to(root).as_posix() if path.is_relative_to(root / STAGING_FOLDER) else None
+    def _is_staged(self, local: Path) -> bool:
+        """Whether `local` lies in this store's staging folder."""
+        return self._staging_root is not None and Path(local).resolve().is_relative_to(self._staging_root)
 
     def ping(self) -> None:
         """Raise StoreUnavailable unless the store answers."""
@@ -613,8 +615,6 @@ class LineageStore:
 
 def _unowned(folder: Path) -> bool:
     """Whether no process holds the staging folder's owner lock (taken and dropped here to find out)."""
-    if folder.is_symlink() or not folder.is_dir():
-        return True
     try:
         owner = os.open(folder / STAGING_OWNER_FILE, os.O_RDWR | os.O_NOFOLLOW)
     except FileNotFoundError:

@@ -434,13 +434,14 @@ def merge_steps(
         progress.event("task_started", f"merging {task.name}", {"task_index": i, "name": task.name})
         # The checkpoint is referenced by the StepInput only, so it is freed as soon as the step returns (unless the
         # streamed head is recomputed from it).
-        last = i == len(tasks) - 1
-        if stream is not None:
+        if stream is None:
+            views, sinks = (loaded.tower, merged, task.checkpoint()), Sinks()
+        else:
             merged = stream.head(merged, method.head_reads(position + i))
-        views = (loaded.tower, merged, task.checkpoint())
-        sinks = Sinks() if stream is None else stream.sinks(last, merged, views[2])
-        if stream is not None:
-            views = tuple(stream.view(v) for v in views)
+            checkpoint = task.checkpoint()
+            sinks = stream.sinks(i == len(tasks) - 1, merged, checkpoint)
+            views = tuple(stream.view(v) for v in (loaded.tower, merged, checkpoint))
+            del checkpoint
         out = method.step(StepInput(
             base=views[0], merged=views[1], task=views[2], index=position + i, state=state, params=params,
             device=device, family=family, loaded=loaded, calibration=task.calibration,

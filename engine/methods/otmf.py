@@ -401,9 +401,8 @@ class _MaskedTower:
     def train_iteration(self, side: _Side, index: torch.Tensor, *, train_pre: bool, blur: float) -> float:
         """One Adam step on one mask (M_pre or M_post) against `side`'s teacher; the other mask is a constant (its
         grad stays None, and Adam skips it). Returns the batch's loss."""
-        trained = self.p_pre if train_pre else self.p_post
         tower = self._differentiable_tower({"pre": self.p_pre} if train_pre else {"post": self.p_post})
-        (loss,) = self._step([lambda: self._loss(tower, side, index, blur)], [trained])
+        (loss,) = self._step([lambda: self._loss(tower, side, index, blur)])
         return loss
 
     def train_joint(self, pre: _Side, post: _Side, pre_index: torch.Tensor, post_index: torch.Tensor, *,
@@ -412,7 +411,7 @@ class _MaskedTower:
         scores. Returns each side's loss."""
         tower = self._differentiable_tower({"pre": self.p_pre, "post": self.p_post})
         pre_loss, post_loss = self._step([lambda: self._loss(tower, pre, pre_index, blur),
-                                          lambda: self._loss(tower, post, post_index, blur)], [self.p_pre, self.p_post])
+                                          lambda: self._loss(tower, post, post_index, blur)])
         return {"pre": pre_loss, "post": post_loss}
 
     def _loss(self, tower: Tensors, side: _Side, index: torch.Tensor, blur: float) -> torch.Tensor:
@@ -444,7 +443,7 @@ class _MaskedTower:
                 g = g * m * (1.0 - m)
             p.grad = g if p.grad is None else p.grad + g
 
-    def _step(self, objectives: list[Callable[[], torch.Tensor]], trained: list[Tensors]) -> list[float]:
+    def _step(self, objectives: list[Callable[[], torch.Tensor]]) -> list[float]:
         """One Adam step on the sum of `objectives`, each computed and back-propagated in turn: the masks' gradients
         add up the same, and backward never holds θ_M's gradients for long. (Through one graph of two forwards,
         each θ_M tensor's gradient would wait for the other forward's before reaching its hook: a tower's worth.)
@@ -458,7 +457,7 @@ class _MaskedTower:
         self.opt.step()
         if self.bound == "clamp":
             with torch.no_grad():
-                for masks in trained:
+                for masks in self.trained.values():
                     for v in masks.values():
                         v.clamp_(0.0, 1.0)
         return values
