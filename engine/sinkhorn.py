@@ -1,6 +1,7 @@
 """Entropic optimal transport between two feature clouds, and the debiased Sinkhorn divergence built on it.
 
-The transport plan is solved by POT's log-domain Sinkhorn (torch backend, on the features' device) without autograd.
+The transport plan is solved by POT's log-domain Sinkhorn (torch backend) without autograd: on the CPU for the small
+clouds OTMF's batches make, where a GPU would spend each of hundreds of iterations launching a few tiny kernels.
 The entropic cost OT_ε(C) = min_P ⟨P, C⟩ + ε·KL(P ‖ a⊗b) has ∂OT_ε/∂C = P* (envelope theorem), so the value is
 returned as ⟨P*, C⟩ + ε·KL(P* ‖ a⊗b) with P* detached: its gradient w.r.t. the features flows through the cost
 matrix only. That is the exact gradient at convergence, and backward is one weighted sum instead of a replay of
@@ -18,6 +19,7 @@ import torch
 # slow cases of OTMF runs): the cap bounds a solve's cost without changing the loss in any way that matters.
 STOP_THRESHOLD = 1e-6
 MAX_ITERATIONS = 300
+CPU_SOLVE_MAX_ENTRIES = 64 * 64  # cost matrices up to this size are solved on the CPU, whatever the features' device
 
 
 def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -36,7 +38,9 @@ def entropic_ot(x: torch.Tensor, y: torch.Tensor, reg: float) -> torch.Tensor:
     b = torch.full((y.shape[0],), 1.0 / y.shape[0], dtype=torch.float32, device=y.device)
     with torch.no_grad():
         solver = {"method": "sinkhorn_log", "numItermax": MAX_ITERATIONS, "stopThr": STOP_THRESHOLD, "warn": False}
-        plan = ot.sinkhorn(a, b, cost.detach(), reg, **solver)  # [N, M]
+        solver_device = "cpu" if cost.numel() <= CPU_SOLVE_MAX_ENTRIES else cost.device
+        plan = ot.sinkhorn(a.to(solver_device), b.to(solver_device), cost.detach().to(solver_device), reg,
+                           **solver).to(cost.device)  # [N, M]
         # KL(P ‖ a⊗b) = Σ P log P − Σ P log(a_i b_j); xlogy gives 0·log 0 = 0 for underflowed entries.
         kl = (torch.special.xlogy(plan, plan) - plan * (a.log()[:, None] + b.log()[None, :])).sum()
     return (plan * cost).sum() + reg * kl
