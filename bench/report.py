@@ -72,7 +72,8 @@ def accuracy_section(r: dict | None, title: str = "## 1. Continual-merging accur
         return [*out, "_Not run._", ""]
     s = r["suite"]
     split = s.get("split", "eval")
-    out += [f"`{r['command']}` ({r['generated_at']}; {machine_line(r['machine'])}).", "", suite_words(s), "",
+    out += [f"`{r['command']}` ({r['generated_at']}; {machine_line(r['machine'])}).", "",
+            f"{suite_words(s)} {build_words(s.get('base_sha256'))}", "",
             f"Accuracies below are on the **{split}** split.", "",
             "| task | base + task head | individual fine-tuned |", "| --- | ---: | ---: |"]
     for t in s["tasks"]:
@@ -113,13 +114,22 @@ def accuracy_section(r: dict | None, title: str = "## 1. Continual-merging accur
     return out
 
 
+def build_words(fingerprint: str | None) -> str:
+    """Which build of the suite a result was measured on: builds on other machines or thread counts differ, so only
+    results of one build compare."""
+    if fingerprint is None:
+        return "Suite build: an earlier one, not recorded (compare its figures only among themselves)."
+    return f"Suite build `{fingerprint[:12]}` (sha256 of its base)."
+
+
 def selection_section(sel: dict | None, title: str) -> list[str]:
     """A sweep of OTMF settings on the image suite's validation split (bench/tune_otmf.py --out)."""
     out = [title, ""]
     if sel is None:
         return [*out, "_Not run._", ""]
     out += [f"`{sel['command']}` ({sel['generated_at']}), on the **validation** split (the process could not open "
-            f"eval data), {len(sel['orders'])} task order(s); OTMF's defaults of the time for every param not listed.",
+            f"eval data), {len(sel['orders'])} task order(s); OTMF's defaults of the time for every param not listed. "
+            + build_words(sel.get("suite_base_sha256")),
             "", "| params | average accuracy | normalized | degenerate steps |", "| --- | ---: | ---: | ---: |"]
     for row in sel["rows"]:
         params = ", ".join(f"{k}={v}" for k, v in row["params"].items()) or "defaults"
@@ -455,8 +465,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--notes", default=None, help="a markdown file whose text is inserted after the header")
     args = parser.parse_args(argv)
-    names = ("accuracy", "accuracy-validation", "otmf_select", "accuracy-text", "peers", "engine_cost",
-             "service_load", "lora_cost")
+    names = ("accuracy", "accuracy-validation", "otmf_select", "otmf_composition", "accuracy-text", "peers",
+             "engine_cost", "service_load", "lora_cost")
     r = {n: read_result(n) for n in names}
     old = DOC.read_text() if DOC.exists() else ""
 
@@ -482,6 +492,7 @@ def main(argv: list[str] | None = None) -> None:
     lines += marked("accuracy", accuracy_section(r["accuracy"], "## 1. Continual-merging accuracy: image suite, eval"))
     lines += marked("accuracy-validation", [
         *selection_section(r["otmf_select"], "## 1a. Choosing OTMF's defaults: image suite, validation split"),
+        *selection_section(r["otmf_composition"], "### The additive composition (an extension), validation split"),
         *accuracy_section(r["accuracy-validation"], "### The data-free methods on the validation split",
                           "benchmarks-accuracy-validation.png")])
     lines += marked("accuracy-text", accuracy_section(

@@ -22,6 +22,7 @@ from functools import partial
 import torch
 from safetensors.torch import load_file
 
+from bench.accuracy import suite_fingerprint
 from bench.common import fork_pool, write_result
 from bench.suite import get_suite, task_orders
 from core.methods import method_entry
@@ -108,6 +109,7 @@ def main() -> None:
         rows.append(row)
     if args.out:
         write_result(args.out, {"split": "validation", "orders": orders, "rows": rows,
+                                "suite_base_sha256": suite_fingerprint(suite),
                                 "command": "python -m bench.tune_otmf " + shlex.join(sys.argv[1:])})
 
 

@@ -69,6 +69,12 @@ class OTMFParams(CommonParams):
         0.7, description="weight of the previous head's masked task vector; \"auto\": chosen per step, without "
                          "labels, as the candidate (0.5 to 0.9) whose α-blend has the lowest held-out Sinkhorn loss "
                          "against both teachers (an extension of the paper)")
+    composition: Literal["convex", "additive"] = Field(
+        "convex", description="how the masked task vectors make θ_M. convex: θ0 + α·M_pre⊙τ_pre + "
+                              "(1 − α)·M_post⊙τ_post (the paper's); additive: θ0 + M_pre⊙τ_pre + "
+                              "λ·M_post⊙τ_post, task arithmetic's sum at all-ones masks, the first task's version "
+                              "θ0 + λ·τ_1 (an extension)")
+    scaling_factor: float = Field(0.3, gt=0.0, le=10.0, description="λ of the additive composition")
     steps: int | None = Field(None, ge=1, le=100_000, description="mask-training iterations (100 unless `epochs` "
                               "is given), alternating M_pre and M_post")
     epochs: int | None = Field(None, ge=1, le=10_000, description="instead of `steps`: passes over the task's "
@@ -96,7 +102,13 @@ class OTMFParams(CommonParams):
     def _one_length(self) -> OTMFParams:
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give `steps` or `epochs`, not both: exactly one of them sets how long the masks train")
+        if self.composition == "additive" and self.alpha == "auto":
+            raise ValueError("`alpha: auto` chooses a convex blend; the additive composition has no α")
         return self
+
+    def scales(self, alpha: float) -> tuple[float, float]:
+        """What τ_pre and τ_post are multiplied by, besides their masks, at `alpha`."""
+        return (1.0, self.scaling_factor) if self.composition == "additive" else (alpha, 1.0 - alpha)
 
 
 class TaskArithmeticParams(CommonParams):

@@ -335,8 +335,8 @@ def test_otmf_composition_with_unit_masks_is_the_alpha_blend(world: World):
     a = {k: alpha * (head[k] - world.base[k]) for k in world.base}
     b = {k: (1 - alpha) * (task[k] - world.base[k]) for k in world.base}
     composed = compose(world.base, a, b, ones, ones, torch.float32)
-    merged = merge_from_masks(world.base, head, task, ones, ones, alpha)
-    implicit = merge_from_masks(world.base, head, task, None, None, alpha)  # None: all-ones, never allocated
+    merged = merge_from_masks(world.base, head, task, ones, ones, (alpha, 1 - alpha))
+    implicit = merge_from_masks(world.base, head, task, None, None, (alpha, 1 - alpha))  # None: all-ones, not allocated
     for k, theta0 in world.base.items():
         expected = theta0 + alpha * (head[k] - theta0) + (1 - alpha) * (task[k] - theta0)
         torch.testing.assert_close(composed[k], expected, rtol=0, atol=1e-6)
@@ -351,6 +351,24 @@ def test_otmf_first_step_is_the_first_checkpoint(world: World):
     assert all(torch.equal(out.merged[k], world.tasks[0][k]) for k in world.base)
     assert calls == [(1, 1, None, None)] and out.metrics["iterations"] == 0
     assert out.state.tensors["reservoir.task_index"].tolist() == [0] * 10
+
+
+def test_otmf_additive_composition_is_task_arithmetic_at_unit_masks_and_trains_from_there(world: World):
+    params = OTMFParams(composition="additive", steps=20, eval_every=5, pre_data="current")
+    otmf = run("otmf", world, params, 2)
+    ta = run("task_arithmetic", world, TaskArithmeticParams(scaling_factor=params.scaling_factor), 2)
+    assert params.scales(0.5) == (1.0, 0.3)
+    for k in world.base:  # the first version is θ0 + λ·τ_1, as task arithmetic's
+        torch.testing.assert_close(otmf[0].merged[k], ta[0].merged[k], rtol=0, atol=1e-6)
+    unit = merge_from_masks(world.base, otmf[0].merged, world.tasks[1], None, None, params.scales(0.5))
+    for k in world.base:  # all-ones masks: task arithmetic's sum
+        torch.testing.assert_close(unit[k], ta[1].merged[k], rtol=0, atol=1e-6)
+    m = otmf[1].metrics
+    assert m["scales"] == [1.0, 0.3] and "alpha" not in m and m["best_iteration"] > 0
+    assert m["loss_best"] < m["loss_initial"]
+    assert any(not torch.allclose(otmf[1].merged[k], unit[k]) for k in world.base)
+    with pytest.raises(ValueError, match="additive"):
+        OTMFParams(composition="additive", alpha="auto")
 
 
 TWO_TASK = OTMFParams(alpha=0.5, steps=60, seed=0, mask_update="alternate")  # the paper's scheme, side by side
@@ -390,7 +408,8 @@ def test_otmf_loss_falls_during_a_step(two_task: OTMFRun):
 def test_otmf_masks_bring_the_merge_closer_to_both_teachers_than_the_alpha_blend(world: World, two_task: OTMFRun):
     # The α-blend is what OTMF returns when its masks stay all ones: training must beat it on unseen inputs of both
     # tasks, by a margin (a disabled mask trainer, or a zero loss, gives exactly the blend and fails here).
-    blend = merge_from_masks(world.base, two_task.first.merged, world.tasks[1], None, None, TWO_TASK.alpha)
+    blend = merge_from_masks(world.base, two_task.first.merged, world.tasks[1], None, None,
+                             TWO_TASK.scales(TWO_TASK.alpha))
     ta = run("task_arithmetic", world, TaskArithmeticParams(), 2)[-1].merged
     distances = {
         name: (sinkhorn_to_teacher(world, tower, 0), sinkhorn_to_teacher(world, tower, 1))
@@ -418,7 +437,8 @@ def test_otmf_says_plainly_when_its_masks_never_beat_the_all_ones_start(world: W
                          merged=world.tasks[0], state=MethodState(), position=1, device=CPU, progress=Events())
     m = result.steps[0]
     assert m["best_iteration"] == 0 and m["masks_kept_all_ones"] is True and "α-blend" in m["warning"]
-    blend = merge_from_masks(world.base, world.tasks[0], world.tasks[0], None, None, OTMFParams().alpha)
+    defaults = OTMFParams()
+    blend = merge_from_masks(world.base, world.tasks[0], world.tasks[0], None, None, defaults.scales(defaults.alpha))
     assert all(torch.equal(result.tower[k], blend[k]) for k in world.base)
     merged_event = next(data for type, _, data in events if type == "task_merged")
     assert merged_event["masks_kept_all_ones"] is True

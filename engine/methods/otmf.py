@@ -32,7 +32,7 @@ _DATA_STREAM, _RESERVOIR_LOAD_STREAM, _RESERVOIR_ADD_STREAM = 0, 1, 2
 
 def compose(theta0: Tensors, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], m_pre: Tensors,
             m_post: Tensors, dtype: torch.dtype, out: Tensors | None = None) -> Tensors:
-    """θ_M = θ0 + M_pre ⊙ a + M_post ⊙ b per tensor, with a = α·τ_pre and b = (1 − α)·τ_post scaled once per step.
+    """θ_M = θ0 + M_pre ⊙ a + M_post ⊙ b per tensor, with a = s_pre·τ_pre and b = s_post·τ_post scaled once per step.
     Computed in float32 (the masks' dtype) and cast to the forward's dtype, into `out`'s tensors when given;
     differentiable in the masks otherwise."""
     composed = {}
@@ -43,10 +43,10 @@ def compose(theta0: Tensors, a: Mapping[str, torch.Tensor], b: Mapping[str, torc
 
 
 def merge_from_masks(
-    base: Tensors, head: Tensors, task: Tensors, m_pre: Tensors | None, m_post: Tensors | None, alpha: float,
-    into: Tensors | None = None,
+    base: Tensors, head: Tensors, task: Tensors, m_pre: Tensors | None, m_post: Tensors | None,
+    scales: tuple[float, float], into: Tensors | None = None,
 ) -> Tensors:
-    """The new head θ0 + α·(M_pre ⊙ (θ − θ0)) + (1 − α)·(M_post ⊙ (θ_t − θ0)), float32 on the CPU, from the
+    """The new head θ0 + s_pre·(M_pre ⊙ (θ − θ0)) + s_post·(M_post ⊙ (θ_t − θ0)), float32 on the CPU, from the
     float32 originals (so a bfloat16 optimisation loses no precision in the result), one tensor at a time, written
     into `into`'s tensors when given. A mask of None means all ones, without allocating it."""
     out = {}
@@ -56,7 +56,7 @@ def merge_from_masks(
             pre.mul_(to_cpu(m_pre[k]))
         if m_post is not None:
             post.mul_(to_cpu(m_post[k]))
-        value = pre.mul_(alpha).add_(post.mul_(1.0 - alpha)).add_(base[k])
+        value = pre.mul_(scales[0]).add_(post.mul_(scales[1])).add_(base[k])
         out[k] = value if into is None else into[k].copy_(value)
     return out
 
@@ -138,8 +138,10 @@ class OTMF(Method):
             reservoir.check(calibration)
 
         if inp.index == 0:
-            # The lineage's first task: θ0 + τ_1 = θ_1, nothing to fuse (the checkpoint's tensors are shared).
-            merged = {k: to_cpu(inp.task[k]) for k in inp.base}
+            # The lineage's first task: θ0 + τ_1 = θ_1, nothing to fuse (the checkpoint's tensors are shared), or
+            # θ0 + λ·τ_1 with the additive composition.
+            merged = ({k: to_cpu(inp.task[k]) for k in inp.base} if params.composition == "convex" else
+                      merge_from_masks(inp.base, inp.base, inp.task, None, None, params.scales(0.0)))
             metrics: dict = {"iterations": 0, "pre_data": params.pre_data}
             inp.progress(1, 1, None)
         else:
@@ -167,7 +169,8 @@ class OTMF(Method):
 def _optimise(inp: StepInput, params: OTMFParams, pre: InputSource, post: InputSource) -> tuple[Tensors, dict]:
     """One fusion step with data: the new head (float32, CPU) and the step's metrics."""
     m_pre, m_post, metrics, spare = _train_masks(inp, params, pre, post)  # the device-side state is freed on return
-    return merge_from_masks(inp.base, inp.merged, inp.task, m_pre, m_post, metrics["alpha"], into=spare), metrics
+    scales = tuple(metrics["scales"])
+    return merge_from_masks(inp.base, inp.merged, inp.task, m_pre, m_post, scales, into=spare), metrics
 
 
 def _train_masks(
@@ -190,14 +193,16 @@ def _train_masks(
         inp.family, inp.loaded, inp.task, post, schedule.used_post(), device, dtype, chunk))
 
     auto = params.alpha == "auto"
-    tower = _MaskedTower(inp, params, 0.5 if auto else params.alpha, device, dtype)
+    alpha = 0.5 if auto else params.alpha
+    tower = _MaskedTower(inp, params, params.scales(alpha), device, dtype)
     alpha_losses = {}
     if auto:  # each candidate's α-blend on the held-out batches; the masks then train at the best one
-        alpha_losses = {a: tower.held_out_loss(pre_side, post_side, same_data, params.blur, blend=a)
+        alpha_losses = {a: tower.held_out_loss(pre_side, post_side, same_data, params.blur, blend=params.scales(a))
                         for a in OTMFParams.ALPHA_CANDIDATES}
-        tower.rescale(min(alpha_losses, key=alpha_losses.__getitem__))
-    # The α-blend (all-ones masks) is what any trained masks must beat, whatever the masks start from.
-    initial = final = tower.held_out_loss(pre_side, post_side, same_data, params.blur, blend=tower.alpha)
+        alpha = min(alpha_losses, key=alpha_losses.__getitem__)
+        tower.rescale(params.scales(alpha))
+    # The blend at all-ones masks is what any trained masks must beat, whatever the masks start from.
+    initial = final = tower.held_out_loss(pre_side, post_side, same_data, params.blur, blend=tower.scales)
     best = _BestMasks(initial)
     for s in range(steps):
         if params.mask_update == "joint":  # both masks on the sum of both sides' losses
@@ -214,7 +219,8 @@ def _train_masks(
 
     metrics = {
         "iterations": steps,
-        "alpha": tower.alpha,
+        **({"alpha": alpha} if params.composition == "convex" else {}),
+        "scales": list(tower.scales),
         **({"alpha_losses": {str(a): loss for a, loss in alpha_losses.items()}} if auto else {}),
         "loss_initial": initial,
         "loss_final": final,
@@ -230,7 +236,8 @@ def _train_masks(
     if best.iteration == 0:
         metrics["warning"] = (
             f"the masks never beat the all-ones start on the held-out batches (held-out loss {initial:.4g}, "
-            f"{final:.4g} after training): this step is the plain α-blend of the two task vectors")
+            f"{final:.4g} after training): this step is the plain "
+            + ("α-blend" if params.composition == "convex" else "sum") + " of the two task vectors")
     return best.pre, best.post, metrics, tower.spare()
 
 
@@ -324,19 +331,20 @@ class _MaskedTower:
     """θ_M as a function of the two masks, with the masks' optimiser.
 
     Held for the step: θ_M (one tower of leaves in the forward's dtype, rewritten every iteration), the pre-scaled
-    task vectors a = α·τ_pre, b = (1 − α)·τ_post (computed per tensor from the float32 inputs on the CPU, so not
+    task vectors a = s_pre·τ_pre, b = s_post·τ_post (computed per tensor from the float32 inputs on the CPU, so not
     held there; stored with θ0 in the forward's dtype on another device), the masks' parameters in float32 with
     Adam's moments and gradients, and a bfloat16 copy of the best masks once the held-out loss has improved.
     Element-wise masks make the parameters, moments and gradients several towers' worth; row or tensor masks make
     them negligible beside θ_M (docs/otmf.md, Memory, has the measurements)."""
 
-    def __init__(self, inp: StepInput, params: OTMFParams, alpha: float, device: torch.device, dtype: torch.dtype):
+    def __init__(self, inp: StepInput, params: OTMFParams, scales: tuple[float, float], device: torch.device,
+                 dtype: torch.dtype):
         self.family, self.loaded, self.device, self.dtype = inp.family, inp.loaded, device, dtype
-        self.bound, self.alpha = params.mask_bound, alpha
+        self.bound, self.scales = params.mask_bound, scales
         on_cpu = device.type == "cpu"  # θ0 in float32 as read: the composition casts to the forward's dtype
         self.theta0 = {k: v if on_cpu else to_device(v, device, dtype) for k, v in inp.base.items()}
-        self.a = _TaskVector(inp.merged, inp.base, alpha, device, dtype)
-        self.b = _TaskVector(inp.task, inp.base, 1.0 - alpha, device, dtype)
+        self.a = _TaskVector(inp.merged, inp.base, scales[0], device, dtype)
+        self.b = _TaskVector(inp.task, inp.base, scales[1], device, dtype)
         start = SIGMOID_START if self.bound == "sigmoid" else 1.0
 
         def parameters() -> Tensors:
@@ -355,22 +363,22 @@ class _MaskedTower:
             return None
         return {k: w.detach() for k, w in self.tower.items()}
 
-    def _ratios(self, alpha: float) -> tuple[float, float]:
-        """What the prescaled a, b are multiplied by to stand for the α-blend at `alpha` (1, 1 at the tower's own)."""
-        return alpha / self.alpha, (1.0 - alpha) / (1.0 - self.alpha)
+    def _ratios(self, scales: tuple[float, float]) -> tuple[float, float]:
+        """What the prescaled a, b are multiplied by to stand for the blend at `scales` (1, 1 at the tower's own)."""
+        return scales[0] / self.scales[0], scales[1] / self.scales[1]
 
-    def _scales(self, alpha: float) -> tuple[Tensors, Tensors]:
-        """Constant masks that turn the prescaled a, b into the α-blend at `alpha`."""
-        pre, post = self._ratios(alpha)
+    def _constant_masks(self, scales: tuple[float, float]) -> tuple[Tensors, Tensors]:
+        """Constant masks that turn the prescaled a, b into the blend at `scales`."""
+        pre, post = self._ratios(scales)
         return ({k: torch.tensor(pre, device=self.device) for k in self.theta0},
                 {k: torch.tensor(post, device=self.device) for k in self.theta0})
 
-    def rescale(self, alpha: float) -> None:
-        """Move the prescaled task vectors to another α, before any training."""
-        pre, post = self._ratios(alpha)
+    def rescale(self, scales: tuple[float, float]) -> None:
+        """Move the prescaled task vectors to other scales, before any training."""
+        pre, post = self._ratios(scales)
         self.a.rescale(pre)
         self.b.rescale(post)
-        self.alpha = alpha
+        self.scales = scales
 
     def _mask(self, p: Tensors) -> Tensors:
         return {k: torch.sigmoid(v) for k, v in p.items()} if self.bound == "sigmoid" else p
@@ -463,10 +471,10 @@ class _MaskedTower:
         return values
 
     @torch.no_grad()
-    def held_out_loss(self, pre: _Side, post: _Side, same_data: bool, blur: float, *, blend: float | None = None
-                      ) -> float:
-        """The loss on the held-out batches of the current masks, or of the α-blend at `blend` (no masks)."""
-        tower = self.compose(*self._scales(blend)) if blend is not None else self.compose(*self.masks())
+    def held_out_loss(self, pre: _Side, post: _Side, same_data: bool, blur: float, *,
+                      blend: tuple[float, float] | None = None) -> float:
+        """The loss on the held-out batches of the current masks, or of the blend at scales `blend` (no masks)."""
+        tower = self.compose(*self._constant_masks(blend)) if blend is not None else self.compose(*self.masks())
         f_pre = self.features(tower, pre.source, pre.hold)
         f_post = f_pre if same_data else self.features(tower, post.source, post.hold)
         loss = sinkhorn_divergence(f_pre, pre.teacher.take(pre.hold), blur)
