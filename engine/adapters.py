@@ -148,6 +148,17 @@ def is_adapter(path: Path) -> bool:
     return Path(path).is_dir() and (Path(path) / ADAPTER_CONFIG).is_file()
 
 
+def adapter_parameter_names(folder: Path, *, field: str) -> list[str]:
+    """The names of the parameters an adapter changes, as in the model it was trained on (PEFT's wrapper prefix and
+    LoRA's factor suffixes removed): what a family needs to tell which of its layouts the adapter names."""
+    names = []
+    for name in _read_tensors(Path(folder), field):
+        name = name.removeprefix(PEFT_PREFIX)
+        suffix = next((s for s in FACTOR_SUFFIXES if name.endswith(s)), None)
+        names.append(name[: -len(suffix)] + ".weight" if suffix else name.replace(".base_layer.", "."))
+    return names
+
+
 def read_adapter(folder: Path, shapes: Mapping[str, torch.Size], resolve: KeyResolver, *, field: str) -> LoraAdapter:
     """The adapter in `folder`, checked against the base: `shapes` are the tower's, `resolve` maps the adapter's
     parameter names onto tower keys. InvalidInput for a malformed or unsupported adapter, IncompatibleCheckpoint for
@@ -201,8 +212,9 @@ def _tower_key(name: str, shapes: Mapping[str, torch.Size], resolve: KeyResolver
                field: str) -> str:
     key = resolve(name)
     if key is None:
-        raise IncompatibleCheckpoint(f"{field}: the adapter changes {name!r}, which the base does not have",
-                                     param=field)
+        raise IncompatibleCheckpoint(
+            f"{field}: the adapter changes {name!r}, which the base does not have among the weights it merges",
+            param=field)
     if tuple(shapes[key]) != tuple(shape):
         raise IncompatibleCheckpoint(
             f"{field}: the adapter changes {name!r} as shape {list(shape)}, the base's is {list(shapes[key])}",

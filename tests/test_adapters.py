@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers_models import fetched, write_tiny_hf
+from helpers_models import fetched, tiny_clip_config, write_clip_base, write_tiny_hf
 from safetensors.torch import load_file, save_file
 
 from core.errors import IncompatibleCheckpoint, InvalidInput
@@ -248,3 +248,63 @@ def test_a_streamed_adapter_merge_reads_the_base_in_row_blocks(tmp_path, monkeyp
     reference = merged(full, "full")
     for key, value in reference.items():
         torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def clip_adapter(base_path, dest, *, whole_clip: bool, target_modules, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A PEFT LoRA adapter with random factors of the tiny CLIP at `base_path`, trained on the whole model or on its
+    image tower alone; returns merge_and_unload()'s image tower, keyed as the tower."""
+    import open_clip
+    from peft import LoraConfig, get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.CLIP(**tiny_clip_config())
+        model.load_state_dict(load_file(base_path))
+        config = LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=target_modules)
+        peft = get_peft_model(model if whole_clip else model.visual, config)
+    peft.save_pretrained(dest)
+    merged = peft.merge_and_unload()
+    return {k: v.detach().clone() for k, v in (merged.visual if whole_clip else merged).state_dict().items()}
+
+
+@pytest.mark.parametrize("whole_clip", [False, True])
+def test_open_clip_adapter_task_weights_equal_peft_merge_and_unload(tmp_path, whole_clip):
+    base = write_clip_base(tmp_path / "base.safetensors")
+    targets = r".*visual.*\.(c_fc|c_proj)" if whole_clip else ["c_fc", "c_proj"]
+    reference = clip_adapter(base, tmp_path / "adapter", whole_clip=whole_clip, target_modules=targets)
+    family = get_family("open_clip")
+    loaded = family.load_base(fetched(base), tiny_clip_config())
+    task = family.load_checkpoint(fetched(tmp_path / "adapter"), loaded, field="tasks.0.checkpoint")
+    assert task.keys() == loaded.tower.keys()
+    changed = {k for k in task if not torch.equal(task[k], loaded.tower[k])}
+    assert changed and all(".mlp.c_fc." in k or ".mlp.c_proj." in k for k in changed)
+    for key, value in task.items():
+        torch.testing.assert_close(value, reference[key], rtol=1e-6, atol=1e-6, msg=key)
+
+
+def test_open_clip_adapter_that_changes_the_text_tower_is_incompatible(tmp_path):
+    """A whole-CLIP adapter names the image tower under `visual.`; its other modules are the text tower's, which a
+    version does not merge: refused rather than dropped."""
+    base = write_clip_base(tmp_path / "base.safetensors")
+    clip_adapter(base, tmp_path / "adapter", whole_clip=True, target_modules=["c_fc"])
+    family = get_family("open_clip")
+    loaded = family.load_base(fetched(base), tiny_clip_config())
+    with pytest.raises(IncompatibleCheckpoint, match=r"'transformer\.resblocks\.0\.mlp\.c_fc\.weight'"):
+        family.load_checkpoint(fetched(tmp_path / "adapter"), loaded, field="tasks.0.checkpoint")
+
+
+def test_open_clip_adapter_job_equals_merge_and_unload(tmp_path):
+    """task_arithmetic with scaling 1 on an image-tower adapter: the version's tower is merge_and_unload()'s."""
+    base = write_clip_base(tmp_path / "base.safetensors")
+    reference = clip_adapter(base, tmp_path / "adapter", whole_clip=False, target_modules=["c_fc", "c_proj"])
+    settings = Settings(store=(tmp_path / "store").as_uri(), allowed_roots=str(tmp_path))
+    store = LineageStore(settings.store)
+    spec = parse_job_spec({"lineage": "clip-lora",
+                           "base": {"family": "open_clip", "uri": base.as_uri(), "arch": tiny_clip_config()},
+                           "tasks": [{"name": "t", "checkpoint": (tmp_path / "adapter").as_uri() + "/"}],
+                           "method": "task_arithmetic", "params": {"scaling_factor": 1.0}})
+    run_job(spec, store, settings=settings)
+    store.download_version("default", "clip-lora", 1, tmp_path / "v1")
+    version = load_file(tmp_path / "v1" / "model.safetensors")
+    for key, value in reference.items():
+        torch.testing.assert_close(version["visual." + key], value, rtol=1e-5, atol=1e-6, msg=key)

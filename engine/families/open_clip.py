@@ -24,7 +24,7 @@ import contextlib
 import json
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from copy import deepcopy
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from core.errors import InvalidInput
 from core.uris import Fetched
+from engine.adapters import adapter_parameter_names, is_adapter, read_adapter
 from engine.families.base import Family, LoadedBase, Tensors, VersionPlan
 from engine.inputs import Inputs
 from engine.tensorfiles import float_dtype, materialize
@@ -54,6 +55,20 @@ CONFIG_FILE = "open_clip_config.json"
 VISUAL = "visual."
 FULL = "full"
 CONVERT_CHUNK = 256  # images converted at a time, to bound the float32 intermediates of uint8 inputs
+
+
+def _adapter_key_resolver(base: LoadedBase, names: list[str]) -> Callable[[str], str | None]:
+    """Tower keys of the parameters an adapter names. An adapter of the whole CLIP names the image tower's under
+    `visual.`; any other name of such an adapter is the text tower's, which a version does not merge, so it resolves
+    to nothing (IncompatibleCheckpoint: a text-tower LoRA would be dropped silently otherwise). An adapter with no
+    `visual.` name was trained on the image tower alone and names its keys directly."""
+    whole_clip = any(n.startswith(VISUAL) for n in names)
+
+    def resolve(name: str) -> str | None:
+        key = name.removeprefix(VISUAL) if whole_clip else name
+        return key if key in base.tower and (name.startswith(VISUAL) or not whole_clip) else None
+
+    return resolve
 
 
 class OpenClipFamily(Family):
@@ -98,7 +113,12 @@ class OpenClipFamily(Family):
         return LoadedBase(tower=tower, carried=carried, module=module, info=info, dtype=float_dtype(state))
 
     def load_checkpoint(self, checkpoint: Fetched, base: LoadedBase, *, field: str) -> Tensors:
-        return self._tower_of(_strip_ddp(_read(checkpoint.path, field)), base, field=field, what="checkpoint")
+        path = Path(checkpoint.path)
+        if is_adapter(path):  # θ_t = θ0 + scaling·B@A on the modules the adapter targets (engine.adapters)
+            resolve = _adapter_key_resolver(base, adapter_parameter_names(path, field=field))
+            shapes = {k: tuple(v.shape) for k, v in base.tower.items()}
+            return dict(read_adapter(path, shapes, resolve, field=field).task_tower(base.tower))
+        return self._tower_of(_strip_ddp(_read(path, field)), base, field=field, what="checkpoint")
 
     def load_version(self, folder: Path, base: LoadedBase) -> Tensors:
         field = f"version {Path(folder).name}"
