@@ -94,12 +94,13 @@ def run_lineage(suite: dict, order: list[str], method: str, params: dict, *, lin
 
 
 def suite_fingerprint(suite: dict) -> str:
-    """The sha256 of the suite's base (its file, or its folder's files in order): builds on other machines or thread
-    counts differ, and only results of one build compare."""
-    path = file_uri_path(suite["base"]["uri"])
+    """The sha256 of the suite's base and task checkpoints (files, or folders' files in order): builds on other
+    machines or thread counts differ, and only results of one build compare."""
     digest = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
-        digest.update(f.read_bytes())
+    for uri in [suite["base"]["uri"], *(t["checkpoint"] for t in suite["tasks"].values())]:
+        path = file_uri_path(uri)
+        for f in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+            digest.update(f.read_bytes())
     return digest.hexdigest()
 
 
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = {k: ("TINY_CLIP" if k == "arch" else v) for k, v in suite["config"].items()}
     result = {
         "suite": {"name": args.suite, "split": args.split, "tasks": tasks, "build": config,
-                  "base_sha256": suite_fingerprint(suite),
+                  "build_sha256": suite_fingerprint(suite),
                   "individual": individual, "base": suite["base_accuracy"],
                   "individual_avg": statistics.fmean(individual.values()),
                   "base_avg": statistics.fmean(suite["base_accuracy"].values())},
@@ -228,6 +229,13 @@ def _added_to(old: dict | None, new: dict) -> dict:
     if old is None or old["suite"]["tasks"] != new["suite"]["tasks"] or old["orders"] != new["orders"] \
             or old["suite"]["split"] != new["suite"]["split"]:
         raise SystemExit("--add needs an existing result of the same suite, split and task orders")
+    old_build, new_build = old["suite"].get("build_sha256"), new["suite"]["build_sha256"]
+    # Rows measured before builds were fingerprinted join only if the build gives the same accuracies as theirs.
+    same = (old_build == new_build if old_build else
+            all(old["suite"][k] == new["suite"][k] for k in ("individual", "base")))
+    if not same:
+        raise SystemExit("--add needs the same build of the suite: this one differs from the existing result's")
+    old = {**old, "suite": {**old["suite"], "build_sha256": new_build}}
     parts = old.get("parts_measured") or {
         "rows " + ", ".join(old["methods"]): {"generated_at": old["generated_at"], "command": old["command"],
                                               "load_avg_1m": old["machine"]["load_avg_1m"]}}

@@ -73,7 +73,7 @@ def accuracy_section(r: dict | None, title: str = "## 1. Continual-merging accur
     s = r["suite"]
     split = s.get("split", "eval")
     out += [f"`{r['command']}` ({r['generated_at']}; {machine_line(r['machine'])}).", "",
-            f"{suite_words(s)} {build_words(s.get('base_sha256'))}", "",
+            f"{suite_words(s)} {build_words(s.get('build_sha256'))}", "",
             f"Accuracies below are on the **{split}** split.", "",
             "| task | base + task head | individual fine-tuned |", "| --- | ---: | ---: |"]
     for t in s["tasks"]:
@@ -119,7 +119,7 @@ def build_words(fingerprint: str | None) -> str:
     results of one build compare."""
     if fingerprint is None:
         return "Suite build: an earlier one, not recorded (compare its figures only among themselves)."
-    return f"Suite build `{fingerprint[:12]}` (sha256 of its base)."
+    return f"Suite build `{fingerprint[:12]}` (sha256 of its base and task checkpoints)."
 
 
 def selection_section(sel: dict | None, title: str) -> list[str]:
@@ -129,12 +129,14 @@ def selection_section(sel: dict | None, title: str) -> list[str]:
         return [*out, "_Not run._", ""]
     out += [f"`{sel['command']}` ({sel['generated_at']}), on the **validation** split (the process could not open "
             f"eval data), {len(sel['orders'])} task order(s); OTMF's defaults of the time for every param not listed. "
-            + build_words(sel.get("suite_base_sha256")),
+            + build_words(sel.get("suite_build_sha256")),
             "", "| params | average accuracy | normalized | degenerate steps |", "| --- | ---: | ---: | ---: |"]
     for row in sel["rows"]:
         params = ", ".join(f"{k}={v}" for k, v in row["params"].items()) or "defaults"
         steps = sum(len(run["losses"]) - 1 for run in row["runs"])
-        out.append(f"| {params} | {pct(row['avg'])} | {row['normalized']:.3f} | {row['degenerate_steps']} of "
+        avgs = [run["avg"] for run in row["runs"]]
+        spread = f" ± {50 * (max(avgs) - min(avgs)):.1f}" if len(avgs) > 1 else ""
+        out.append(f"| {params} | {pct(row['avg'])}{spread} | {row['normalized']:.3f} | {row['degenerate_steps']} of "
                    f"{steps} |")
     return [*out, ""]
 
@@ -350,7 +352,8 @@ def accuracy_targets(suite: str, acc: dict | None) -> list[str]:
             continue  # the low-memory masks are an option measured in §1, not the configuration the targets judge
         relation = ">" if x["strict"] else "≥"
         goal = f"{labels[x['baseline']]}" + (f" + {x['margin_needed']:g} points" if x["margin_needed"] else "")
-        out.append(f"| {labels[label]} {relation} {goal} ({where}) | {x['margin_points']:+.1f} points | "
+        digits = 2 if abs(x["margin_points"]) < 0.05 else 1  # a near-tie shows which side it falls on
+        out.append(f"| {labels[label]} {relation} {goal} ({where}) | {x['margin_points']:+.{digits}f} points | "
                    f"{met(x['margin_met'])} |")
         if x["normalized_floor"] is not None:
             out.append(f"| {labels[label]} ≥ {x['normalized_floor']:.2f} normalized ({where}) | {x['normalized']:.3f} |"
@@ -465,7 +468,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--notes", default=None, help="a markdown file whose text is inserted after the header")
     args = parser.parse_args(argv)
-    names = ("accuracy", "accuracy-validation", "otmf_select", "otmf_composition", "accuracy-text", "peers",
+    names = ("accuracy", "accuracy-validation", "otmf_select", "otmf_composition", "otmf_composition_orders",
+             "accuracy-text", "peers",
              "engine_cost", "service_load", "lora_cost")
     r = {n: read_result(n) for n in names}
     old = DOC.read_text() if DOC.exists() else ""
@@ -493,6 +497,8 @@ def main(argv: list[str] | None = None) -> None:
     lines += marked("accuracy-validation", [
         *selection_section(r["otmf_select"], "## 1a. Choosing OTMF's defaults: image suite, validation split"),
         *selection_section(r["otmf_composition"], "### The additive composition (an extension), validation split"),
+        *selection_section(r["otmf_composition_orders"], "### The chosen settings over three task orders, validation "
+                           "split"),
         *accuracy_section(r["accuracy-validation"], "### The data-free methods on the validation split",
                           "benchmarks-accuracy-validation.png")])
     lines += marked("accuracy-text", accuracy_section(

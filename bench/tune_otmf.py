@@ -109,7 +109,7 @@ def main() -> None:
         rows.append(row)
     if args.out:
         write_result(args.out, {"split": "validation", "orders": orders, "rows": rows,
-                                "suite_base_sha256": suite_fingerprint(suite),
+                                "suite_build_sha256": suite_fingerprint(suite),
                                 "command": "python -m bench.tune_otmf " + shlex.join(sys.argv[1:])})
 
 
