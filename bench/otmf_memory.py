@@ -169,8 +169,9 @@ def main(argv: list[str] | None = None) -> dict:
                     print(f"[otmf_memory] {arch} {granularity} {dtype}: {e}", flush=True)
                     continue
                 r = json.loads(out["stdout"].strip().splitlines()[-1])
-                r.update({"measured_at": now(), "malloc_mmap_threshold": threshold or None})
-                result["runs"][f"{arch}/{granularity}/{dtype}" + (f"/mmap{threshold}" if threshold else "")] = r
+                r.update({"measured_at": now(), "malloc_mmap_threshold": threshold or None, "machine": machine()})
+                key = f"{arch}/{granularity}/{dtype}" + (f"/batch{args.batch}" if args.batch != 2 else "")
+                result["runs"][key + (f"/mmap{threshold}" if threshold else "")] = r
                 gpu = (f", GPU step {r['gpu_step_x_tower']:.2f}× tower, overhead {r['overhead_ratio']:.2f}× per pass"
                        if "gpu_step_x_tower" in r else "")
                 print(f"[otmf_memory] {arch} {granularity} {dtype} mmap {threshold or '-'}: "
