@@ -52,7 +52,7 @@ def base_file(arch: str) -> Path:
 
 
 def measure(arch: str, granularity: str, dtype: str, batch: int, steps: int, calibration: int,
-            device: str = "cpu") -> dict:
+            device: str = "cpu", forward_chunk: int | None = None) -> dict:
     """One OTMF step in this process (run it in a fresh one)."""
     import torch
 
@@ -84,7 +84,7 @@ def measure(arch: str, granularity: str, dtype: str, batch: int, steps: int, cal
         stamps.append(time.perf_counter())
 
     params = OTMFParams(steps=steps, batch_size=batch, pre_data="current", dtype=dtype, eval_every=steps,
-                        mask_granularity=granularity)
+                        mask_granularity=granularity, forward_chunk=forward_chunk)
     inp = StepInput(base=loaded.tower, merged=head, task=task, index=1, state=MethodState(), params=params,
                     device=torch.device(device), family=family, loaded=loaded,
                     calibration=Inputs({"pixels": pixels}), progress=stamp)
@@ -100,7 +100,8 @@ def measure(arch: str, granularity: str, dtype: str, batch: int, steps: int, cal
     step_s = time.perf_counter() - t0
     peak = peak_mib()
     intervals = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    r = {"arch": arch, "granularity": granularity, "dtype": dtype, "batch": batch, "steps": steps, "device": device,
+    r = {"arch": arch, "granularity": granularity, "dtype": dtype, "batch": batch, "forward_chunk": forward_chunk,
+         "steps": steps, "device": device,
          "tower_mib": tower_mib, "step_s": step_s,
          "iterations_per_s": 1 / statistics.median(intervals) if intervals else None,
          "rss_before_step_mib": before, "step_peak_increment_mib": peak - before,
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also measure with MALLOC_MMAP_THRESHOLD_ set to this many bytes (glibc then returns "
                              "freed tensors to the kernel at once, so the peak is the live memory's)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda: the step on the GPU")
+    parser.add_argument("--forward-chunk", type=int, default=None, help="OTMF's forward_chunk")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -160,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
         for granularity in args.granularities.split(","):
             for dtype, threshold in [(d, t) for d in args.dtypes.split(",")
                                      for t in sorted({0, args.mmap_threshold})]:
-                child = json.dumps([arch, granularity, dtype, args.batch, args.steps, args.calibration, args.device])
+                child = json.dumps([arch, granularity, dtype, args.batch, args.steps, args.calibration, args.device,
+                                    args.forward_chunk])
                 env = repo_env(**({"MALLOC_MMAP_THRESHOLD_": str(threshold)} if threshold else {}))
                 try:
                     out = run_measured([sys.executable, "-m", "bench.otmf_memory", "--child", child], env=env,
@@ -170,7 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
                     continue
                 r = json.loads(out["stdout"].strip().splitlines()[-1])
                 r.update({"measured_at": now(), "malloc_mmap_threshold": threshold or None, "machine": machine()})
-                key = f"{arch}/{granularity}/{dtype}" + (f"/batch{args.batch}" if args.batch != 2 else "")
+                key = (f"{arch}/{granularity}/{dtype}" + (f"/batch{args.batch}" if args.batch != 2 else "")
+                       + (f"/chunk{args.forward_chunk}" if args.forward_chunk else ""))
                 result["runs"][key + (f"/mmap{threshold}" if threshold else "")] = r
                 gpu = (f", GPU step {r['gpu_step_x_tower']:.2f}× tower, overhead {r['overhead_ratio']:.2f}× per pass"
                        if "gpu_step_x_tower" in r else "")

@@ -263,11 +263,13 @@ def otmf_memory_section() -> list[str]:
            "memory is its peak RSS above the RSS before it; target for `row`: ≤ 3.5× the float32 tower). "
            "`mmap` rows ran with `MALLOC_MMAP_THRESHOLD_` set, so that glibc returns freed tensors to the kernel at "
            "once and the peak is the live memory's; the others with the default allocator, as a job runs:", "",
-           "| tower | masks | dtype | batch | allocator | tower MiB | step peak MiB | step ÷ tower | process peak ÷ "
-           "tower | iterations/s |", "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+           "| tower | masks | dtype | batch | forward chunk | allocator | tower MiB | step peak MiB | step ÷ tower | "
+           "process peak ÷ tower | iterations/s |",
+           "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for e in r["runs"].values():
         allocator = f"mmap ≥ {e['malloc_mmap_threshold'] // 1024} KiB" if e.get("malloc_mmap_threshold") else "default"
-        out.append(f"| {e['arch']} | {e['granularity']} | {e['dtype']} | {e['batch']} | {allocator} | "
+        out.append(f"| {e['arch']} | {e['granularity']} | {e['dtype']} | {e['batch']} | "
+                   f"{e.get('forward_chunk') or '–'} | {allocator} | "
                    f"{e['tower_mib']:.0f} | {e['step_peak_increment_mib']:.0f} | **{e['step_x_tower']:.2f}×** | "
                    f"{e['process_x_tower']:.2f}× | {e['iterations_per_s']:.3f} |")
     machines: dict[str, list[str]] = {}
@@ -282,7 +284,8 @@ def otmf_memory_section() -> list[str]:
             "", "Targets for `row` masks: the step's working memory ≤ 3.5× the float32 tower, a job process ≤ 6×:", ""]
     for e in r["runs"].values():
         if e["granularity"] == "row" and not e.get("malloc_mmap_threshold"):
-            out.append(f"- {e['arch']}, {e['dtype']}, batch {e['batch']}: step {e['step_x_tower']:.2f}× "
+            chunk = f", forward chunk {e['forward_chunk']}" if e.get("forward_chunk") else ""
+            out.append(f"- {e['arch']}, {e['dtype']}, batch {e['batch']}{chunk}: step {e['step_x_tower']:.2f}× "
                        f"({met(e['step_x_tower'] <= 3.5)}), process {e['process_x_tower']:.2f}× "
                        f"({met(e['process_x_tower'] <= 6)})")
     return [*out, "", *otmf_gpu_section()]

@@ -92,6 +92,11 @@ class OTMFParams(CommonParams):
                                "weight (and per tensor otherwise), or per tensor: less memory")
     lr: float = Field(0.1, gt=0.0, le=10.0)
     batch_size: int = Field(16, ge=2, le=4096)
+    forward_chunk: int | None = Field(
+        None, ge=1, le=4096, description="inputs per forward+backward pass when fewer than `batch_size`: the "
+                                         "batch's features are computed first without a graph, then each chunk runs "
+                                         "forward and backward on its share of the loss's gradient (the activation "
+                                         "memory of one chunk, for one more forward per batch)")
     blur: float = Field(0.01, gt=0.0, le=10.0, description="entropic regularisation on normalised features")
     pre_data: Literal["current", "reservoir"] = "reservoir"
     reservoir_per_task: int = Field(64, ge=1, le=100_000)

@@ -371,6 +371,29 @@ def test_otmf_additive_composition_is_task_arithmetic_at_unit_masks_and_trains_f
         OTMFParams(composition="additive", alpha="auto")
 
 
+@pytest.mark.parametrize("mask_update", ["joint", "alternate"])
+def test_otmf_forward_chunks_give_the_whole_batch_result(world: World, monkeypatch, mask_update: str):
+    """With `forward_chunk` every forward of a training batch takes at most that many inputs, and the step trains
+    the masks it would train on the whole batch (the same losses, and merged weights to float32 rounding)."""
+    params = OTMFParams(steps=8, eval_every=4, batch_size=8, mask_update=mask_update)
+    whole = run("otmf", world, params, 2)
+    sizes: list[int] = []
+    features = TinyFamily.features
+
+    def recorded(self, base, tower, batch):
+        if torch.is_grad_enabled():
+            sizes.append(batch["x"].shape[0])
+        return features(self, base, tower, batch)
+
+    monkeypatch.setattr(TinyFamily, "features", recorded)
+    chunked = run("otmf", world, params.model_copy(update={"forward_chunk": 3}), 2)
+    assert sizes and max(sizes) == 3 and set(sizes) == {3, 2}  # batches of 8 in chunks of 3, 3 and 2
+    for k in world.base:
+        torch.testing.assert_close(chunked[1].merged[k], whole[1].merged[k], rtol=1e-4, atol=1e-5)
+    for key in ("loss_initial", "loss_final", "loss_best"):
+        assert chunked[1].metrics[key] == pytest.approx(whole[1].metrics[key], rel=1e-4)
+
+
 TWO_TASK = OTMFParams(alpha=0.5, steps=60, seed=0, mask_update="alternate")  # the paper's scheme, side by side
 
 

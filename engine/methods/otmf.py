@@ -13,7 +13,7 @@ State (MethodState): meta {"method": "otmf", "reservoir": {...}} and the reservo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -340,7 +340,7 @@ class _MaskedTower:
     def __init__(self, inp: StepInput, params: OTMFParams, scales: tuple[float, float], device: torch.device,
                  dtype: torch.dtype):
         self.family, self.loaded, self.device, self.dtype = inp.family, inp.loaded, device, dtype
-        self.bound, self.scales = params.mask_bound, scales
+        self.bound, self.scales, self.forward_chunk = params.mask_bound, scales, params.forward_chunk
         on_cpu = device.type == "cpu"  # θ0 in float32 as read: the composition casts to the forward's dtype
         self.theta0 = {k: v if on_cpu else to_device(v, device, dtype) for k, v in inp.base.items()}
         self.a = _TaskVector(inp.merged, inp.base, scales[0], device, dtype)
@@ -410,7 +410,7 @@ class _MaskedTower:
         """One Adam step on one mask (M_pre or M_post) against `side`'s teacher; the other mask is a constant (its
         grad stays None, and Adam skips it). Returns the batch's loss."""
         tower = self._differentiable_tower({"pre": self.p_pre} if train_pre else {"post": self.p_post})
-        (loss,) = self._step([lambda: self._loss(tower, side, index, blur)])
+        (loss,) = self._step(tower, [(side, index)], blur)
         return loss
 
     def train_joint(self, pre: _Side, post: _Side, pre_index: torch.Tensor, post_index: torch.Tensor, *,
@@ -418,12 +418,30 @@ class _MaskedTower:
         """One Adam step on both masks against the sum of both sides' losses, the objective the held-out check
         scores. Returns each side's loss."""
         tower = self._differentiable_tower({"pre": self.p_pre, "post": self.p_post})
-        pre_loss, post_loss = self._step([lambda: self._loss(tower, pre, pre_index, blur),
-                                          lambda: self._loss(tower, post, post_index, blur)])
+        pre_loss, post_loss = self._step(tower, [(pre, pre_index), (post, post_index)], blur)
         return {"pre": pre_loss, "post": post_loss}
 
-    def _loss(self, tower: Tensors, side: _Side, index: torch.Tensor, blur: float) -> torch.Tensor:
-        return sinkhorn_divergence(self.features(tower, side.source, index), side.teacher.take(index), blur)
+    def _backward(self, tower: Tensors, side: _Side, index: torch.Tensor, blur: float) -> float:
+        """`side`'s loss at θ_M, back-propagated into the trained masks' gradients; returns its value.
+
+        With `forward_chunk` smaller than the batch, the batch's features are computed without a graph, the loss's
+        gradient is taken at them, and each chunk of inputs then runs forward and backward on its share of that
+        gradient: the activations of one chunk at a time, for one more forward of the batch."""
+        teacher = side.teacher.take(index)
+        chunk = self.forward_chunk
+        if chunk is None or index.shape[0] <= chunk:
+            loss = sinkhorn_divergence(self.features(tower, side.source, index), teacher, blur)
+            loss.backward()
+            return loss.item()
+        parts = index.split(chunk)
+        with torch.no_grad():
+            features = torch.cat([self.features(tower, side.source, part) for part in parts])
+        features.requires_grad_(True)
+        loss = sinkhorn_divergence(features, teacher, blur)
+        (grad,) = torch.autograd.grad(loss, features)
+        for part, part_grad in zip(parts, grad.split(chunk), strict=True):
+            self.features(tower, side.source, part).backward(part_grad)
+        return loss.item()
 
     def _differentiable_tower(self, trained: dict[str, Tensors]) -> Tensors:
         """θ_M at the current masks, as leaf tensors whose gradient, as soon as backward has produced it, becomes
@@ -451,17 +469,13 @@ class _MaskedTower:
                 g = g * m * (1.0 - m)
             p.grad = g if p.grad is None else p.grad + g
 
-    def _step(self, objectives: list[Callable[[], torch.Tensor]]) -> list[float]:
-        """One Adam step on the sum of `objectives`, each computed and back-propagated in turn: the masks' gradients
-        add up the same, and backward never holds θ_M's gradients for long. (Through one graph of two forwards,
-        each θ_M tensor's gradient would wait for the other forward's before reaching its hook: a tower's worth.)
-        Returns each objective's value."""
+    def _step(self, tower: Tensors, sides: list[tuple[_Side, torch.Tensor]], blur: float) -> list[float]:
+        """One Adam step on the sum of the `sides`' losses (each a side and its batch), each computed and
+        back-propagated in turn: the masks' gradients add up the same, and backward never holds θ_M's gradients for
+        long. (Through one graph of two forwards, each θ_M tensor's gradient would wait for the other forward's
+        before reaching its hook: a tower's worth.) Returns each side's loss."""
         self.opt.zero_grad(set_to_none=True)
-        values = []
-        for objective in objectives:
-            loss = objective()
-            loss.backward()
-            values.append(loss.detach().item())
+        values = [self._backward(tower, side, index, blur) for side, index in sides]
         self.opt.step()
         if self.bound == "clamp":
             with torch.no_grad():
