@@ -141,7 +141,7 @@ class OTMF(Method):
             # The lineage's first task: θ0 + τ_1 = θ_1, nothing to fuse (the checkpoint's tensors are shared), or
             # θ0 + λ·τ_1 with the additive composition.
             merged = ({k: to_cpu(inp.task[k]) for k in inp.base} if params.composition == "convex" else
-                      merge_from_masks(inp.base, inp.base, inp.task, None, None, params.scales(0.0)))
+                      merge_from_masks(inp.base, inp.base, inp.task, None, None, params.scales(params.alpha)))
             metrics: dict = {"iterations": 0, "pre_data": params.pre_data}
             inp.progress(1, 1, None)
         else:
