@@ -496,6 +496,11 @@ class _MaskedTower:
         return loss.item()
 
 
+# The held-out loss is a sum of Sinkhorn divergences, each a difference of three float32 transport costs of order
+# one on unit-norm features: a change below this is rounding (two identical clouds score ±1e-7), not an improvement.
+LOSS_RESOLUTION = 1e-6
+
+
 class _BestMasks:
     """The masks with the lowest held-out loss so far; `pre` and `post` stay None while the initial all-ones masks
     are the best."""
@@ -507,7 +512,7 @@ class _BestMasks:
 
     @torch.no_grad()
     def offer(self, loss: float, iteration: int, m_pre: Tensors, m_post: Tensors) -> None:
-        if not loss < self.loss:  # also refuses a NaN loss
+        if not loss < self.loss - LOSS_RESOLUTION:  # also refuses a NaN loss
             return
         self.loss, self.iteration = loss, iteration
         # bfloat16 keeps each mask within 0.4% for half the memory of a float32 copy: the copies would otherwise be
