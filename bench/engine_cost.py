@@ -17,6 +17,7 @@ import shutil
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,14 @@ def uri(name: str) -> str:
 BASE_REF = {"family": "open_clip", "arch": ARCH, "uri": ""}
 
 
+def plain_pass(family, loaded, weights: dict, batch: dict) -> None:
+    """One forward+backward of the tower under `weights` (leaf tensors that need gradients, as in fine-tuning); the
+    gradients are dropped."""
+    family.features(loaded, weights, batch).pow(2).sum().backward()
+    for w in weights.values():
+        w.grad = None
+
+
 # -- one OTMF step in this process ---------------------------------------------------------------------------
 def measure_iteration(batch: int, steps: int, repeats: int = 3, dtype: str = "float32") -> dict:
     """Plain forward+backward of the tower vs OTMF iterations, in this process (run it in a fresh one)."""
@@ -121,12 +130,7 @@ def measure_iteration(batch: int, steps: int, repeats: int = 3, dtype: str = "fl
 
     # Plain forward+backward: the tower's weights as leaf tensors that need gradients, as in fine-tuning.
     weights = {k: v.clone().requires_grad_(True) for k, v in loaded.tower.items()}
-
-    def fwd_bwd() -> None:
-        out = family.features(loaded, weights, {"pixels": x})
-        out.pow(2).sum().backward()
-        for w in weights.values():
-            w.grad = None
+    fwd_bwd = partial(plain_pass, family, loaded, weights, {"pixels": x})
 
     fwd_bwd()  # warm-up
     rss_before = rss_mib()

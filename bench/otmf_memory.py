@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from bench.common import CACHE, ROOT, machine, now, repo_env, run_measured
-from bench.engine_cost import peak_mib, reset_peak, rss_mib
+from bench.engine_cost import peak_mib, plain_pass, reset_peak, rss_mib
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -124,9 +124,7 @@ def plain_pass_s(family, loaded, x, device, dtype, sync, repeats: int = 5) -> fl
     times = []
     for i in range(repeats + 1):  # the first is a warm-up
         t0 = time.perf_counter()
-        family.features(loaded, weights, batch).pow(2).sum().backward()
-        for w in weights.values():
-            w.grad = None
+        plain_pass(family, loaded, weights, batch)
         sync()
         if i:
             times.append(time.perf_counter() - t0)

@@ -354,7 +354,7 @@ def service_section(r: dict | None) -> list[str]:
 def accuracy_targets(suite: str, acc: dict | None) -> list[str]:
     if not acc:
         return [f"| OTMF accuracy targets, {suite} | not measured | – |"]
-    orders = acc["orders"] if isinstance(acc.get("orders"), int) else len(acc.get("orders") or [])
+    orders = len(acc["orders"])
     where = f"{suite}, {orders} task order{'s' if orders != 1 else ''}"
     labels = {k: e.get("label", k) for k, e in acc["methods"].items()}
     out = []

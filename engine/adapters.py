@@ -44,6 +44,8 @@ FACTOR_SUFFIXES = {  # key suffix -> (factor, layer kind)
 Tensors = dict[str, torch.Tensor]
 # A name in the adapter's model (e.g. "model.layers.0.self_attn.q_proj.weight") -> the base's tower key, or None.
 KeyResolver = Callable[[str], str | None]
+# Every parameter name an adapter changes -> its KeyResolver.
+ResolverFor = Callable[[list[str]], KeyResolver]
 
 
 class LoraConfig(BaseModel):
@@ -148,41 +150,28 @@ def is_adapter(path: Path) -> bool:
     return Path(path).is_dir() and (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def adapter_parameter_names(folder: Path, *, field: str) -> list[str]:
-    """The names of the parameters an adapter changes, as in the model it was trained on (PEFT's wrapper prefix and
-    LoRA's factor suffixes removed): what a family needs to tell which of its layouts the adapter names."""
-    names = []
-    for name in _read_tensors(Path(folder), field):
-        name = name.removeprefix(PEFT_PREFIX)
-        suffix = next((s for s in FACTOR_SUFFIXES if name.endswith(s)), None)
-        names.append(name[: -len(suffix)] + ".weight" if suffix else name.replace(".base_layer.", "."))
-    return names
+def by_name_only(resolve: KeyResolver) -> ResolverFor:
+    """For a family whose resolver looks at each name alone, not at the rest of the adapter's names."""
+    return lambda _names: resolve
 
 
-def read_adapter(folder: Path, shapes: Mapping[str, torch.Size], resolve: KeyResolver, *, field: str) -> LoraAdapter:
-    """The adapter in `folder`, checked against the base: `shapes` are the tower's, `resolve` maps the adapter's
-    parameter names onto tower keys. InvalidInput for a malformed or unsupported adapter, IncompatibleCheckpoint for
-    one trained on another base (a module or a shape the base does not have)."""
+def read_adapter(folder: Path, shapes: Mapping[str, torch.Size], resolver_for: ResolverFor, *,
+                 field: str) -> LoraAdapter:
+    """The adapter in `folder`, checked against the base: `shapes` are the tower's, `resolver_for(names)` gives
+    the function that maps the adapter's parameter names onto tower keys, knowing every name the adapter changes
+    (a family may tell its layouts apart by them). InvalidInput for a malformed or unsupported adapter,
+    IncompatibleCheckpoint for one trained on another base (a module or a shape the base does not have)."""
     folder = Path(folder)
     config = _read_config(folder, field)
-    tensors = _read_tensors(folder, field)
+    entries = [(*_split_name(name, field), tensor) for name, tensor in _read_tensors(folder, field).items()]
+    resolve = resolver_for([f"{target}.weight" if factor else target for target, factor, _, _ in entries])
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     adapter = LoraAdapter()
-    for name, tensor in tensors.items():
-        if not name.startswith(PEFT_PREFIX):
-            raise InvalidInput(f"{field}: adapter tensor {name!r} is not under {PEFT_PREFIX!r}", param=field)
-        name = name[len(PEFT_PREFIX) :]
-        suffix = next((s for s in FACTOR_SUFFIXES if name.endswith(s)), None)
-        if suffix is not None:
-            factor, kind = FACTOR_SUFFIXES[suffix]
-            module = name[: -len(suffix)]
-            pairs.setdefault(module, {"kind": kind})[factor] = tensor
-            continue
-        if ".lora_" in name:  # lora_magnitude_vector (DoRA), lora_A.bias, ... would be merged wrongly
-            raise InvalidInput(f"{field}: adapter tensor {name!r} is not a plain LoRA factor", param=field)
-        # A saved base layer (PEFT saves embeddings it adapts) or a module to save replaces θ0's tensor.
-        name = name.replace(".base_layer.", ".")
-        adapter.replaced[_tower_key(name, shapes, resolve, tuple(tensor.shape), field)] = tensor
+    for target, factor, kind, tensor in entries:
+        if factor is not None:
+            pairs.setdefault(target, {"kind": kind})[factor] = tensor
+        else:  # a saved base layer (PEFT saves embeddings it adapts) or a module to save replaces θ0's tensor
+            adapter.replaced[_tower_key(target, shapes, resolve, tuple(tensor.shape), field)] = tensor
     for module, pair in pairs.items():
         if "A" not in pair or "B" not in pair:
             raise InvalidInput(f"{field}: adapter module {module!r} lacks lora_A or lora_B", param=field)
@@ -191,6 +180,20 @@ def read_adapter(folder: Path, shapes: Mapping[str, torch.Size], resolve: KeyRes
     if not adapter.factors and not adapter.replaced:
         raise InvalidInput(f"{field}: the adapter holds no LoRA weights", param=field)
     return adapter
+
+
+def _split_name(name: str, field: str) -> tuple[str, str | None, str | None]:
+    """An adapter tensor's name as (what it changes in the adapted model, its LoRA factor, the layer kind): a module
+    for a factor, a parameter (factor and kind None) for a saved tensor."""
+    if not name.startswith(PEFT_PREFIX):
+        raise InvalidInput(f"{field}: adapter tensor {name!r} is not under {PEFT_PREFIX!r}", param=field)
+    name = name[len(PEFT_PREFIX) :]
+    suffix = next((s for s in FACTOR_SUFFIXES if name.endswith(s)), None)
+    if suffix is not None:
+        return name[: -len(suffix)], *FACTOR_SUFFIXES[suffix]
+    if ".lora_" in name:  # lora_magnitude_vector (DoRA), lora_A.bias, ... would be merged wrongly
+        raise InvalidInput(f"{field}: adapter tensor {name!r} is not a plain LoRA factor", param=field)
+    return name.replace(".base_layer.", "."), None, None
 
 
 def _factors(module: str, pair: dict, config: LoraConfig, shapes: Mapping[str, torch.Size], resolve: KeyResolver,

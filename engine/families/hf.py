@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from core.errors import InvalidInput
 from core.uris import Fetched
-from engine.adapters import is_adapter, read_adapter
+from engine.adapters import by_name_only, is_adapter, read_adapter
 from engine.families.base import Family, LoadedBase, VersionPlan
 from engine.inputs import Inputs
 from engine.tensorfiles import (
@@ -125,8 +125,8 @@ class HFFamily(Family):
     def load_checkpoint(self, checkpoint: Fetched, base: LoadedBase, *, field: str) -> Tensors:
         path = Path(checkpoint.path)
         if is_adapter(path):  # θ_t computed tensor by tensor from θ0 as the merge reads it
-            return read_adapter(path, _shapes(base.tower), partial(_adapter_key, base), field=field).task_tower(
-                base.tower)
+            resolver_for = by_name_only(partial(_adapter_key, base))
+            return read_adapter(path, _shapes(base.tower), resolver_for, field=field).task_tower(base.tower)
         state = _read_weights(path, field) if path.is_dir() else open_state_dict(path, field=field)
         return self._tower_of(state, base, field=field, what="checkpoint")
 

@@ -24,8 +24,9 @@ import contextlib
 import json
 import logging
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from copy import deepcopy
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 from core.errors import InvalidInput
 from core.uris import Fetched
-from engine.adapters import adapter_parameter_names, is_adapter, read_adapter
+from engine.adapters import KeyResolver, is_adapter, read_adapter
 from engine.families.base import Family, LoadedBase, Tensors, VersionPlan
 from engine.inputs import Inputs
 from engine.tensorfiles import float_dtype, materialize
@@ -57,7 +58,7 @@ FULL = "full"
 CONVERT_CHUNK = 256  # images converted at a time, to bound the float32 intermediates of uint8 inputs
 
 
-def _adapter_key_resolver(base: LoadedBase, names: list[str]) -> Callable[[str], str | None]:
+def _adapter_key_resolver(base: LoadedBase, names: list[str]) -> KeyResolver:
     """Tower keys of the parameters an adapter names. An adapter of the whole CLIP names the image tower's under
     `visual.`; any other name of such an adapter is the text tower's, which a version does not merge, so it resolves
     to nothing (IncompatibleCheckpoint: a text-tower LoRA would be dropped silently otherwise). An adapter with no
@@ -65,8 +66,10 @@ def _adapter_key_resolver(base: LoadedBase, names: list[str]) -> Callable[[str],
     whole_clip = any(n.startswith(VISUAL) for n in names)
 
     def resolve(name: str) -> str | None:
-        key = name.removeprefix(VISUAL) if whole_clip else name
-        return key if key in base.tower and (name.startswith(VISUAL) or not whole_clip) else None
+        if whole_clip and not name.startswith(VISUAL):
+            return None  # the text tower's
+        key = name.removeprefix(VISUAL)
+        return key if key in base.tower else None
 
     return resolve
 
@@ -115,9 +118,9 @@ class OpenClipFamily(Family):
     def load_checkpoint(self, checkpoint: Fetched, base: LoadedBase, *, field: str) -> Tensors:
         path = Path(checkpoint.path)
         if is_adapter(path):  # θ_t = θ0 + scaling·B@A on the modules the adapter targets (engine.adapters)
-            resolve = _adapter_key_resolver(base, adapter_parameter_names(path, field=field))
             shapes = {k: tuple(v.shape) for k, v in base.tower.items()}
-            return dict(read_adapter(path, shapes, resolve, field=field).task_tower(base.tower))
+            resolver_for = partial(_adapter_key_resolver, base)
+            return dict(read_adapter(path, shapes, resolver_for, field=field).task_tower(base.tower))
         return self._tower_of(_strip_ddp(_read(path, field)), base, field=field, what="checkpoint")
 
     def load_version(self, folder: Path, base: LoadedBase) -> Tensors:

@@ -15,7 +15,7 @@ import torch
 
 from core.errors import IncompatibleCheckpoint, InvalidInput
 from core.uris import Fetched
-from engine.adapters import is_adapter, read_adapter
+from engine.adapters import by_name_only, is_adapter, read_adapter
 from engine.families.base import Family, LoadedBase, VersionPlan
 from engine.tensorfiles import dtype_of, float_dtype, rekey, shape_of
 from engine.tensors import as_tower, check_compatible, open_state_dict
@@ -38,7 +38,8 @@ class StateDictFamily(Family):
     def load_checkpoint(self, checkpoint: Fetched, base: LoadedBase, *, field: str) -> Tensors:
         if is_adapter(checkpoint.path):  # a LoRA adapter whose module names are the file's keys
             shapes = {k: shape_of(base.tower, k) for k in base.tower}
-            adapter = read_adapter(checkpoint.path, shapes, lambda name: name if name in shapes else None, field=field)
+            own_key = by_name_only(lambda name: name if name in shapes else None)
+            adapter = read_adapter(checkpoint.path, shapes, own_key, field=field)
             return adapter.task_tower(base.tower)
         return self._tower_of(_read(checkpoint.path, field), base, field=field, what="checkpoint")
 
