@@ -49,6 +49,15 @@ METHODS: dict[str, tuple[str, dict, bool]] = {
     "otmf-additive+heads": ("otmf", {"pre_data": "current", "composition": "additive", "lr": 0.03}, True),
     "otmf-replay-additive": ("otmf", {"pre_data": "reservoir", "composition": "additive"}, False),
     "otmf-replay-additive+heads": ("otmf", {"pre_data": "reservoir", "composition": "additive"}, True),
+    # Aligning through the task heads (head_alignment, ours): the weights each mode scored best with on the
+    # validation split over 3 orders (otmf_head_alignment.json, otmf_head_alignment_wide.json).
+    "otmf-paper-aligned": ("otmf", {"pre_data": "current", "alpha": 0.8, "head_alignment": 10.0}, False),
+    "otmf-paper-aligned+heads": ("otmf", {"pre_data": "current", "alpha": 0.8, "head_alignment": 10.0}, True),
+    "otmf-additive-aligned": ("otmf", {"pre_data": "current", "composition": "additive", "lr": 0.03,
+                                       "head_alignment": 3.0}, False),
+    "otmf-replay-aligned": ("otmf", {"pre_data": "reservoir", "head_alignment": 3.0}, False),
+    "otmf-replay-additive-aligned": ("otmf", {"pre_data": "reservoir", "composition": "additive",
+                                              "head_alignment": 3.0}, False),
     # One mask value per output row of each 2-D weight instead of per element (the low-memory masks).
     "otmf-paper-row": ("otmf", {"pre_data": "current", "alpha": 0.8, "mask_granularity": "row"}, False),
     "otmf-replay-row": ("otmf", {"pre_data": "reservoir", "mask_granularity": "row"}, False),
@@ -67,6 +76,11 @@ LABELS = {
     "otmf-additive+heads": "OTMF, no replay, additive composition (extension) + heads",
     "otmf-replay-additive": "OTMF + replay, additive composition (extensions)",
     "otmf-replay-additive+heads": "OTMF + replay, additive composition (extensions) + heads",
+    "otmf-paper-aligned": "OTMF (paper: no replay), aligned through the heads (extension)",
+    "otmf-paper-aligned+heads": "OTMF (paper: no replay), aligned through the heads (extension) + heads",
+    "otmf-additive-aligned": "OTMF, no replay, additive composition, aligned through the heads (extensions)",
+    "otmf-replay-aligned": "OTMF + replay, aligned through the heads (extensions)",
+    "otmf-replay-additive-aligned": "OTMF + replay, additive composition, aligned through the heads (extensions)",
     "otmf-paper-row": "OTMF (paper: no replay), row masks",
     "otmf-replay-row": "OTMF + replay (extension), row masks",
     "task_arithmetic": "task arithmetic",

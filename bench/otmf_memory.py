@@ -52,9 +52,15 @@ def base_file(arch: str) -> Path:
 
 
 def measure(arch: str, granularity: str, dtype: str, batch: int, steps: int, calibration: int,
-            device: str = "cpu", forward_chunk: int | None = None) -> dict:
-    """One OTMF step in this process (run it in a fresh one)."""
+            device: str = "cpu", forward_chunk: int | None = None, mmap_threshold: int | None = None) -> dict:
+    """One OTMF step in this process (run it in a fresh one), under the allocator policy a job applies with
+    MERGELINE_MALLOC_MMAP_THRESHOLD=`mmap_threshold` when given."""
     import torch
+
+    from engine.allocator import map_large_blocks
+
+    if mmap_threshold:
+        assert map_large_blocks(mmap_threshold), "the C library is not glibc"
 
     from core.methods import OTMFParams
     from core.uris import Fetched
@@ -140,8 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--calibration", type=int, default=24)
     parser.add_argument("--mmap-threshold", type=int, default=0,
-                        help="also measure with MALLOC_MMAP_THRESHOLD_ set to this many bytes (glibc then returns "
-                             "freed tensors to the kernel at once, so the peak is the live memory's)")
+                        help="also measure with MERGELINE_MALLOC_MMAP_THRESHOLD set to this many bytes, as a job "
+                             "applies it (glibc then returns freed tensors to the kernel at once)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda: the step on the GPU")
     parser.add_argument("--forward-chunk", type=int, default=None, help="OTMF's forward_chunk")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -161,10 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
             for dtype, threshold in [(d, t) for d in args.dtypes.split(",")
                                      for t in sorted({0, args.mmap_threshold})]:
                 child = json.dumps([arch, granularity, dtype, args.batch, args.steps, args.calibration, args.device,
-                                    args.forward_chunk])
-                env = repo_env(**({"MALLOC_MMAP_THRESHOLD_": str(threshold)} if threshold else {}))
+                                    args.forward_chunk, threshold or None])
                 try:
-                    out = run_measured([sys.executable, "-m", "bench.otmf_memory", "--child", child], env=env,
+                    out = run_measured([sys.executable, "-m", "bench.otmf_memory", "--child", child], env=repo_env(),
                                        cwd=ROOT)
                 except RuntimeError as e:  # one failed configuration must not cost the others' figures
                     print(f"[otmf_memory] {arch} {granularity} {dtype}: {e}", flush=True)

@@ -261,8 +261,9 @@ def otmf_memory_section() -> list[str]:
     out = ["**OTMF memory: element-wise against row masks** (`" + commands + "`; random towers from OpenCLIP's "
            "registry; one step per fresh process holding the base, head and task in float32; the step's working "
            "memory is its peak RSS above the RSS before it; target for `row`: ≤ 3.5× the float32 tower). "
-           "`mmap` rows ran with `MALLOC_MMAP_THRESHOLD_` set, so that glibc returns freed tensors to the kernel at "
-           "once and the peak is the live memory's; the others with the default allocator, as a job runs:", "",
+           "`mmap` rows ran under the allocator policy a job applies with `MERGELINE_MALLOC_MMAP_THRESHOLD` set "
+           "(`engine/allocator.py`: glibc returns freed tensors of at least that size to the kernel at once, so the "
+           "peak follows the live memory); the others with glibc's default, as a job runs without the setting:", "",
            "| tower | masks | dtype | batch | forward chunk | allocator | tower MiB | step peak MiB | step ÷ tower | "
            "process peak ÷ tower | iterations/s |",
            "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -283,8 +284,10 @@ def otmf_memory_section() -> list[str]:
             "default is 16).",
             "", "Targets for `row` masks: the step's working memory ≤ 3.5× the float32 tower, a job process ≤ 6×:", ""]
     for e in r["runs"].values():
-        if e["granularity"] == "row" and not e.get("malloc_mmap_threshold"):
+        if e["granularity"] == "row":
             chunk = f", forward chunk {e['forward_chunk']}" if e.get("forward_chunk") else ""
+            threshold = e.get("malloc_mmap_threshold")
+            chunk += f", `MERGELINE_MALLOC_MMAP_THRESHOLD={threshold}`" if threshold else ""
             out.append(f"- {e['arch']}, {e['dtype']}, batch {e['batch']}{chunk}: step {e['step_x_tower']:.2f}× "
                        f"({met(e['step_x_tower'] <= 3.5)}), process {e['process_x_tower']:.2f}× "
                        f"({met(e['process_x_tower'] <= 6)})")
@@ -488,7 +491,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--notes", default=None, help="a markdown file whose text is inserted after the header")
     args = parser.parse_args(argv)
     names = ("accuracy", "accuracy-validation", "otmf_select", "otmf_composition", "otmf_composition_orders",
-             "accuracy-text", "peers",
+             "otmf_head_alignment", "otmf_head_alignment_wide", "otmf_lr_schedule", "accuracy-text", "peers",
              "engine_cost", "service_load", "lora_cost")
     r = {n: read_result(n) for n in names}
     old = DOC.read_text() if DOC.exists() else ""
@@ -517,6 +520,12 @@ def main(argv: list[str] | None = None) -> None:
         *selection_section(r["otmf_select"], "## 1a. Choosing OTMF's defaults: image suite, validation split"),
         *selection_section(r["otmf_composition"], "### The additive composition (an extension), validation split"),
         *selection_section(r["otmf_composition_orders"], "### The chosen settings over three task orders, validation "
+                           "split"),
+        *selection_section(r["otmf_head_alignment"], "### Aligning through the task heads (an extension), validation "
+                           "split"),
+        *selection_section(r["otmf_head_alignment_wide"], "### Aligning through the task heads: larger weights, "
+                           "validation split"),
+        *selection_section(r["otmf_lr_schedule"], "### A cosine learning-rate schedule (an extension), validation "
                            "split"),
         *accuracy_section(r["accuracy-validation"], "### The data-free methods on the validation split",
                           "benchmarks-accuracy-validation.png")])

@@ -29,7 +29,7 @@ from core.methods import method_entry
 from core.uris import Fetched, file_uri_path
 from engine.evaluate import accuracy
 from engine.families import get_family
-from engine.job import StepTask, merge_steps
+from engine.job import EvalTask, StepTask, merge_steps
 from engine.methods import get_method
 from engine.methods.base import MethodState, StepOutput
 
@@ -64,8 +64,10 @@ def run(params: dict, order: list[str], suite: dict, method_name: str = "otmf") 
 
     started = time.monotonic()
     torch.manual_seed(p.seed)
+    # The tasks' heads go to the steps as a job's would (OTMF's head_alignment aligns through them).
+    heads = {n: EvalTask(n, i + 1, *evals[n], field=f"{n}.head") for i, n in enumerate(order)}
     merge_steps(family, loaded, get_method(method_name), p, tasks, merged=loaded.tower, state=MethodState(),
-                position=0, device=cpu, on_step=measure)
+                position=0, device=cpu, evals=heads, on_step=measure)
     individual = {n: suite["tasks"][n]["individual_accuracy"] for n in order}
     return {"params": params, "avg": curve[-1], "curve": [round(c, 4) for c in curve],
             "normalized": statistics.fmean(final[n] / individual[n] for n in order),

@@ -91,6 +91,9 @@ class OTMFParams(CommonParams):
         "element", description="one learnable mask value per weight (the paper's), per output row of every 2-D "
                                "weight (and per tensor otherwise), or per tensor: less memory")
     lr: float = Field(0.1, gt=0.0, le=10.0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="the masks' learning rate over a step's iterations: constant (the paper's), or "
+                                "decayed from `lr` to 0 along a cosine (an extension)")
     batch_size: int = Field(16, ge=2, le=4096)
     forward_chunk: int | None = Field(
         None, ge=1, le=4096, description="inputs per forward+backward pass when fewer than `batch_size`: the "
@@ -98,6 +101,11 @@ class OTMFParams(CommonParams):
                                          "forward and backward on its share of the loss's gradient (the activation "
                                          "memory of one chunk, for one more forward per batch)")
     blur: float = Field(0.01, gt=0.0, le=10.0, description="entropic regularisation on normalised features")
+    head_alignment: float = Field(
+        0.0, ge=0.0, le=100.0, description="weight of a label-free term beside the Sinkhorn loss: the KL divergence "
+                                           "from each teacher's class distribution to θ_M's through the tasks' heads "
+                                           "(the new task's head on D_t, the lineage's earlier heads on D_pre); 0: "
+                                           "features only (the paper's). An extension; every task needs its `head`")
     pre_data: Literal["current", "reservoir"] = "reservoir"
     reservoir_per_task: int = Field(64, ge=1, le=100_000)
     reservoir_size: int = Field(512, ge=1, le=1_000_000)

@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     cache_dir: str = "./mergeline-data/cache"
     max_download_bytes: int = 64 * 2**30
     claim_ttl_s: float = 900.0
+    malloc_mmap_threshold: int | None = Field(
+        default=None, ge=4096, le=32 * 2**20,
+        description="data-driven jobs: allocations of at least this many bytes get their own memory mapping, "
+                    "returned to the kernel when freed (glibc): a lower peak memory for slower iterations "
+                    "(docs/benchmarks.md, OTMF memory); unset: glibc's default")
 
     # --- the service (API, job records, workers) ---
     redis_url: str | None = Field(default=None, description="job records; default: the broker when it is redis://")

@@ -258,6 +258,11 @@ class JobSpec(Strict):
             for i, task in enumerate(self.tasks):
                 if task.calibration is None:
                     raise _FieldError(f"tasks.{i}.calibration", f"{self.method} needs calibration data")
+        if getattr(self.params, "head_alignment", 0.0) > 0:
+            for i, task in enumerate(self.tasks):
+                if task.head is None:
+                    raise _FieldError(f"tasks.{i}.head", "head_alignment aligns through each task's head: give "
+                                                         "the task's `head` and `eval`")
         return self
 
 

@@ -12,6 +12,7 @@ checked), `merge_steps` (the continual steps; no store, so tests and benchmarks 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -41,16 +42,19 @@ from core.store import (
     version_file_label,
 )
 from core.uris import Fetched, UriReader
+from engine.allocator import map_large_blocks
 from engine.evaluate import accuracy
 from engine.families import get_family
 from engine.families.base import Family, LoadedBase, Tensors, VersionFormat
 from engine.heads import check_eval_data, check_head_data, tune_head
 from engine.inputs import Inputs
 from engine.methods import get_method
-from engine.methods.base import Method, MethodState, StepInput, StepOutput
+from engine.methods.base import Method, MethodState, StepHeads, StepInput, StepOutput
 from engine.streaming import Sinks, Streaming
 from engine.tensorfiles import materialize
 from engine.tensors import load_state_dict, resolve_device, save_safetensors, torch_threads
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -171,6 +175,9 @@ def _merge(spec: JobSpec, plan: JobPlan, store: LineageStore, tenant: str, setti
            out_dir: Path, progress: Progress) -> tuple[JobInputs, MergeResult]:
     """Fetch and read every input, then run the continual steps (nothing is written to the store). Local inputs
     are hashed while the merge runs: their digests are all known when this returns."""
+    if plan.method.data_driven and settings.malloc_mmap_threshold is not None \
+            and not map_large_blocks(settings.malloc_mmap_threshold):
+        log.warning("MERGELINE_MALLOC_MMAP_THRESHOLD has no effect: the C library is not glibc")
     with UriReader(settings, work, store=store, tenant=tenant, background=True) as reader:
         base_file, tasks = _fetch_inputs(spec, plan, reader, progress)
         inputs = _read_inputs(spec, plan, store, tenant, base_file, tasks, work)
@@ -448,7 +455,7 @@ def merge_steps(
             progress=lambda step, total, loss, objective=None, losses=None, i=i: progress.update(
                 task_index=i, tasks_total=len(tasks), step=step, steps_total=total, loss=loss, objective=objective,
                 losses=losses),
-            sinks=sinks,
+            sinks=sinks, heads=_step_heads(evals, task.name, position + i),
         ))
         del views, sinks
         merged, state = out.merged, out.state
@@ -469,6 +476,12 @@ def merge_steps(
         if on_step is not None:
             on_step(i, out)
     return MergeResult(merged, state, steps, stream.version.files if stream and stream.version else None)
+
+
+def _step_heads(evals: dict[str, EvalTask], name: str, merged_before: int) -> StepHeads:
+    """The heads of the task being merged and of the `merged_before` tasks before it, as far as they are known."""
+    return StepHeads(task=evals[name].head if name in evals else None,
+                     earlier=[e.head for e in evals.values() if e.index <= merged_before and e.name != name])
 
 
 def _tune_head(family: Family, loaded: LoadedBase, tower: Tensors, task: StepTask, head: Tensors,

@@ -15,9 +15,6 @@ not by the largest tensor; OPCM, which needs whole matrices, sees whole tensors.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import functools
 import itertools
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -27,6 +24,7 @@ from typing import Protocol
 
 import torch
 
+from engine.allocator import reuse_freed_blocks
 from engine.tensorfiles import (
     LazyTensors,
     PlannedTensor,
@@ -38,8 +36,6 @@ from engine.tensorfiles import (
 )
 
 PIECE_NUMEL = 1 << 18  # elements per block of rows (1 MB in float32: a block and its temporaries stay in cache)
-KEPT_BLOCK_BYTES = 32 * 2**20  # malloc serves blocks up to this size from its heap (glibc's own ceiling)
-KEPT_FREE_BYTES = 256 * 2**20  # and keeps up to this much freed heap for reuse
 MAX_RECOMPUTED = 4  # unwritten steps a head may stand on: a read holds a few blocks per step
 SCRATCH_SHARD_BYTES = 1 << 62  # scratch towers are one file each
 _counter = itertools.count()
@@ -177,19 +173,6 @@ def scratch_sink(folder: Path, shapes: Mapping[str, tuple[int, ...]],
     planned = [PlannedTensor(k, torch.float32, tuple(s)) for k, s in shapes.items()]
     writer = ShardedWriter(path, planned, max_shard_bytes=SCRATCH_SHARD_BYTES)
     return WriterSink(writer, {k: k for k in shapes}, pieces)
-
-
-@functools.cache
-def reuse_freed_blocks() -> None:
-    """Have glibc's malloc reuse freed blocks of a block's size instead of mapping fresh pages for each: every read
-    and every operation of a streamed merge allocates a block and frees it soon after, and the kernel zero-fills each
-    freshly mapped page (a fifth of the merge's CPU time). The process then holds up to KEPT_FREE_BYTES of freed
-    heap; other C libraries are left be."""
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None)
-        libc.mallopt(m_mmap_threshold, KEPT_BLOCK_BYTES)
-        libc.mallopt(m_trim_threshold, KEPT_FREE_BYTES)
 
 
 class Streaming:

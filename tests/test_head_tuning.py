@@ -86,3 +86,19 @@ def test_head_data_errors_are_typed_and_nothing_is_written(env, tmp_path):
     no_head = {k: v for k, v in task_entry(data, "mnist", tune_head=True).items() if k not in ("head", "eval")}
     with pytest.raises(InvalidInput, match="head_data"):
         parse_job_spec({"lineage": "x", "base": data["base"], "tasks": [no_head]})
+
+
+def test_otmf_head_alignment_aligns_through_the_lineages_stored_heads_and_the_new_ones(env):
+    data, _, settings, store = env
+    aligned = {**PARAMS, "pre_data": "current", "head_alignment": 1.0}
+
+    def job(names, base):
+        body = {"lineage": "aligned", "tasks": [task_entry(data, n) for n in names], "method": "otmf",
+                "params": aligned}
+        return run_job(parse_job_spec({**body, **({"base": data["base"]} if base else {})}), store,
+                       settings=settings)
+
+    job(["mnist"], base=True)
+    steps = job(["shapes", "gratings"], base=False)["manifest"]["metrics"]["steps"]
+    # shapes aligns through mnist's head, read back from version 1; gratings through both earlier heads.
+    assert [s["aligned_heads"] for s in steps] == [{"pre": 1, "post": 1}, {"pre": 2, "post": 1}]

@@ -33,7 +33,7 @@ from engine.families.base import Family, LoadedBase, Tensors
 from engine.inputs import Inputs
 from engine.job import StepTask, merge_steps
 from engine.methods import get_method
-from engine.methods.base import MethodState, StepInput, StepOutput
+from engine.methods.base import MethodState, StepHeads, StepInput, StepOutput
 from engine.methods.opcm import project_out
 from engine.methods.otmf import compose, merge_from_masks
 from engine.methods.reservoir import Reservoir
@@ -651,3 +651,56 @@ def test_otmf_auto_alpha_trains_at_the_candidate_with_the_lowest_held_out_loss(w
     assert one.metrics["alpha"] == fixed.metrics["alpha"] == 0.3
     for k in fixed.merged:
         torch.testing.assert_close(one.merged[k], fixed.merged[k], rtol=1e-4, atol=1e-5)
+
+
+def head_divergence(world: World, tower: Tensors, teacher: Tensors, head: Tensors, x: torch.Tensor) -> float:
+    """KL from the teacher's class distribution to the tower's, through `head`, on inputs `x`."""
+    with torch.no_grad():
+        logits = [F.linear(world.family.features(world.loaded, t, {"x": x}), head["weight"], head["bias"])
+                  for t in (tower, teacher)]
+        return F.kl_div(F.log_softmax(logits[0], -1), F.log_softmax(logits[1], -1), reduction="batchmean",
+                        log_target=True).item()
+
+
+def test_otmf_head_alignment_brings_the_class_distributions_through_both_sides_heads_closer(world: World):
+    # The paper's mode: both sides on the new task's inputs, the earlier task's head on the head's side.
+    g = torch.Generator().manual_seed(3)
+    heads = [{"weight": 6 * torch.randn(5, 16, generator=g), "bias": torch.randn(5, generator=g)} for _ in range(2)]
+    head = world.tasks[0]
+
+    def merge(weight: float) -> StepOutput:
+        params = OTMFParams(steps=40, eval_every=5, lr=0.05, alpha=0.5, pre_data="current", head_alignment=weight)
+        return get_method("otmf").step(StepInput(
+            base=world.base, merged=head, task=world.tasks[1], index=1, state=MethodState(), params=params,
+            device=CPU, family=world.family, loaded=world.loaded, calibration=Inputs({"x": world.calibration[1]}),
+            heads=StepHeads(task=heads[1], earlier=[heads[0]])))
+
+    plain, aligned = merge(0.0), merge(1.0)
+    assert aligned.metrics["aligned_heads"] == {"pre": 1, "post": 1} and "aligned_heads" not in plain.metrics
+    x = world.eval[1]  # inputs the masks never saw
+    for teacher, h in ((head, heads[0]), (world.tasks[1], heads[1])):
+        without, with_heads = (head_divergence(world, out.merged, teacher, h, x) for out in (plain, aligned))
+        print("KL through the head, without and with alignment:", without, with_heads)
+        assert with_heads < 0.8 * without
+
+
+def test_otmf_head_alignment_needs_the_tasks_head(world: World):
+    params = OTMFParams(steps=2, pre_data="current", head_alignment=1.0)
+    with pytest.raises(InvalidInput, match="head_alignment"):
+        get_method("otmf").step(StepInput(
+            base=world.base, merged=world.tasks[0], task=world.tasks[1], index=1, state=MethodState(),
+            params=params, device=CPU, family=world.family, loaded=world.loaded,
+            calibration=Inputs({"x": world.calibration[1]})))
+
+
+def test_otmf_cosine_lr_schedule_halves_the_second_of_two_updates(world: World):
+    # Adam's first updates move each mask value by about lr: two at a constant lr by 2·lr, a cosine over two
+    # iterations takes the second at lr/2, so 1.5·lr in all.
+    def moved(schedule: str) -> float:
+        params = OTMFParams(steps=2, eval_every=2, alpha=0.05, lr=0.01, pre_data="current", lr_schedule=schedule)
+        out, mask = _one_mask_per_layer_step(world, params)
+        assert out.metrics["best_iteration"] == 2
+        return (mask - 1).abs().mean().item()
+
+    ratio = moved("cosine") / moved("constant")
+    assert 0.65 < ratio < 0.85, ratio

@@ -53,6 +53,8 @@ def test_default_method_is_otmf():
         (spec(base={"family": "open_clip", "uri": "s3://m/b.safetensors"}), "base"),
         (spec(base={"family": "hf", "arch": "bert", "uri": "s3://m/b/"}), "base"),
         (spec(tasks=[{**TASK, "calibration": None}]), "tasks.0.calibration"),
+        (spec(params={"head_alignment": 1.0}), "tasks.0.head"),
+        (spec(params={"head_alignment": -1.0}), "params.head_alignment"),
         (spec(tasks=[{**TASK, "eval": "s3://d/e.npz"}]), "tasks.0"),
         (spec(tasks=[{**TASK, "name": "a/b"}]), "tasks.0.name"),
         (spec(surprise=True), "surprise"),

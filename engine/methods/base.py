@@ -33,6 +33,15 @@ class MethodState:
 
 
 @dataclass
+class StepHeads:
+    """The tasks' linear heads (weight [C, D], optional bias [C]) a step may align through: the new task's, when the
+    job gives one, and those of the lineage's earlier tasks that have one."""
+
+    task: Tensors | None = None
+    earlier: list[Tensors] = field(default_factory=list)
+
+
+@dataclass
 class StepInput:
     # θ0, the lineage head θ (θ0 when nothing has been merged yet) and θ_t: float32 on the CPU when read. A streamed
     # merge gives lazy mappings that read each tensor when asked (its keys may be row blocks of big tensors, for
@@ -49,6 +58,7 @@ class StepInput:
     calibration: Inputs | None = None  # required by data-driven methods
     progress: StepProgress = lambda step, steps_total, loss, objective=None, losses=None: None
     sinks: Sinks = field(default_factory=Sinks)
+    heads: StepHeads = field(default_factory=StepHeads)
 
 
 @dataclass

@@ -6,6 +6,8 @@ weight the two task vectors,
 and are trained, alternately, so that the merged tower's features on D_pre match the head's and its features on D_t
 match θ_t's, by the debiased Sinkhorn divergence between the two feature clouds. The masks with the lowest loss on
 held-out calibration batches are kept, and the new head is θ0 + α·(M_pre ⊙ τ_pre) + (1 − α)·(M_post ⊙ τ_post).
+With `head_alignment` (an extension) each side's loss also compares the two class distributions through the tasks'
+heads.
 
 State (MethodState): meta {"method": "otmf", "reservoir": {...}} and the reservoir's tensors when
 `pre_data` is "reservoir" (see worker/engine/methods/reservoir.py); nothing else is carried between steps.
@@ -17,11 +19,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from core.errors import InvalidInput
 from core.methods import OTMFParams
 from engine.families.base import Family, LoadedBase, Tensors
-from engine.methods.base import Method, MethodState, StepInput, StepOutput
+from engine.methods.base import Method, MethodState, StepHeads, StepInput, StepOutput
 from engine.methods.common import generator, own_state, to_cpu, to_device
 from engine.methods.reservoir import InputSource, Reservoir
 from engine.sinkhorn import sinkhorn_divergence
@@ -187,10 +190,11 @@ def _train_masks(
     steps = schedule.steps
     # Each teacher's features are computed once, for exactly the inputs the step will use.
     chunk = params.batch_size
+    pre_heads, post_heads = _aligned_heads(inp.heads, params, device)
     pre_side = _Side(pre, schedule.pre_hold, _teacher_features(
-        inp.family, inp.loaded, inp.merged, pre, schedule.used_pre(), device, dtype, chunk))
+        inp.family, inp.loaded, inp.merged, pre, schedule.used_pre(), device, dtype, chunk), pre_heads)
     post_side = _Side(post, schedule.post_hold, _teacher_features(
-        inp.family, inp.loaded, inp.task, post, schedule.used_post(), device, dtype, chunk))
+        inp.family, inp.loaded, inp.task, post, schedule.used_post(), device, dtype, chunk), post_heads)
 
     auto = params.alpha == "auto"
     alpha = 0.5 if auto else params.alpha
@@ -204,6 +208,7 @@ def _train_masks(
     # The blend at all-ones masks is what any trained masks must beat, whatever the masks start from.
     initial = final = tower.held_out_loss(pre_side, post_side, same_data, params.blur, blend=tower.scales)
     best = _BestMasks(initial)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(tower.opt, steps) if params.lr_schedule == "cosine" else None
     for s in range(steps):
         if params.mask_update == "joint":  # both masks on the sum of both sides' losses
             sides = tower.train_joint(pre_side, post_side, schedule.pre[s], schedule.post[s], blur=params.blur)
@@ -213,6 +218,8 @@ def _train_masks(
             side, index = (pre_side, schedule.pre[s // 2]) if on_pre else (post_side, schedule.post[s // 2])
             loss = tower.train_iteration(side, index, train_pre=on_pre, blur=params.blur)
             inp.progress(s + 1, steps, loss, "pre" if on_pre else "post")
+        if decay is not None:
+            decay.step()
         if (s + 1) % params.eval_every == 0 or s + 1 == steps:
             final = tower.held_out_loss(pre_side, post_side, same_data, params.blur)
             best.offer(final, s + 1, *tower.masks())
@@ -229,6 +236,8 @@ def _train_masks(
         "masks_kept_all_ones": best.iteration == 0,
         "pre_inputs": len(pre),
         "held_out": [int(schedule.pre_hold.shape[0]), int(schedule.post_hold.shape[0])],
+        **({"aligned_heads": {"pre": len(pre_heads.heads), "post": len(post_heads.heads)}}
+           if params.head_alignment > 0 else {}),
     }
     if best.pre is not None and best.post is not None:
         values = [v for masks in (best.pre, best.post) for v in masks.values()]
@@ -283,12 +292,55 @@ def _draw_schedule(n_pre: int, n_post: int | None, params: OTMFParams, gen: torc
 
 
 @dataclass
+class _Heads:
+    """Linear heads (weight [C, D], bias [C] or None) on the device, and the weight of the KL term through them."""
+
+    heads: list[tuple[torch.Tensor, torch.Tensor | None]]
+    weight: float
+
+    def divergence(self, features: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """weight · KL(the teacher's class distribution ‖ the features'), averaged over inputs and heads."""
+        total = features.new_zeros(())
+        for w, b in self.heads:
+            student, target = F.log_softmax(F.linear(features, w, b), -1), F.log_softmax(F.linear(teacher, w, b), -1)
+            total = total + F.kl_div(student, target, reduction="batchmean", log_target=True)
+        return total * (self.weight / len(self.heads))
+
+
+def _aligned_heads(heads: StepHeads, params: OTMFParams, device: torch.device) -> tuple[_Heads, _Heads]:
+    """The heads each side aligns through: the lineage's earlier tasks' on D_pre, the new task's on D_t; none
+    without `head_alignment`."""
+    if params.head_alignment == 0:
+        return _Heads([], 0.0), _Heads([], 0.0)
+    if heads.task is None:
+        raise InvalidInput("otmf's head_alignment needs the task's head (give the task's `head` and `eval`)",
+                           param="params.head_alignment")
+
+    def on_device(head: Tensors) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bias = head.get("bias")
+        return (head["weight"].to(device, torch.float32),
+                None if bias is None else bias.to(device, torch.float32))
+
+    return (_Heads([on_device(h) for h in heads.earlier], params.head_alignment),
+            _Heads([on_device(heads.task)], params.head_alignment))
+
+
+@dataclass
 class _Side:
-    """One side of the objective: its inputs, its held-out batch and its teacher's features."""
+    """One side of the objective: its inputs, its held-out batch, its teacher's features and the heads it aligns
+    through."""
 
     source: InputSource
     hold: torch.Tensor
     teacher: _TeacherFeatures
+    heads: _Heads
+
+    def loss(self, features: torch.Tensor, index: torch.Tensor, blur: float) -> torch.Tensor:
+        """The Sinkhorn divergence from θ_M's features of the inputs `index` to the teacher's, plus the heads'
+        term when the side has heads."""
+        teacher = self.teacher.take(index)
+        loss = sinkhorn_divergence(features, teacher, blur)
+        return loss + self.heads.divergence(features, teacher) if self.heads.heads else loss
 
 
 # A sigmoid mask starts from this logit (mask 0.95): at 1 exactly the logit would be infinite.
@@ -427,17 +479,16 @@ class _MaskedTower:
         With `forward_chunk` smaller than the batch, the batch's features are computed without a graph, the loss's
         gradient is taken at them, and each chunk of inputs then runs forward and backward on its share of that
         gradient: the activations of one chunk at a time, for one more forward of the batch."""
-        teacher = side.teacher.take(index)
         chunk = self.forward_chunk
         if chunk is None or index.shape[0] <= chunk:
-            loss = sinkhorn_divergence(self.features(tower, side.source, index), teacher, blur)
+            loss = side.loss(self.features(tower, side.source, index), index, blur)
             loss.backward()
             return loss.item()
         parts = index.split(chunk)
         with torch.no_grad():
             features = torch.cat([self.features(tower, side.source, part) for part in parts])
         features.requires_grad_(True)
-        loss = sinkhorn_divergence(features, teacher, blur)
+        loss = side.loss(features, index, blur)
         (grad,) = torch.autograd.grad(loss, features)
         for part, part_grad in zip(parts, grad.split(chunk), strict=True):
             self.features(tower, side.source, part).backward(part_grad)
@@ -491,9 +542,7 @@ class _MaskedTower:
         tower = self.compose(*self._constant_masks(blend)) if blend is not None else self.compose(*self.masks())
         f_pre = self.features(tower, pre.source, pre.hold)
         f_post = f_pre if same_data else self.features(tower, post.source, post.hold)
-        loss = sinkhorn_divergence(f_pre, pre.teacher.take(pre.hold), blur)
-        loss = loss + sinkhorn_divergence(f_post, post.teacher.take(post.hold), blur)
-        return loss.item()
+        return (pre.loss(f_pre, pre.hold, blur) + post.loss(f_post, post.hold, blur)).item()
 
 
 # The held-out loss is a sum of Sinkhorn divergences, each a difference of three float32 transport costs of order
