@@ -57,18 +57,15 @@ def measure(arch: str, granularity: str, dtype: str, batch: int, steps: int, cal
     MERGELINE_MALLOC_MMAP_THRESHOLD=`mmap_threshold` when given."""
     import torch
 
-    from engine.allocator import map_large_blocks
-
-    if mmap_threshold:
-        assert map_large_blocks(mmap_threshold), "the C library is not glibc"
-
     from core.methods import OTMFParams
     from core.uris import Fetched
+    from engine.allocator import use_for_job
     from engine.families import get_family
     from engine.inputs import Inputs
     from engine.methods import get_method
     from engine.methods.base import MethodState, StepInput
 
+    assert use_for_job(True, mmap_threshold), "the C library is not glibc"  # as a job does before reading inputs
     family = get_family("open_clip")
     loaded = family.load_base(Fetched.local(base_file(arch)), arch)
     g = torch.Generator().manual_seed(1)

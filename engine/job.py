@@ -42,7 +42,7 @@ from core.store import (
     version_file_label,
 )
 from core.uris import Fetched, UriReader
-from engine.allocator import map_large_blocks
+from engine.allocator import use_for_job
 from engine.evaluate import accuracy
 from engine.families import get_family
 from engine.families.base import Family, LoadedBase, Tensors, VersionFormat
@@ -175,8 +175,7 @@ def _merge(spec: JobSpec, plan: JobPlan, store: LineageStore, tenant: str, setti
            out_dir: Path, progress: Progress) -> tuple[JobInputs, MergeResult]:
     """Fetch and read every input, then run the continual steps (nothing is written to the store). Local inputs
     are hashed while the merge runs: their digests are all known when this returns."""
-    if plan.method.data_driven and settings.malloc_mmap_threshold is not None \
-            and not map_large_blocks(settings.malloc_mmap_threshold):
+    if not use_for_job(plan.method.data_driven, settings.malloc_mmap_threshold):
         log.warning("MERGELINE_MALLOC_MMAP_THRESHOLD has no effect: the C library is not glibc")
     with UriReader(settings, work, store=store, tenant=tenant, background=True) as reader:
         base_file, tasks = _fetch_inputs(spec, plan, reader, progress)

@@ -24,7 +24,6 @@ from typing import Protocol
 
 import torch
 
-from engine.allocator import reuse_freed_blocks
 from engine.tensorfiles import (
     LazyTensors,
     PlannedTensor,
@@ -188,7 +187,6 @@ class Streaming:
         self.final = final
         self.version: WriterSink | None = None
         self.base_view = PieceView(base, self.pieces, keep_last=True)
-        reuse_freed_blocks()
 
     def view(self, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """`tensors` by pieces. θ0 goes through one view for the whole job: its pieces, which every step reads, are
