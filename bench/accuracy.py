@@ -20,13 +20,18 @@ The report reads eval (`--split eval`, the default). Choosing anything runs on v
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
+import os
 import shutil
 import statistics
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from bench.common import CACHE, DOCS, fork_pool, machine, now, read_result, write_result
 from bench.suite import SUITES, get_suite, task_orders
@@ -38,29 +43,41 @@ from core.uris import file_uri_path
 # reservoir stores unlabelled inputs of earlier tasks and replays them, an extension. "+heads" labels give every job
 # the task's labelled head_data, so the step ends with the paper's head tuning; they are not data-free, so task
 # arithmetic is run with the same labels to compare like with like.
+# Replay rows measured with the head's features as the replayed inputs' teacher say so (replay_targets "head"):
+# stored task features became the default later.
+_REPLAY = {"pre_data": "reservoir", "replay_targets": "head"}
 METHODS: dict[str, tuple[str, dict, bool]] = {
     "otmf-paper": ("otmf", {"pre_data": "current", "alpha": 0.8}, False),
     "otmf-paper+heads": ("otmf", {"pre_data": "current", "alpha": 0.8}, True),
-    "otmf-replay": ("otmf", {"pre_data": "reservoir"}, False),
-    "otmf-replay+heads": ("otmf", {"pre_data": "reservoir"}, True),
+    "otmf-replay": ("otmf", _REPLAY, False),
+    "otmf-replay+heads": ("otmf", _REPLAY, True),
     # The additive composition (θ0 + M_pre⊙τ_pre + λ·M_post⊙τ_post, task arithmetic's sum at all-ones masks) is
     # ours; lr 0.03 is what the no-replay mode scored best with on the validation split (otmf_composition.json).
     "otmf-additive": ("otmf", {"pre_data": "current", "composition": "additive", "lr": 0.03}, False),
     "otmf-additive+heads": ("otmf", {"pre_data": "current", "composition": "additive", "lr": 0.03}, True),
-    "otmf-replay-additive": ("otmf", {"pre_data": "reservoir", "composition": "additive"}, False),
-    "otmf-replay-additive+heads": ("otmf", {"pre_data": "reservoir", "composition": "additive"}, True),
+    "otmf-replay-additive": ("otmf", {**_REPLAY, "composition": "additive"}, False),
+    "otmf-replay-additive+heads": ("otmf", {**_REPLAY, "composition": "additive"}, True),
     # Aligning through the task heads (head_alignment, ours): the weights each mode scored best with on the
     # validation split over 3 orders (otmf_head_alignment.json, otmf_head_alignment_wide.json).
     "otmf-paper-aligned": ("otmf", {"pre_data": "current", "alpha": 0.8, "head_alignment": 10.0}, False),
     "otmf-paper-aligned+heads": ("otmf", {"pre_data": "current", "alpha": 0.8, "head_alignment": 10.0}, True),
     "otmf-additive-aligned": ("otmf", {"pre_data": "current", "composition": "additive", "lr": 0.03,
                                        "head_alignment": 3.0}, False),
-    "otmf-replay-aligned": ("otmf", {"pre_data": "reservoir", "head_alignment": 3.0}, False),
-    "otmf-replay-additive-aligned": ("otmf", {"pre_data": "reservoir", "composition": "additive",
-                                              "head_alignment": 3.0}, False),
+    "otmf-replay-aligned": ("otmf", {**_REPLAY, "head_alignment": 3.0}, False),
+    "otmf-replay-additive-aligned": ("otmf", {**_REPLAY, "composition": "additive", "head_alignment": 3.0}, False),
+    # Replayed inputs matched against the features their own task's fine-tune gave them, stored with them
+    # (replay_targets "task", ours), instead of against the lineage head's (otmf_replay_targets.json).
+    "otmf-replay-anchored": ("otmf", {"pre_data": "reservoir", "replay_targets": "task"}, False),
+    "otmf-replay-anchored+heads": ("otmf", {"pre_data": "reservoir", "replay_targets": "task"}, True),
+    "otmf-replay-additive-aligned-anchored": ("otmf", {"pre_data": "reservoir", "composition": "additive",
+                                                       "head_alignment": 3.0, "replay_targets": "task"}, False),
+    # ... with twice the stored inputs (128 per task, 1024 in all; otmf_replay_size.json).
+    "otmf-replay-additive-aligned-anchored-1024": ("otmf", {
+        "pre_data": "reservoir", "composition": "additive", "head_alignment": 3.0, "replay_targets": "task",
+        "reservoir_per_task": 128, "reservoir_size": 1024}, False),
     # One mask value per output row of each 2-D weight instead of per element (the low-memory masks).
     "otmf-paper-row": ("otmf", {"pre_data": "current", "alpha": 0.8, "mask_granularity": "row"}, False),
-    "otmf-replay-row": ("otmf", {"pre_data": "reservoir", "mask_granularity": "row"}, False),
+    "otmf-replay-row": ("otmf", {**_REPLAY, "mask_granularity": "row"}, False),
     "task_arithmetic": ("task_arithmetic", {}, False),
     "task_arithmetic+heads": ("task_arithmetic", {}, True),
     "ties": ("ties", {}, False),
@@ -81,6 +98,12 @@ LABELS = {
     "otmf-additive-aligned": "OTMF, no replay, additive composition, aligned through the heads (extensions)",
     "otmf-replay-aligned": "OTMF + replay, aligned through the heads (extensions)",
     "otmf-replay-additive-aligned": "OTMF + replay, additive composition, aligned through the heads (extensions)",
+    "otmf-replay-anchored": "OTMF + replay against stored task features (extensions)",
+    "otmf-replay-anchored+heads": "OTMF + replay against stored task features (extensions) + heads",
+    "otmf-replay-additive-aligned-anchored": "OTMF + replay against stored task features, additive composition, "
+                                             "aligned through the heads (extensions)",
+    "otmf-replay-additive-aligned-anchored-1024": "OTMF + replay of 1024 inputs against stored task features, "
+                                                  "additive composition, aligned through the heads (extensions)",
     "otmf-paper-row": "OTMF (paper: no replay), row masks",
     "otmf-replay-row": "OTMF + replay (extension), row masks",
     "task_arithmetic": "task arithmetic",
@@ -107,15 +130,29 @@ def run_lineage(suite: dict, order: list[str], method: str, params: dict, *, lin
             "degenerate_steps": [sum(bool(s.get("masks_kept_all_ones")) for s in steps), len(steps)]}
 
 
+# Keys of a checkpoint folder's JSON files that name the library versions which wrote it, not what was built.
+VERSION_STAMPS = ("transformers_version", "__version__")
+
+
 def suite_fingerprint(suite: dict) -> str:
-    """The sha256 of the suite's base and task checkpoints (files, or folders' files in order): builds on other
-    machines or thread counts differ, and only results of one build compare."""
+    """The sha256 of the suite's base and task checkpoints (files, or folders' files in order; JSON files without
+    their library version stamps): builds on other machines or thread counts differ, and only results of one build
+    compare."""
     digest = hashlib.sha256()
     for uri in [suite["base"]["uri"], *(t["checkpoint"] for t in suite["tasks"].values())]:
         path = file_uri_path(uri)
         for f in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
-            digest.update(f.read_bytes())
+            digest.update(_unstamped(f))
     return digest.hexdigest()
+
+
+def _unstamped(path: Path) -> bytes:
+    if path.suffix != ".json":
+        return path.read_bytes()
+    content = json.loads(path.read_text())
+    if isinstance(content, dict):
+        content = {k: v for k, v in content.items() if k not in VERSION_STAMPS}
+    return json.dumps(content, sort_keys=True).encode()
 
 
 def summarise(run: dict, individual: dict[str, float]) -> dict:
@@ -180,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
     suite = get_suite(log=lambda m: print(m, flush=True), name=args.suite, split=args.split)
     tasks = list(suite["tasks"])
     individual = {n: suite["tasks"][n]["individual_accuracy"] for n in tasks}
-    store_root = CACHE / "stores" / name
+    # One store per run: runs adding rows to the same result at once (--add) must not share lineages.
+    store_root = CACHE / "stores" / f"{name}-{os.getpid()}"
     shutil.rmtree(store_root, ignore_errors=True)
     settings = Settings(store=store_root.as_uri(), allowed_roots=str(CACHE), device="cpu")
     store = LineageStore(settings.store)
@@ -229,13 +267,24 @@ def main(argv: list[str] | None = None) -> dict:
         "methods": methods,
         "command": "python -m bench.accuracy " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    if args.add:
-        result = _added_to(read_result(name), result)
-    result["targets"] = targets(result)
-    write_result(name, result)
+    with _locked(name):  # rows added by runs finishing together must all land
+        if args.add:
+            result = _added_to(read_result(name), result)
+        result["targets"] = targets(result)
+        write_result(name, result)
+    shutil.rmtree(store_root, ignore_errors=True)
     if not args.no_plot:
         plot(result, DOCS / f"benchmarks-{name}.png")
     return result
+
+
+@contextmanager
+def _locked(name: str) -> Iterator[None]:
+    """An exclusive lock on result `name` while it is read and rewritten."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _added_to(old: dict | None, new: dict) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 from bench.accuracy import targets
@@ -17,6 +18,8 @@ from bench.common import DOCS, ROOT, machine, now, read_result
 from bench.lora_cost import section as lora_section
 
 DOC = DOCS / "benchmarks.md"
+# Documents whose figures must come from stored results too (besides the notes rendered into DOC).
+PROSE_DOCS = ("README.md", "docs/otmf.md")
 
 
 def pct(x: float | None, digits: int = 1) -> str:
@@ -484,6 +487,47 @@ def previous_block(text: str, name: str) -> list[str] | None:
     return text[text.index(start) + len(start): text.index(end)].strip("\n").split("\n")
 
 
+# A decimal figure in the prose, e.g. 65.7 (of "65.7%") or 0.823; integers (counts, settings) are not checked.
+FIGURE = re.compile(r"(?<![\w.])\d+\.\d+(?![\w.])")
+CITED_RESULT = re.compile(r"([\w-]+)\.json")
+VERSION = re.compile(r"(?:Python|arXiv|torch|torchvision)(?: |==)\d+(?:\.\d+)+\+?")
+UNSTORED = re.compile(r"<!-- unstored -->.*?<!-- /unstored -->", re.S)
+
+
+def unsupported_figures(notes: str, tables: str) -> list[str]:
+    """The decimal figures of `notes` that no stored result supports, each with the start of its paragraph. A
+    figure is supported when the rendered `tables` show it, or when a result file its paragraph names
+    (`name.json`) holds a value that rounds to it (as is, as a percentage, or bytes in GiB or MiB). Only text
+    between `<!-- unstored -->` markers (figures from before results were kept, labelled as such) is exempt."""
+    shown = set(FIGURE.findall(tables))
+    missing = []
+    for paragraph in re.split(r"\n\s*\n", VERSION.sub("", UNSTORED.sub("", notes))):
+        supported = shown | {text for name in set(CITED_RESULT.findall(paragraph)) for text in _renderings(name)}
+        missing += [f"{figure} ({paragraph.strip()[:60]}…)" for figure in FIGURE.findall(paragraph)
+                    if figure not in supported]
+    return missing
+
+
+def _renderings(name: str) -> set[str]:
+    """Every way a value of result file `name` may be written in prose."""
+    result = read_result(name)
+    out: set[str] = set()
+    for value in map(abs, _numbers(result)):  # prose writes the sign apart (−10.7, +3.4)
+        for scaled in (value, 100 * value, value / 2**30, value / 2**20, value / 2**10):
+            out.update(f"{scaled:.{digits}f}" for digits in range(1, 5))
+    return out
+
+
+def _numbers(x) -> list[float]:
+    if isinstance(x, bool):
+        return []
+    if isinstance(x, int | float):
+        return [float(x)]
+    if isinstance(x, dict):
+        x = list(x.values())
+    return [n for item in x for n in _numbers(item)] if isinstance(x, list) else []
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--command", default="bench/run_all")
@@ -491,7 +535,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--notes", default=None, help="a markdown file whose text is inserted after the header")
     args = parser.parse_args(argv)
     names = ("accuracy", "accuracy-validation", "otmf_select", "otmf_composition", "otmf_composition_orders",
-             "otmf_head_alignment", "otmf_head_alignment_wide", "otmf_lr_schedule", "accuracy-text", "peers",
+             "otmf_head_alignment", "otmf_head_alignment_wide", "otmf_lr_schedule", "otmf_replay_targets",
+             "otmf_replay_targets_more", "otmf_replay_size", "otmf_replay_scaling",
+             "accuracy-build-8402", "accuracy-text", "peers",
              "engine_cost", "service_load", "lora_cost")
     r = {n: read_result(n) for n in names}
     old = DOC.read_text() if DOC.exists() else ""
@@ -511,10 +557,12 @@ def main(argv: list[str] | None = None) -> None:
         f"Machine: {machine_line(m)}. Figures are from this machine's CPU except where a section names a GPU.",
         "",
     ]
-    if args.notes and Path(args.notes).exists():
-        lines += [Path(args.notes).read_text().strip(), ""]
-    lines += marked("targets", targets_section({"image suite": r["accuracy"], "text suite": r["accuracy-text"]},
-                                               r["engine_cost"]))
+    notes = Path(args.notes).read_text().strip() if args.notes and Path(args.notes).exists() else ""
+    if notes:
+        lines += [notes, ""]
+    lines += marked("targets", targets_section({"image suite": r["accuracy"],
+                                                "image suite, build `8402f270caef` (§1c)": r["accuracy-build-8402"],
+                                                "text suite": r["accuracy-text"]}, r["engine_cost"]))
     lines += marked("accuracy", accuracy_section(r["accuracy"], "## 1. Continual-merging accuracy: image suite, eval"))
     lines += marked("accuracy-validation", [
         *selection_section(r["otmf_select"], "## 1a. Choosing OTMF's defaults: image suite, validation split"),
@@ -529,6 +577,15 @@ def main(argv: list[str] | None = None) -> None:
                            "split"),
         *accuracy_section(r["accuracy-validation"], "### The data-free methods on the validation split",
                           "benchmarks-accuracy-validation.png")])
+    lines += marked("accuracy-build-8402", [
+        *selection_section(r["otmf_replay_targets"], "## 1c. Replaying against stored task features (an extension): "
+                           "image suite build `8402f270caef`, validation split"),
+        *selection_section(r["otmf_replay_targets_more"], "### Stored task features with other settings, validation "
+                           "split"),
+        *selection_section(r["otmf_replay_size"], "### How many inputs to store, validation split"),
+        *selection_section(r["otmf_replay_scaling"], "### λ and lr with 1024 stored inputs, validation split"),
+        *accuracy_section(r["accuracy-build-8402"], "### Every row measured on build `8402f270caef`, eval",
+                          "benchmarks-accuracy-build-8402.png")])
     lines += marked("accuracy-text", accuracy_section(
         r["accuracy-text"], "## 1b. Continual-merging accuracy: text suite (report only)",
         "benchmarks-accuracy-text.png"))
@@ -549,6 +606,11 @@ def main(argv: list[str] | None = None) -> None:
             for part, info in (x.get("parts_measured") or {}).items():
                 when.append(f"| {name}: {part} | {info.get('generated_at')} | {info.get('load_avg_1m')} |")
     lines += marked("when", when)
+    tables = "\n".join(lines).replace(notes, "")
+    prose = {"bench/notes.md": notes, **{name: (ROOT / name).read_text() for name in PROSE_DOCS}}
+    if missing := [f"{name}: {m}" for name, text in prose.items() for m in unsupported_figures(text, tables)]:
+        raise SystemExit("figures that no stored result supports (name the result file in the paragraph, or "
+                         "correct the figure):\n  " + "\n  ".join(missing))
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text("\n".join(lines))
     print(f"wrote {DOC}")

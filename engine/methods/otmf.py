@@ -10,12 +10,13 @@ With `head_alignment` (an extension) each side's loss also compares the two clas
 heads.
 
 State (MethodState): meta {"method": "otmf", "reservoir": {...}} and the reservoir's tensors when
-`pre_data` is "reservoir" (see worker/engine/methods/reservoir.py); nothing else is carried between steps.
+`pre_data` is "reservoir" (see engine/methods/reservoir.py), with each stored input's features under its own task's
+fine-tune when `replay_targets` is "task"; nothing else is carried between steps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from core.errors import InvalidInput
 from core.methods import OTMFParams
 from engine.families.base import Family, LoadedBase, Tensors
+from engine.inputs import Inputs
 from engine.methods.base import Method, MethodState, StepHeads, StepInput, StepOutput
 from engine.methods.common import generator, own_state, to_cpu, to_device
 from engine.methods.reservoir import InputSource, Reservoir
@@ -74,6 +76,16 @@ class _TeacherFeatures:
 
     def take(self, index: torch.Tensor) -> torch.Tensor:
         return self.features[self.rows[index].to(self.features.device)]
+
+    def replace(self, targets: torch.Tensor) -> int:
+        """Take `targets` [N, D] (NaN rows: none) as the features of the used inputs that have one; returns how
+        many of them do."""
+        used = torch.nonzero(self.rows >= 0).squeeze(1)
+        stored = targets[used].float()
+        has = ~stored.isnan().any(dim=1)
+        rows = self.rows[used[has]].to(self.features.device)
+        self.features[rows] = stored[has].to(self.features.device)
+        return int(has.sum())
 
 
 @torch.no_grad()
@@ -154,7 +166,10 @@ class OTMF(Method):
                 pre, pre_used = reservoir.source(), "reservoir"
             else:
                 pre, pre_used = post, "current"
-            merged, metrics = _optimise(inp, params, pre, post)
+            anchored = pre_used == "reservoir" and params.replay_targets == "task"
+            merged, metrics = _optimise(inp, params, pre, post, reservoir.targets if anchored else None)
+            if anchored:  # inputs stored by steps that kept no targets fall back to the head's features
+                metrics.setdefault("pre_inputs_anchored", 0)
             metrics["pre_data"] = pre_used
             if keep_reservoir and pre_used == "current":
                 # The head was written by another method (or by otmf with pre_data "current"): no earlier inputs.
@@ -163,21 +178,36 @@ class OTMF(Method):
         state = MethodState(meta={"method": self.name})
         if reservoir is not None and calibration is not None:
             add_gen = generator(params.seed, inp.index, _RESERVOIR_ADD_STREAM)
-            reservoir.add(calibration, inp.index, params.reservoir_per_task, add_gen)
+            target_of = _task_features_of(inp, params, calibration) if params.replay_targets == "task" else None
+            reservoir.add(calibration, inp.index, params.reservoir_per_task, add_gen, target_of)
             state.tensors, state.meta["reservoir"] = reservoir.to_state()
             metrics["reservoir_items"] = len(reservoir)
         return StepOutput(merged=merged, state=state, metrics=metrics)
 
 
-def _optimise(inp: StepInput, params: OTMFParams, pre: InputSource, post: InputSource) -> tuple[Tensors, dict]:
-    """One fusion step with data: the new head (float32, CPU) and the step's metrics."""
-    m_pre, m_post, metrics, spare = _train_masks(inp, params, pre, post)  # the device-side state is freed on return
+def _task_features_of(
+    inp: StepInput, params: OTMFParams, calibration: Inputs
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function giving the new task's fine-tune's features of calibration inputs (by position), on the CPU:
+    the targets its inputs keep in the reservoir."""
+    def features(index: torch.Tensor) -> torch.Tensor:
+        dtype = torch.bfloat16 if params.dtype == "bfloat16" else torch.float32
+        return _teacher_features(inp.family, inp.loaded, inp.task, InputSource.from_inputs(calibration), index,
+                                 torch.device(inp.device), dtype, params.batch_size).features.cpu()
+    return features
+
+
+def _optimise(inp: StepInput, params: OTMFParams, pre: InputSource, post: InputSource,
+              anchors: torch.Tensor | None) -> tuple[Tensors, dict]:
+    """One fusion step with data: the new head (float32, CPU) and the step's metrics. `anchors`: the stored targets
+    of D_pre's inputs (NaN rows where an input has none), which replace the head's features as their teacher."""
+    m_pre, m_post, metrics, spare = _train_masks(inp, params, pre, post, anchors)  # device state freed on return
     scales = tuple(metrics["scales"])
     return merge_from_masks(inp.base, inp.merged, inp.task, m_pre, m_post, scales, into=spare), metrics
 
 
 def _train_masks(
-    inp: StepInput, params: OTMFParams, pre: InputSource, post: InputSource
+    inp: StepInput, params: OTMFParams, pre: InputSource, post: InputSource, anchors: torch.Tensor | None
 ) -> tuple[Tensors | None, Tensors | None, dict, Tensors | None]:
     """Train M_pre and M_post; returns the masks with the lowest held-out loss (on the device; None while the
     all-ones masks, the α-blend, were never bettered), the metrics, and θ_M's storage when the new head can be
@@ -191,8 +221,9 @@ def _train_masks(
     # Each teacher's features are computed once, for exactly the inputs the step will use.
     chunk = params.batch_size
     pre_heads, post_heads = _aligned_heads(inp.heads, params, device)
-    pre_side = _Side(pre, schedule.pre_hold, _teacher_features(
-        inp.family, inp.loaded, inp.merged, pre, schedule.used_pre(), device, dtype, chunk), pre_heads)
+    pre_teacher = _teacher_features(inp.family, inp.loaded, inp.merged, pre, schedule.used_pre(), device, dtype, chunk)
+    anchored = 0 if anchors is None else pre_teacher.replace(anchors)
+    pre_side = _Side(pre, schedule.pre_hold, pre_teacher, pre_heads)
     post_side = _Side(post, schedule.post_hold, _teacher_features(
         inp.family, inp.loaded, inp.task, post, schedule.used_post(), device, dtype, chunk), post_heads)
 
@@ -235,6 +266,7 @@ def _train_masks(
         "best_iteration": best.iteration,
         "masks_kept_all_ones": best.iteration == 0,
         "pre_inputs": len(pre),
+        **({"pre_inputs_anchored": anchored} if anchors is not None else {}),
         "held_out": [int(schedule.pre_hold.shape[0]), int(schedule.post_hold.shape[0])],
         **({"aligned_heads": {"pre": len(pre_heads.heads), "post": len(post_heads.heads)}}
            if params.head_alignment > 0 else {}),

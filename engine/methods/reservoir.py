@@ -7,11 +7,15 @@ every task keeps a share proportional to what it contributed, and the buffer nev
 Stored in MethodState (and so in the version's state.safetensors):
   tensors: "reservoir.inputs.<name>" [R, ...] compact (floats as float16, int64 as int32 when the values fit),
            "reservoir.task_index" int32 [R]: the lineage step (MethodState's `index`) each input came from;
+           "reservoir.targets" [R, D] (float16 when the values fit), only when a step stored them
+           (`replay_targets: task`): each input's features under its own task's fine-tune, a row of NaN for an
+           input stored without one;
   meta["reservoir"]: {"seen": int, "dtypes": {name: dtype the model expects}}.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +27,7 @@ from engine.methods.base import MethodState
 
 INPUT_PREFIX = "reservoir.inputs."
 TASK_INDEX_KEY = "reservoir.task_index"
+TARGETS_KEY = "reservoir.targets"
 _FLOAT16_MAX = 65504.0
 _INT32 = torch.iinfo(torch.int32)
 
@@ -100,6 +105,7 @@ class Reservoir:
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)
     task_index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int32))  # [R]
     seen: int = 0
+    targets: torch.Tensor | None = None  # [R, D], NaN rows where an input has none; None when none has one
 
     def __len__(self) -> int:
         return int(self.task_index.shape[0])
@@ -113,11 +119,16 @@ class Reservoir:
             return cls(capacity)
         inputs = {k.removeprefix(INPUT_PREFIX): v for k, v in state.tensors.items() if k.startswith(INPUT_PREFIX)}
         dtypes = {k: getattr(torch, meta["dtypes"][k].removeprefix("torch.")) for k in inputs}
-        res = cls(capacity, inputs, dtypes, state.tensors[TASK_INDEX_KEY].to(torch.int32), int(meta["seen"]))
+        targets = state.tensors.get(TARGETS_KEY)
+        task_index = state.tensors[TASK_INDEX_KEY].to(torch.int32)
+        if targets is not None and (targets.ndim != 2 or targets.shape[0] != task_index.shape[0]):
+            targets = None  # not one per held input: those inputs fall back to the head as their teacher
+        res = cls(capacity, inputs, dtypes, task_index, int(meta["seen"]), targets)
         if len(res) > capacity:
             keep = torch.randperm(len(res), generator=gen)[:capacity].sort().values
             res.inputs = {k: v[keep] for k, v in res.inputs.items()}
             res.task_index = res.task_index[keep]
+            res.targets = None if res.targets is None else res.targets[keep]
         return res
 
     def source(self) -> InputSource:
@@ -135,9 +146,12 @@ class Reservoir:
         for k, v in inputs.tensors.items():
             _check_item_shapes(k, self.inputs[k], v)
 
-    def add(self, inputs: Inputs, task_index: int, per_task: int, gen: torch.Generator) -> None:
-        """Stream a random sample of `per_task` of `inputs` (all of them if fewer) into the reservoir."""
+    def add(self, inputs: Inputs, task_index: int, per_task: int, gen: torch.Generator,
+            target_of: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Stream a random sample of `per_task` of `inputs` (all of them if fewer) into the reservoir, with each
+        input's target when `target_of` (the inputs' positions in `inputs` → their targets [n, D]) is given."""
         self.check(inputs)
+        before = len(self)
         n = len(inputs)
         sample = torch.randperm(n, generator=gen)[:per_task]  # [S] the task's sample, in random order
         count = sample.shape[0]
@@ -165,10 +179,31 @@ class Reservoir:
         self.task_index = torch.cat([self.task_index, new_tasks[:n_app]])
         if slots.numel():
             self.task_index[slots] = new_tasks[n_app:]
+        self._add_targets(None if target_of is None or not len(take) else target_of(take), before, n_app, slots)
+
+    def _add_targets(self, new: torch.Tensor | None, before: int, n_app: int, slots: torch.Tensor) -> None:
+        """Place the added inputs' targets (None: they have none) as `add` placed the inputs: the first `n_app`
+        appended after the `before` held ones, the rest into `slots`."""
+        if new is None and self.targets is None:
+            return
+        dim = (new if new is not None else self.targets).shape[1]  # type: ignore[union-attr]
+        if new is not None and self.targets is not None and self.targets.shape[1] != dim:
+            raise InvalidInput(f"the reservoir holds targets of {self.targets.shape[1]} features, this step's model "
+                               f"gives {dim}: the lineage's base has changed", param="params.replay_targets")
+        count = n_app + slots.numel()
+        old = self.targets if self.targets is not None else torch.full((before, dim), float("nan"), dtype=torch.float16)
+        new = _compact(new.float().cpu()) if new is not None else torch.full((count, dim), float("nan"),
+                                                                              dtype=torch.float16)
+        targets = _concat("targets", old, new[:n_app])
+        if slots.numel():
+            targets[slots] = new[n_app:].to(targets.dtype)
+        self.targets = targets
 
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, meta) for MethodState."""
         tensors = {INPUT_PREFIX + k: v.contiguous() for k, v in self.inputs.items()}
         tensors[TASK_INDEX_KEY] = self.task_index.contiguous()
+        if self.targets is not None:
+            tensors[TARGETS_KEY] = self.targets.contiguous()
         meta = {"seen": self.seen, "dtypes": {k: str(v) for k, v in self.dtypes.items()}}
         return tensors, meta

@@ -50,6 +50,7 @@ class DemoConfig:
     otmf_steps: int = 100
     otmf_alpha: float = 0.5
     otmf_mask_update: str = "alternate"  # the updates the demo's settings were chosen and measured with
+    otmf_replay_targets: str = "head"  # the replay targets its figures were measured with
     holdout: int = 0  # > 0: that many training images per task are kept out of fine-tuning and evaluated on
 
 
@@ -79,8 +80,8 @@ def run_demo(workdir: Path, *, n_tasks: int = 4, config: DemoConfig = DemoConfig
         finals = {}
         for method in METHODS:
             t0 = time.monotonic()
-            params = ({"steps": config.otmf_steps, "alpha": config.otmf_alpha, "mask_update": config.otmf_mask_update}
-                      if method == "otmf" else {})
+            params = ({"steps": config.otmf_steps, "alpha": config.otmf_alpha, "mask_update": config.otmf_mask_update,
+                       "replay_targets": config.otmf_replay_targets} if method == "otmf" else {})
             finals[method] = _merge_continually(suite, names, method, params, store, settings, workdir / "jobs",
                                                 bars)[-1]["metrics"]
             seconds[f"merging {method}"] = round(time.monotonic() - t0, 1)
