@@ -351,29 +351,29 @@ def plot(result: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = [(label, entry) for label, entry in result["methods"].items() if "curve" in entry]
+    # The legend goes under the axes, one row per line: the labels are long and there may be twenty of them.
+    fig, ax = plt.subplots(figsize=(8, 4.5 + 0.2 * (len(rows) + 2)))
+    colors = plt.get_cmap("tab20").colors
     n = len(result["suite"]["tasks"])
     xs = list(range(1, n + 1))
-    for label, entry in result["methods"].items():
-        if "curve" not in entry:
-            continue
-        runs = entry["runs"]
-        lo = [min(r["curve"][i] for r in runs) * 100 for i in range(n)]
-        hi = [max(r["curve"][i] for r in runs) * 100 for i in range(n)]
-        (line,) = ax.plot(xs, [c * 100 for c in entry["curve"]], marker="o", label=entry.get("label", label))
-        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12)
+    for i, (label, entry) in enumerate(rows):
+        runs, color = entry["runs"], colors[i % len(colors)]
+        lo = [min(r["curve"][k] for r in runs) * 100 for k in range(n)]
+        hi = [max(r["curve"][k] for r in runs) * 100 for k in range(n)]
+        ax.plot(xs, [c * 100 for c in entry["curve"]], marker="o", color=color, label=entry.get("label", label))
+        ax.fill_between(xs, lo, hi, color=color, alpha=0.12)
     ax.axhline(result["suite"]["individual_avg"] * 100, color="k", ls="--", lw=1, label="individual (avg)")
     ax.axhline(result["suite"]["base_avg"] * 100, color="gray", ls=":", lw=1, label="base + heads (avg)")
     ax.set_xlabel("tasks merged")
     ax.set_ylabel("average accuracy over merged tasks (%)")
     ax.set_title(f"Continual merging, {result['suite']['name']} suite, {result['suite']['split']} "
-                 f"(mean over {len(result['orders'])} task orders)")
+                 f"(mean over {len(result['orders'])} task order{'s' if len(result['orders']) != 1 else ''})")
     ax.set_xticks(xs)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right", ncol=2)
-    fig.tight_layout()
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.12), frameon=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
