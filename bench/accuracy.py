@@ -46,6 +46,7 @@ from core.uris import file_uri_path
 # Replay rows measured with the head's features as the replayed inputs' teacher say so (replay_targets "head"):
 # stored task features became the default later.
 _REPLAY = {"pre_data": "reservoir", "replay_targets": "head"}
+_ANCHORED = {"pre_data": "reservoir", "replay_targets": "task"}
 METHODS: dict[str, tuple[str, dict, bool]] = {
     "otmf-paper": ("otmf", {"pre_data": "current", "alpha": 0.8}, False),
     "otmf-paper+heads": ("otmf", {"pre_data": "current", "alpha": 0.8}, True),
@@ -67,14 +68,14 @@ METHODS: dict[str, tuple[str, dict, bool]] = {
     "otmf-replay-additive-aligned": ("otmf", {**_REPLAY, "composition": "additive", "head_alignment": 3.0}, False),
     # Replayed inputs matched against the features their own task's fine-tune gave them, stored with them
     # (replay_targets "task", ours), instead of against the lineage head's (otmf_replay_targets.json).
-    "otmf-replay-anchored": ("otmf", {"pre_data": "reservoir", "replay_targets": "task"}, False),
-    "otmf-replay-anchored+heads": ("otmf", {"pre_data": "reservoir", "replay_targets": "task"}, True),
-    "otmf-replay-additive-aligned-anchored": ("otmf", {"pre_data": "reservoir", "composition": "additive",
-                                                       "head_alignment": 3.0, "replay_targets": "task"}, False),
+    "otmf-replay-anchored": ("otmf", _ANCHORED, False),
+    "otmf-replay-anchored+heads": ("otmf", _ANCHORED, True),
+    "otmf-replay-additive-aligned-anchored": ("otmf", {**_ANCHORED, "composition": "additive",
+                                                       "head_alignment": 3.0}, False),
     # ... with twice the stored inputs (128 per task, 1024 in all; otmf_replay_size.json).
     "otmf-replay-additive-aligned-anchored-1024": ("otmf", {
-        "pre_data": "reservoir", "composition": "additive", "head_alignment": 3.0, "replay_targets": "task",
-        "reservoir_per_task": 128, "reservoir_size": 1024}, False),
+        **_ANCHORED, "composition": "additive", "head_alignment": 3.0, "reservoir_per_task": 128,
+        "reservoir_size": 1024}, False),
     # One mask value per output row of each 2-D weight instead of per element (the low-memory masks).
     "otmf-paper-row": ("otmf", {"pre_data": "current", "alpha": 0.8, "mask_granularity": "row"}, False),
     "otmf-replay-row": ("otmf", {**_REPLAY, "mask_granularity": "row"}, False),

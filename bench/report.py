@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import re
+from functools import cache
 from pathlib import Path
 
 from bench.accuracy import targets
@@ -508,14 +509,14 @@ def unsupported_figures(notes: str, tables: str) -> list[str]:
     return missing
 
 
-def _renderings(name: str) -> set[str]:
+@cache  # a result is cited by many paragraphs of three documents: read and render it once
+def _renderings(name: str) -> frozenset[str]:
     """Every way a value of result file `name` may be written in prose."""
-    result = read_result(name)
     out: set[str] = set()
-    for value in map(abs, _numbers(result)):  # prose writes the sign apart (−10.7, +3.4)
+    for value in map(abs, _numbers(read_result(name))):  # prose writes the sign apart (−10.7, +3.4)
         for scaled in (value, 100 * value, value / 2**30, value / 2**20, value / 2**10):
             out.update(f"{scaled:.{digits}f}" for digits in range(1, 5))
-    return out
+    return frozenset(out)
 
 
 def _numbers(x) -> list[float]:

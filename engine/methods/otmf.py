@@ -191,10 +191,13 @@ def _task_features_of(
     """The function giving the new task's fine-tune's features of calibration inputs (by position), on the CPU:
     the targets its inputs keep in the reservoir."""
     def features(index: torch.Tensor) -> torch.Tensor:
-        dtype = torch.bfloat16 if params.dtype == "bfloat16" else torch.float32
         return _teacher_features(inp.family, inp.loaded, inp.task, InputSource.from_inputs(calibration), index,
-                                 torch.device(inp.device), dtype, params.batch_size).features.cpu()
+                                 torch.device(inp.device), _forward_dtype(params), params.batch_size).features.cpu()
     return features
+
+
+def _forward_dtype(params: OTMFParams) -> torch.dtype:
+    return torch.bfloat16 if params.dtype == "bfloat16" else torch.float32
 
 
 def _optimise(inp: StepInput, params: OTMFParams, pre: InputSource, post: InputSource,
@@ -213,7 +216,7 @@ def _train_masks(
     all-ones masks, the α-blend, were never bettered), the metrics, and θ_M's storage when the new head can be
     written into it."""
     device = torch.device(inp.device)
-    dtype = torch.bfloat16 if params.dtype == "bfloat16" else torch.float32
+    dtype = _forward_dtype(params)
     same_data = pre is post
     gen = generator(params.seed, inp.index, _DATA_STREAM)
     schedule = _draw_schedule(len(pre), None if same_data else len(post), params, gen)
