@@ -69,13 +69,20 @@ METHODS: dict[str, tuple[str, dict, bool]] = {
     # Replayed inputs matched against the features their own task's fine-tune gave them, stored with them
     # (replay_targets "task", ours), instead of against the lineage head's (otmf_replay_targets.json).
     "otmf-replay-anchored": ("otmf", _ANCHORED, False),
+    # With head tuning the stored targets are the merged tower's, the one the re-fitted head reads; rows with
+    # "fine-tune" kept the fine-tune's features even there (replay_targets "fine_tune").
     "otmf-replay-anchored+heads": ("otmf", _ANCHORED, True),
+    "otmf-replay-anchored-fine-tune+heads": ("otmf", {**_ANCHORED, "replay_targets": "fine_tune"}, True),
     "otmf-replay-additive-aligned-anchored": ("otmf", {**_ANCHORED, "composition": "additive",
                                                        "head_alignment": 3.0}, False),
     # ... with twice the stored inputs (128 per task, 1024 in all; otmf_replay_size.json).
     "otmf-replay-additive-aligned-anchored-1024": ("otmf", {
         **_ANCHORED, "composition": "additive", "head_alignment": 3.0, "reservoir_per_task": 128,
         "reservoir_size": 1024}, False),
+    # ... and batches of 32 inputs instead of 16 (otmf_replay_longer.json, otmf_replay_batch.json).
+    "otmf-replay-additive-aligned-anchored-1024-b32": ("otmf", {
+        **_ANCHORED, "composition": "additive", "head_alignment": 3.0, "reservoir_per_task": 128,
+        "reservoir_size": 1024, "batch_size": 32}, False),
     # One mask value per output row of each 2-D weight instead of per element (the low-memory masks).
     "otmf-paper-row": ("otmf", {"pre_data": "current", "alpha": 0.8, "mask_granularity": "row"}, False),
     "otmf-replay-row": ("otmf", {**_REPLAY, "mask_granularity": "row"}, False),
@@ -101,10 +108,14 @@ LABELS = {
     "otmf-replay-additive-aligned": "OTMF + replay, additive composition, aligned through the heads (extensions)",
     "otmf-replay-anchored": "OTMF + replay against stored task features (extensions)",
     "otmf-replay-anchored+heads": "OTMF + replay against stored task features (extensions) + heads",
+    "otmf-replay-anchored-fine-tune+heads": "OTMF + replay against stored fine-tune features (extensions) + heads",
     "otmf-replay-additive-aligned-anchored": "OTMF + replay against stored task features, additive composition, "
                                              "aligned through the heads (extensions)",
     "otmf-replay-additive-aligned-anchored-1024": "OTMF + replay of 1024 inputs against stored task features, "
                                                   "additive composition, aligned through the heads (extensions)",
+    "otmf-replay-additive-aligned-anchored-1024-b32": "OTMF + replay of 1024 inputs against stored task features, "
+                                                      "additive composition, aligned through the heads (extensions), "
+                                                      "batches of 32",
     "otmf-paper-row": "OTMF (paper: no replay), row masks",
     "otmf-replay-row": "OTMF + replay (extension), row masks",
     "task_arithmetic": "task arithmetic",
@@ -208,6 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--jobs", type=int, default=1, help="lineages run at once, one torch thread each")
     parser.add_argument("--add", action="store_true", help="add these rows to the existing result file (same suite, "
                         "split and orders), replacing rows of the same label")
+    parser.add_argument("--reuse", default=None, help="a result file whose lineages of the same suite build, split, "
+                        "row, params and task order are taken instead of run again (e.g. more orders for a result "
+                        "of one)")
     args = parser.parse_args(argv)
 
     from core.settings import Settings
@@ -231,10 +245,12 @@ def main(argv: list[str] | None = None) -> dict:
     labels = args.methods.split(",")
     work = [(label, k, order, {**METHODS[label][1], **(otmf_extra if METHODS[label][0] == "otmf" else {})})
             for label in labels for k, order in enumerate(orders)]
+    done = _measured_before(read_result(args.reuse), suite, args.split, work) if args.reuse else {}
+    todo = [w for w in work if (w[0], w[1]) not in done]
     context = {"suite": suite, "store": store, "settings": settings, "individual": individual}
     # Forked workers inherit the suite, the store and a validation view's seal on the eval data.
     with fork_pool(args.jobs, _context.update, context) as pool:
-        done = dict(zip([(w[0], w[1]) for w in work], pool.map(_run_one, work), strict=True))
+        done.update(zip([(w[0], w[1]) for w in todo], pool.map(_run_one, todo), strict=True))
 
     methods: dict[str, dict] = {}
     for label in labels:
@@ -277,6 +293,23 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_plot:
         plot(result, DOCS / f"benchmarks-{name}.png")
     return result
+
+
+def _measured_before(old: dict | None, suite: dict, split: str, work: list[tuple]) -> dict[tuple[str, int], dict]:
+    """The lineages of `work` (label, order index, order, params) that result `old` already holds: same suite build
+    and split, and a row of the same label, params and head tuning with a run of the same task order."""
+    if old is None or old["suite"].get("build_sha256") != suite_fingerprint(suite) or old["suite"]["split"] != split:
+        raise SystemExit("--reuse needs an existing result of the same build and split of the suite")
+    found = {}
+    for label, k, order, params in work:
+        row = old["methods"].get(label)
+        if row is None or row["params"] != params or row["head_tuning"] != METHODS[label][2]:
+            continue
+        run = next((r for r in row["runs"] if r["order"] == order), None)
+        if run is not None:
+            print(f"[accuracy] {label} order {k}: taken from {old['command'][:60]}...", flush=True)
+            found[(label, k)] = run
+    return found
 
 
 @contextmanager

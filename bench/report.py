@@ -537,8 +537,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     names = ("accuracy", "accuracy-validation", "otmf_select", "otmf_composition", "otmf_composition_orders",
              "otmf_head_alignment", "otmf_head_alignment_wide", "otmf_lr_schedule", "otmf_replay_targets",
-             "otmf_replay_targets_more", "otmf_replay_size", "otmf_replay_scaling",
-             "accuracy-build-8402", "accuracy-text", "peers",
+             "otmf_replay_targets_more", "otmf_replay_size", "otmf_replay_scaling", "otmf_replay_longer",
+             "otmf_replay_batch", "otmf_replay_batch_more", "accuracy-validation-build-8402", "accuracy-build-8402",
+             "accuracy-text-3", "accuracy-text", "peers",
              "engine_cost", "service_load", "lora_cost")
     r = {n: read_result(n) for n in names}
     old = DOC.read_text() if DOC.exists() else ""
@@ -563,7 +564,8 @@ def main(argv: list[str] | None = None) -> None:
         lines += [notes, ""]
     lines += marked("targets", targets_section({"image suite": r["accuracy"],
                                                 "image suite, build `8402f270caef` (§1c)": r["accuracy-build-8402"],
-                                                "text suite": r["accuracy-text"]}, r["engine_cost"]))
+                                                "text suite": r["accuracy-text-3"],
+                                                "text suite, every row": r["accuracy-text"]}, r["engine_cost"]))
     lines += marked("accuracy", accuracy_section(r["accuracy"], "## 1. Continual-merging accuracy: image suite, eval"))
     lines += marked("accuracy-validation", [
         *selection_section(r["otmf_select"], "## 1a. Choosing OTMF's defaults: image suite, validation split"),
@@ -585,11 +587,18 @@ def main(argv: list[str] | None = None) -> None:
                            "split"),
         *selection_section(r["otmf_replay_size"], "### How many inputs to store, validation split"),
         *selection_section(r["otmf_replay_scaling"], "### λ and lr with 1024 stored inputs, validation split"),
+        *selection_section(r["otmf_replay_longer"], "### Longer steps and larger batches with 1024 stored inputs, "
+                           "validation split"),
+        *selection_section(r["otmf_replay_batch"], "### Batch size, validation split"),
+        *selection_section(r["otmf_replay_batch_more"], "### Other settings at batches of 32, validation split"),
+        *accuracy_section(r["accuracy-validation-build-8402"], "### Stored targets with head tuning, validation split",
+                          "benchmarks-accuracy-validation-build-8402.png"),
         *accuracy_section(r["accuracy-build-8402"], "### Every row measured on build `8402f270caef`, eval",
                           "benchmarks-accuracy-build-8402.png")])
-    lines += marked("accuracy-text", accuracy_section(
-        r["accuracy-text"], "## 1b. Continual-merging accuracy: text suite (report only)",
-        "benchmarks-accuracy-text.png"))
+    lines += marked("accuracy-text", [
+        *accuracy_section(r["accuracy-text-3"], "## 1b. Continual-merging accuracy: text suite (report only)",
+                          "benchmarks-accuracy-text-3.png"),
+        *accuracy_section(r["accuracy-text"], "### Every row, first task order", "benchmarks-accuracy-text.png")])
     lines += section("peers", r["peers"], peers_section(r["peers"]))
     lines += section("engine-cost", r["engine_cost"], cost_section(r["engine_cost"]))
     for name, part in (("otmf-memory", otmf_memory_section()), ("service", service_section(r["service_load"])),

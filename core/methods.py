@@ -107,12 +107,14 @@ class OTMFParams(CommonParams):
                                            "(the new task's head on D_t, the lineage's earlier heads on D_pre); 0: "
                                            "features only (the paper's). An extension; every task needs its `head`")
     pre_data: Literal["current", "reservoir"] = "reservoir"
-    replay_targets: Literal["head", "task"] = Field(
+    replay_targets: Literal["head", "task", "fine_tune"] = Field(
         "task", description="what replayed inputs (`pre_data: reservoir`) are matched against. task: the features "
-                            "their own task's fine-tune gave them, stored in the reservoir beside them (one float16 "
-                            "feature vector per input), so earlier tasks stay anchored to their fine-tunes instead "
-                            "of to the merged versions that followed (an extension; inputs stored without one fall "
-                            "back to the head's); head: the lineage head's features of them")
+                            "their own task's head reads, stored in the reservoir beside them (one float16 feature "
+                            "vector per input): the fine-tune's, or the merged tower's of the step that merged the "
+                            "task when the job re-fits that head on it (`head_data`), so earlier tasks stay "
+                            "anchored to what their heads expect instead of to the merged versions that followed "
+                            "(an extension; inputs stored without one fall back to the head's); fine_tune: always "
+                            "the fine-tune's features; head: the lineage head's features of them")
     reservoir_per_task: int = Field(64, ge=1, le=100_000)
     reservoir_size: int = Field(512, ge=1, le=1_000_000)
     eval_every: int = Field(10, ge=1, le=100_000, description="iterations between held-out checks of the masks")
@@ -123,9 +125,9 @@ class OTMFParams(CommonParams):
             raise ValueError("give `steps` or `epochs`, not both: exactly one of them sets how long the masks train")
         if self.composition == "additive" and self.alpha == "auto":
             raise ValueError("`alpha: auto` chooses a convex blend; the additive composition has no α")
-        if self.pre_data != "reservoir" and "replay_targets" in self.model_fields_set and self.replay_targets == "task":
-            raise ValueError("`replay_targets: task` stores targets beside replayed inputs: it needs "
-                             "`pre_data: reservoir`")
+        if self.pre_data != "reservoir" and "replay_targets" in self.model_fields_set and self.replay_targets != "head":
+            raise ValueError(f"`replay_targets: {self.replay_targets}` stores targets beside replayed inputs: it "
+                             "needs `pre_data: reservoir`")
         return self
 
     def scales(self, alpha: float) -> tuple[float, float]:

@@ -454,7 +454,7 @@ def merge_steps(
             progress=lambda step, total, loss, objective=None, losses=None, i=i: progress.update(
                 task_index=i, tasks_total=len(tasks), step=step, steps_total=total, loss=loss, objective=objective,
                 losses=losses),
-            sinks=sinks, heads=_step_heads(evals, task.name, position + i),
+            sinks=sinks, heads=_step_heads(evals, task, position + i),
         ))
         del views, sinks
         merged, state = out.merged, out.state
@@ -477,10 +477,12 @@ def merge_steps(
     return MergeResult(merged, state, steps, stream.version.files if stream and stream.version else None)
 
 
-def _step_heads(evals: dict[str, EvalTask], name: str, merged_before: int) -> StepHeads:
+def _step_heads(evals: dict[str, EvalTask], task: StepTask, merged_before: int) -> StepHeads:
     """The heads of the task being merged and of the `merged_before` tasks before it, as far as they are known."""
+    name = task.name
     return StepHeads(task=evals[name].head if name in evals else None,
-                     earlier=[e.head for e in evals.values() if e.index <= merged_before and e.name != name])
+                     earlier=[e.head for e in evals.values() if e.index <= merged_before and e.name != name],
+                     task_refit=task.head_data is not None)
 
 
 def _tune_head(family: Family, loaded: LoadedBase, tower: Tensors, task: StepTask, head: Tensors,

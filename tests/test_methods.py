@@ -31,7 +31,7 @@ from core.progress import NullProgress
 from core.uris import Fetched
 from engine.families.base import Family, LoadedBase, Tensors
 from engine.inputs import Inputs
-from engine.job import StepTask, merge_steps
+from engine.job import EvalTask, StepTask, merge_steps
 from engine.methods import get_method
 from engine.methods.base import MethodState, StepHeads, StepInput, StepOutput
 from engine.methods.opcm import project_out
@@ -534,6 +534,41 @@ def test_otmf_replay_targets_fall_back_to_the_head_for_inputs_stored_without_one
     with pytest.raises(ValueError, match="pre_data: reservoir"):
         OTMFParams(pre_data="current", replay_targets="task")
     assert OTMFParams(pre_data="current").replay_targets == "task"  # the default means nothing without replay
+
+
+def test_otmf_replay_targets_follow_a_refitted_head_to_the_merged_tower(world: World):
+    """When the job re-fits the task's head on the new tower (head_data), the targets its inputs keep are that
+    tower's features, the ones the re-fitted head reads; `fine_tune` keeps the fine-tune's there too."""
+    g = torch.Generator().manual_seed(4)
+
+    head = {"weight": torch.randn(5, 16, generator=g), "bias": torch.zeros(5)}
+
+    def second_step(targets: str) -> tuple[StepOutput, torch.Tensor]:
+        labelled = Inputs({"x": world.eval[1][:32]}, labels=torch.randint(0, 5, (32,), generator=g))
+        task = StepTask("task1", lambda: world.tasks[1], calibration=Inputs({"x": world.calibration[1]}),
+                        head_data=labelled)
+        evals = {"task1": EvalTask("task1", 2, labelled, head, "tasks[0]")}
+        first = step("otmf", world, world.base, 0, MethodState(), OTMFParams(steps=2))
+        outs: list[StepOutput] = []
+        merge_steps(world.family, world.loaded, get_method("otmf"), OTMFParams(steps=2, replay_targets=targets),
+                    [task], merged=first.merged, state=first.state, position=1, device=CPU, evals=evals,
+                    on_step=lambda i, out: outs.append(out))
+        return outs[0], evals["task1"].head["weight"]
+
+    def own_features(out: StepOutput, tower: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+        held, x = out.state.tensors["reservoir.task_index"], out.state.tensors["reservoir.inputs.x"]
+        with torch.no_grad():
+            expected = world.family.features(world.loaded, tower, {"x": x[held == 1].float()})
+        return out.state.tensors["reservoir.targets"][held == 1].float(), expected
+
+    refit, tuned = second_step("task")
+    assert not torch.equal(tuned, head["weight"])  # the job re-fitted the head after the step
+    stored, merged_features = own_features(refit, refit.merged)
+    assert torch.allclose(stored, merged_features, atol=5e-3)
+    kept, _ = second_step("fine_tune")
+    stored, fine_tune_features = own_features(kept, world.tasks[1])
+    assert torch.allclose(stored, fine_tune_features, atol=5e-3)
+    assert not torch.allclose(merged_features, fine_tune_features, atol=5e-2)
 
 
 def test_otmf_replay_targets_anchor_earlier_tasks_to_their_fine_tunes(world: World):

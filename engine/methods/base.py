@@ -39,6 +39,7 @@ class StepHeads:
 
     task: Tensors | None = None
     earlier: list[Tensors] = field(default_factory=list)
+    task_refit: bool = False  # the job re-fits the task's head on the new tower once the step is done (head_data)
 
 
 @dataclass

@@ -10,8 +10,8 @@ With `head_alignment` (an extension) each side's loss also compares the two clas
 heads.
 
 State (MethodState): meta {"method": "otmf", "reservoir": {...}} and the reservoir's tensors when
-`pre_data` is "reservoir" (see engine/methods/reservoir.py), with each stored input's features under its own task's
-fine-tune when `replay_targets` is "task"; nothing else is carried between steps.
+`pre_data` is "reservoir" (see engine/methods/reservoir.py), with each stored input's features as its own task's head
+reads them unless `replay_targets` is "head"; nothing else is carried between steps.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ class OTMF(Method):
                 pre, pre_used = reservoir.source(), "reservoir"
             else:
                 pre, pre_used = post, "current"
-            anchored = pre_used == "reservoir" and params.replay_targets == "task"
+            anchored = pre_used == "reservoir" and params.replay_targets != "head"
             merged, metrics = _optimise(inp, params, pre, post, reservoir.targets if anchored else None)
             if anchored:  # inputs stored by steps that kept no targets fall back to the head's features
                 metrics.setdefault("pre_inputs_anchored", 0)
@@ -178,20 +178,25 @@ class OTMF(Method):
         state = MethodState(meta={"method": self.name})
         if reservoir is not None and calibration is not None:
             add_gen = generator(params.seed, inp.index, _RESERVOIR_ADD_STREAM)
-            target_of = _task_features_of(inp, params, calibration) if params.replay_targets == "task" else None
+            target_of = _targets_of(inp, params, calibration, merged)
             reservoir.add(calibration, inp.index, params.reservoir_per_task, add_gen, target_of)
             state.tensors, state.meta["reservoir"] = reservoir.to_state()
             metrics["reservoir_items"] = len(reservoir)
         return StepOutput(merged=merged, state=state, metrics=metrics)
 
 
-def _task_features_of(
-    inp: StepInput, params: OTMFParams, calibration: Inputs
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The function giving the new task's fine-tune's features of calibration inputs (by position), on the CPU:
-    the targets its inputs keep in the reservoir."""
+def _targets_of(
+    inp: StepInput, params: OTMFParams, calibration: Inputs, merged: Mapping[str, torch.Tensor]
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The function giving the targets the new task's calibration inputs (by position) keep in the reservoir, on
+    the CPU: their features under the tower the task's head reads, its fine-tune's, or the new head `merged` when
+    the job re-fits the task's head on it (`replay_targets: task`); None when replay matches against the head."""
+    if params.replay_targets == "head":
+        return None
+    tower = merged if params.replay_targets == "task" and inp.heads.task_refit else inp.task
+
     def features(index: torch.Tensor) -> torch.Tensor:
-        return _teacher_features(inp.family, inp.loaded, inp.task, InputSource.from_inputs(calibration), index,
+        return _teacher_features(inp.family, inp.loaded, tower, InputSource.from_inputs(calibration), index,
                                  torch.device(inp.device), _forward_dtype(params), params.batch_size).features.cpu()
     return features
 

@@ -8,8 +8,8 @@ Stored in MethodState (and so in the version's state.safetensors):
   tensors: "reservoir.inputs.<name>" [R, ...] compact (floats as float16, int64 as int32 when the values fit),
            "reservoir.task_index" int32 [R]: the lineage step (MethodState's `index`) each input came from;
            "reservoir.targets" [R, D] (float16 when the values fit), only when a step stored them
-           (`replay_targets: task`): each input's features under its own task's fine-tune, a row of NaN for an
-           input stored without one;
+           (`replay_targets` task or fine_tune): each input's features as its own task's head reads them, a row
+           of NaN for an input stored without one;
   meta["reservoir"]: {"seen": int, "dtypes": {name: dtype the model expects}}.
 """
 

@@ -1,0 +1,28 @@
+"""bench.accuracy takes lineages measured before only where nothing that decides their outcome differs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.accuracy import METHODS, _measured_before, suite_fingerprint
+
+
+def test_reused_lineages_need_the_same_build_split_params_and_order(tmp_path: Path):
+    for name in ("base", "a"):
+        (tmp_path / f"{name}.safetensors").write_bytes(name.encode())
+    suite = {"base": {"uri": (tmp_path / "base.safetensors").as_uri()},
+             "tasks": {"a": {"checkpoint": (tmp_path / "a.safetensors").as_uri()}}}
+    params = METHODS["ties"][1]
+    run = {"order": ["a", "b"], "avg_accuracy": 0.5}
+    old = {"suite": {"build_sha256": suite_fingerprint(suite), "split": "eval"}, "command": "python -m bench.accuracy",
+           "methods": {"ties": {"params": params, "head_tuning": False, "runs": [run]}}}
+    work = [("ties", 0, ["a", "b"], params), ("ties", 1, ["b", "a"], params), ("opcm", 0, ["a", "b"], {})]
+    assert _measured_before(old, suite, "eval", work) == {("ties", 0): run}
+    assert _measured_before(old, suite, "eval", [("ties", 0, ["a", "b"], {**params, "top_k": 5.0})]) == {}
+    with pytest.raises(SystemExit, match="same build and split"):
+        _measured_before(old, suite, "validation", work)
+    (tmp_path / "a.safetensors").write_bytes(b"rebuilt")
+    with pytest.raises(SystemExit, match="same build and split"):
+        _measured_before(old, suite, "eval", work)
