@@ -4,6 +4,7 @@ defined here so these tests depend only on the method interface."""
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from engine.job import EvalTask, StepTask, merge_steps
 from engine.methods import get_method
 from engine.methods.base import MethodState, StepHeads, StepInput, StepOutput
 from engine.methods.opcm import project_out
-from engine.methods.otmf import compose, merge_from_masks
+from engine.methods.otmf import _MaskedTower, compose, merge_from_masks
 from engine.methods.reservoir import Reservoir
 from engine.methods.ties import kept_count, kth_largest_magnitude
 from engine.sinkhorn import sinkhorn_divergence
@@ -569,6 +570,18 @@ def test_otmf_replay_targets_follow_a_refitted_head_to_the_merged_tower(world: W
     stored, fine_tune_features = own_features(kept, world.tasks[1])
     assert torch.allclose(stored, fine_tune_features, atol=5e-3)
     assert not torch.allclose(merged_features, fine_tune_features, atol=5e-2)
+
+
+def test_otmf_step_leaves_nothing_of_its_training_alive(world: World):
+    """A worker runs step after step in one process: once a step has returned, its masked tower (θ_M, the masks,
+    Adam's moments) must be freed, or the process grows by all of them every step."""
+    def alive() -> int:  # other tests' kept tracebacks may hold theirs
+        gc.collect()
+        return sum(isinstance(o, _MaskedTower) for o in gc.get_objects())
+
+    before = alive()
+    step("otmf", world, world.tasks[0], 1, MethodState(), OTMFParams(steps=2, pre_data="current"))
+    assert alive() == before
 
 
 def test_otmf_replay_targets_anchor_earlier_tasks_to_their_fine_tunes(world: World):

@@ -16,6 +16,7 @@ reads them unless `replay_targets` is "head"; nothing else is carried between st
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -490,9 +491,13 @@ class _MaskedTower:
         it (`_to_mask_grads`)."""
         if self.tower is None:
             self.tower = {k: torch.empty(v.shape, dtype=self.dtype, device=self.device) for k, v in self.theta0.items()}
+            # The hooks reach this object through a weak reference: autograd holds them where Python's cycle
+            # collector cannot see, so a strong one would keep the tower, the masks and Adam's moments alive after
+            # the step (a process running step after step grew by all of them each time).
+            ref = weakref.ref(self)
             for k, w in self.tower.items():
                 w.requires_grad_(True)
-                w.register_post_accumulate_grad_hook(lambda w, k=k: self._to_mask_grads(w, k))
+                w.register_post_accumulate_grad_hook(lambda w, k=k: ref()._to_mask_grads(w, k))
         return compose(self.theta0, self.a, self.b, m_pre, m_post, self.dtype, out=self.tower)
 
     def features(self, tower: Tensors, source: InputSource, index: torch.Tensor) -> torch.Tensor:
