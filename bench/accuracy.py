@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     suite = get_suite(log=lambda m: print(m, flush=True), name=args.suite, split=args.split)
     tasks = list(suite["tasks"])
     individual = {n: suite["tasks"][n]["individual_accuracy"] for n in tasks}
+    build = suite_fingerprint(suite)  # hashes every checkpoint: once per run
     # One store per run: runs adding rows to the same result at once (--add) must not share lineages.
     store_root = CACHE / "stores" / f"{name}-{os.getpid()}"
     shutil.rmtree(store_root, ignore_errors=True)
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     labels = args.methods.split(",")
     work = [(label, k, order, {**METHODS[label][1], **(otmf_extra if METHODS[label][0] == "otmf" else {})})
             for label in labels for k, order in enumerate(orders)]
-    done = _measured_before(read_result(args.reuse), suite, args.split, work) if args.reuse else {}
+    done = _measured_before(read_result(args.reuse), build, args.split, work) if args.reuse else {}
     todo = [w for w in work if (w[0], w[1]) not in done]
     context = {"suite": suite, "store": store, "settings": settings, "individual": individual}
     # Forked workers inherit the suite, the store and a validation view's seal on the eval data.
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = {k: ("TINY_CLIP" if k == "arch" else v) for k, v in suite["config"].items()}
     result = {
         "suite": {"name": args.suite, "split": args.split, "tasks": tasks, "build": config,
-                  "build_sha256": suite_fingerprint(suite),
+                  "build_sha256": build,
                   "individual": individual, "base": suite["base_accuracy"],
                   "individual_avg": statistics.fmean(individual.values()),
                   "base_avg": statistics.fmean(suite["base_accuracy"].values())},
@@ -295,10 +296,11 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def _measured_before(old: dict | None, suite: dict, split: str, work: list[tuple]) -> dict[tuple[str, int], dict]:
+def _measured_before(old: dict | None, build: str, split: str, work: list[tuple]) -> dict[tuple[str, int], dict]:
     """The lineages of `work` (label, order index, order, params) that result `old` already holds: same suite build
-    and split, and a row of the same label, params and head tuning with a run of the same task order."""
-    if old is None or old["suite"].get("build_sha256") != suite_fingerprint(suite) or old["suite"]["split"] != split:
+    (`build`, its fingerprint) and split, and a row of the same label, params and head tuning with a run of the same
+    task order."""
+    if old is None or old["suite"].get("build_sha256") != build or old["suite"]["split"] != split:
         raise SystemExit("--reuse needs an existing result of the same build and split of the suite")
     found = {}
     for label, k, order, params in work:

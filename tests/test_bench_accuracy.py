@@ -19,10 +19,11 @@ def test_reused_lineages_need_the_same_build_split_params_and_order(tmp_path: Pa
     old = {"suite": {"build_sha256": suite_fingerprint(suite), "split": "eval"}, "command": "python -m bench.accuracy",
            "methods": {"ties": {"params": params, "head_tuning": False, "runs": [run]}}}
     work = [("ties", 0, ["a", "b"], params), ("ties", 1, ["b", "a"], params), ("opcm", 0, ["a", "b"], {})]
-    assert _measured_before(old, suite, "eval", work) == {("ties", 0): run}
-    assert _measured_before(old, suite, "eval", [("ties", 0, ["a", "b"], {**params, "top_k": 5.0})]) == {}
+    build = suite_fingerprint(suite)
+    assert _measured_before(old, build, "eval", work) == {("ties", 0): run}
+    assert _measured_before(old, build, "eval", [("ties", 0, ["a", "b"], {**params, "top_k": 5.0})]) == {}
     with pytest.raises(SystemExit, match="same build and split"):
-        _measured_before(old, suite, "validation", work)
+        _measured_before(old, build, "validation", work)
     (tmp_path / "a.safetensors").write_bytes(b"rebuilt")
     with pytest.raises(SystemExit, match="same build and split"):
-        _measured_before(old, suite, "eval", work)
+        _measured_before(old, suite_fingerprint(suite), "eval", work)
