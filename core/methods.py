@@ -125,10 +125,15 @@ class OTMFParams(CommonParams):
             raise ValueError("give `steps` or `epochs`, not both: exactly one of them sets how long the masks train")
         if self.composition == "additive" and self.alpha == "auto":
             raise ValueError("`alpha: auto` chooses a convex blend; the additive composition has no α")
-        if self.pre_data != "reservoir" and "replay_targets" in self.model_fields_set and self.replay_targets != "head":
+        if self.pre_data != "reservoir" and "replay_targets" in self.model_fields_set and self.stores_targets:
             raise ValueError(f"`replay_targets: {self.replay_targets}` stores targets beside replayed inputs: it "
                              "needs `pre_data: reservoir`")
         return self
+
+    @property
+    def stores_targets(self) -> bool:
+        """Whether replayed inputs keep their own targets in the reservoir instead of reading the lineage head's."""
+        return self.replay_targets != "head"
 
     def scales(self, alpha: float) -> tuple[float, float]:
         """What τ_pre and τ_post are multiplied by, besides their masks, at `alpha`."""

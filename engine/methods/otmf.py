@@ -167,7 +167,7 @@ class OTMF(Method):
                 pre, pre_used = reservoir.source(), "reservoir"
             else:
                 pre, pre_used = post, "current"
-            anchored = pre_used == "reservoir" and params.replay_targets != "head"
+            anchored = pre_used == "reservoir" and params.stores_targets
             merged, metrics = _optimise(inp, params, pre, post, reservoir.targets if anchored else None)
             if anchored:  # inputs stored by steps that kept no targets fall back to the head's features
                 metrics.setdefault("pre_inputs_anchored", 0)
@@ -192,7 +192,7 @@ def _targets_of(
     """The function giving the targets the new task's calibration inputs (by position) keep in the reservoir, on
     the CPU: their features under the tower the task's head reads, its fine-tune's, or the new head `merged` when
     the job re-fits the task's head on it (`replay_targets: task`); None when replay matches against the head."""
-    if params.replay_targets == "head":
+    if not params.stores_targets:
         return None
     tower = merged if params.replay_targets == "task" and inp.heads.task_refit else inp.task
 
