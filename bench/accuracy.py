@@ -31,7 +31,6 @@ import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from bench.common import CACHE, DOCS, fork_pool, machine, now, read_result, write_result
 from bench.suite import SUITES, get_suite, task_orders
@@ -142,29 +141,17 @@ def run_lineage(suite: dict, order: list[str], method: str, params: dict, *, lin
             "degenerate_steps": [sum(bool(s.get("masks_kept_all_ones")) for s in steps), len(steps)]}
 
 
-# Keys of a checkpoint folder's JSON files that name the library versions which wrote it, not what was built.
-VERSION_STAMPS = ("transformers_version", "__version__")
-
-
 def suite_fingerprint(suite: dict) -> str:
-    """The sha256 of the suite's base and task checkpoints (files, or folders' files in order; JSON files without
-    their library version stamps): builds on other machines or thread counts differ, and only results of one build
-    compare."""
+    """The sha256 of the suite's base and task weights (a checkpoint file, or a checkpoint folder's safetensors
+    files in order): builds on other machines or thread counts differ, and only results of one build compare. A
+    folder's other files (config, tokenizer) are the base's, rewritten by whichever library version saved the
+    folder, whose keys change from version to version."""
     digest = hashlib.sha256()
     for uri in [suite["base"]["uri"], *(t["checkpoint"] for t in suite["tasks"].values())]:
         path = file_uri_path(uri)
-        for f in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
-            digest.update(_unstamped(f))
+        for f in sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]:
+            digest.update(f.read_bytes())
     return digest.hexdigest()
-
-
-def _unstamped(path: Path) -> bytes:
-    if path.suffix != ".json":
-        return path.read_bytes()
-    content = json.loads(path.read_text())
-    if isinstance(content, dict):
-        content = {k: v for k, v in content.items() if k not in VERSION_STAMPS}
-    return json.dumps(content, sort_keys=True).encode()
 
 
 def summarise(run: dict, individual: dict[str, float]) -> dict:
