@@ -123,7 +123,7 @@ def build_words(fingerprint: str | None) -> str:
     results of one build compare."""
     if fingerprint is None:
         return "Suite build: an earlier one, not recorded (compare its figures only among themselves)."
-    return f"Suite build `{fingerprint[:12]}` (sha256 of its base and task checkpoints)."
+    return f"Suite build `{fingerprint[:12]}` (sha256 of its base and task weights)."
 
 
 def selection_section(sel: dict | None, title: str) -> list[str]:
