@@ -538,7 +538,8 @@ def main(argv: list[str] | None = None) -> None:
     names = ("accuracy", "accuracy-validation", "otmf_select", "otmf_composition", "otmf_composition_orders",
              "otmf_head_alignment", "otmf_head_alignment_wide", "otmf_lr_schedule", "otmf_replay_targets",
              "otmf_replay_targets_more", "otmf_replay_size", "otmf_replay_scaling", "otmf_replay_longer",
-             "otmf_replay_batch", "otmf_replay_batch_more", "accuracy-validation-build-8402", "accuracy-build-8402",
+             "otmf_replay_batch", "otmf_replay_batch_more", "otmf_replay_own_heads",
+             "accuracy-validation-build-8402", "accuracy-build-8402",
              "accuracy-text-3", "accuracy-text", "peers",
              "engine_cost", "service_load", "lora_cost")
     r = {n: read_result(n) for n in names}
@@ -591,6 +592,8 @@ def main(argv: list[str] | None = None) -> None:
                            "validation split"),
         *selection_section(r["otmf_replay_batch"], "### Batch size, validation split"),
         *selection_section(r["otmf_replay_batch_more"], "### Other settings at batches of 32, validation split"),
+        *selection_section(r["otmf_replay_own_heads"], "### Each replayed input through its own task's head (an "
+                           "extension), validation split"),
         *accuracy_section(r["accuracy-validation-build-8402"], "### Stored targets with head tuning, validation split",
                           "benchmarks-accuracy-validation-build-8402.png"),
         *accuracy_section(r["accuracy-build-8402"], "### Every row measured on build `8402f270caef`, eval",

@@ -106,6 +106,10 @@ class OTMFParams(CommonParams):
                                            "from each teacher's class distribution to θ_M's through the tasks' heads "
                                            "(the new task's head on D_t, the lineage's earlier heads on D_pre); 0: "
                                            "features only (the paper's). An extension; every task needs its `head`")
+    replay_heads: Literal["all", "own"] = Field(
+        "all", description="with `head_alignment` and replay, the heads the term reads on replayed inputs: all: "
+                           "every earlier task's head on every input; own: each input through its own task's head "
+                           "only (an extension; the reservoir records each input's task)")
     pre_data: Literal["current", "reservoir"] = "reservoir"
     replay_targets: Literal["head", "task", "fine_tune"] = Field(
         "task", description="what replayed inputs (`pre_data: reservoir`) are matched against. task: the features "
@@ -128,6 +132,9 @@ class OTMFParams(CommonParams):
         if self.pre_data != "reservoir" and "replay_targets" in self.model_fields_set and self.stores_targets:
             raise ValueError(f"`replay_targets: {self.replay_targets}` stores targets beside replayed inputs: it "
                              "needs `pre_data: reservoir`")
+        if self.replay_heads == "own" and (self.pre_data != "reservoir" or self.head_alignment == 0):
+            raise ValueError("`replay_heads: own` picks each replayed input's head: it needs `pre_data: reservoir` "
+                             "and `head_alignment` > 0")
         return self
 
     @property

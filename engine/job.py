@@ -481,7 +481,8 @@ def _step_heads(evals: dict[str, EvalTask], task: StepTask, merged_before: int) 
     """The heads of the task being merged and of the `merged_before` tasks before it, as far as they are known."""
     name = task.name
     return StepHeads(task=evals[name].head if name in evals else None,
-                     earlier=[e.head for e in evals.values() if e.index <= merged_before and e.name != name],
+                     earlier={e.index - 1: e.head for e in evals.values()
+                              if e.index <= merged_before and e.name != name},
                      task_refit=task.head_data is not None)
 
 

@@ -36,7 +36,7 @@ from engine.job import EvalTask, StepTask, merge_steps
 from engine.methods import get_method
 from engine.methods.base import MethodState, StepHeads, StepInput, StepOutput
 from engine.methods.opcm import project_out
-from engine.methods.otmf import _MaskedTower, compose, merge_from_masks
+from engine.methods.otmf import _Heads, _MaskedTower, compose, merge_from_masks
 from engine.methods.reservoir import Reservoir
 from engine.methods.ties import kept_count, kth_largest_magnitude
 from engine.sinkhorn import sinkhorn_divergence
@@ -772,7 +772,7 @@ def test_otmf_head_alignment_brings_the_class_distributions_through_both_sides_h
         return get_method("otmf").step(StepInput(
             base=world.base, merged=head, task=world.tasks[1], index=1, state=MethodState(), params=params,
             device=CPU, family=world.family, loaded=world.loaded, calibration=Inputs({"x": world.calibration[1]}),
-            heads=StepHeads(task=heads[1], earlier=[heads[0]])))
+            heads=StepHeads(task=heads[1], earlier={0: heads[0]})))
 
     plain, aligned = merge(0.0), merge(1.0)
     assert aligned.metrics["aligned_heads"] == {"pre": 1, "post": 1} and "aligned_heads" not in plain.metrics
@@ -781,6 +781,51 @@ def test_otmf_head_alignment_brings_the_class_distributions_through_both_sides_h
         without, with_heads = (head_divergence(world, out.merged, teacher, h, x) for out in (plain, aligned))
         print("KL through the head, without and with alignment:", without, with_heads)
         assert with_heads < 0.8 * without
+
+
+def test_otmf_replay_heads_own_reads_each_replayed_input_through_its_own_tasks_head_only():
+    g = torch.Generator().manual_seed(4)
+    heads = [(6 * torch.randn(5, 16, generator=g), torch.randn(5, generator=g)) for _ in range(2)]
+    features, teacher = torch.randn(6, 16, generator=g), torch.randn(6, 16, generator=g)
+    tasks = torch.tensor([0, 0, 2, 1, 1, 0])  # lineage positions; task 1 has no head here
+    own = _Heads(heads, 2.0, owners=[0, 2])
+
+    def kl(rows: list[int], head: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        logits = [F.linear(f[rows], *head) for f in (features, teacher)]
+        return F.kl_div(F.log_softmax(logits[0], -1), F.log_softmax(logits[1], -1), reduction="batchmean",
+                        log_target=True)
+
+    expected = 2.0 * (3 / 6 * kl([0, 1, 5], heads[0]) + 1 / 6 * kl([2], heads[1]))
+    torch.testing.assert_close(own.divergence(features, teacher, tasks), expected)
+    moved = features.clone()
+    moved[3:5] += 5.0  # task 1's inputs: no head of theirs, nothing to add
+    torch.testing.assert_close(own.divergence(moved, teacher, tasks), expected)
+    every = _Heads(heads, 2.0).divergence(features, teacher, tasks)  # all heads on all inputs
+    torch.testing.assert_close(every, 2.0 * (kl(list(range(6)), heads[0]) + kl(list(range(6)), heads[1])) / 2)
+
+
+def test_otmf_replay_heads_own_reaches_the_step_through_the_reservoir(world: World):
+    g = torch.Generator().manual_seed(5)
+    heads = [{"weight": 6 * torch.randn(5, 16, generator=g), "bias": torch.randn(5, generator=g)} for _ in range(3)]
+    plain = OTMFParams(steps=2, eval_every=1, reservoir_per_task=16)
+    first = step("otmf", world, world.base, 0, MethodState(), plain)
+    second = step("otmf", world, first.merged, 1, first.state, plain)
+
+    def third(replay_heads: str) -> StepOutput:
+        params = OTMFParams(steps=20, eval_every=5, lr=0.05, reservoir_per_task=16, head_alignment=3.0,
+                            replay_heads=replay_heads)
+        return get_method("otmf").step(StepInput(
+            base=world.base, merged=second.merged, task=world.tasks[2], index=2, state=second.state, params=params,
+            device=CPU, family=world.family, loaded=world.loaded, calibration=Inputs({"x": world.calibration[2]}),
+            heads=StepHeads(task=heads[2], earlier={0: heads[0], 1: heads[1]})))
+
+    own, every = third("own"), third("all")
+    assert own.metrics["aligned_heads"] == every.metrics["aligned_heads"] == {"pre": 2, "post": 1}
+    assert own.metrics["loss_initial"] != every.metrics["loss_initial"]
+    with pytest.raises(ValueError, match="replay_heads: own"):
+        OTMFParams(pre_data="current", head_alignment=1.0, replay_heads="own")
+    with pytest.raises(ValueError, match="replay_heads: own"):
+        OTMFParams(replay_heads="own")
 
 
 def test_otmf_head_alignment_needs_the_tasks_head(world: World):

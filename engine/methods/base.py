@@ -38,7 +38,7 @@ class StepHeads:
     job gives one, and those of the lineage's earlier tasks that have one."""
 
     task: Tensors | None = None
-    earlier: list[Tensors] = field(default_factory=list)
+    earlier: dict[int, Tensors] = field(default_factory=dict)  # by lineage position, 0-based (a step's `index`)
     task_refit: bool = False  # the job re-fits the task's head on the new tower once the step is done (head_data)
 
 

@@ -334,18 +334,34 @@ def _draw_schedule(n_pre: int, n_post: int | None, params: OTMFParams, gen: torc
 
 @dataclass
 class _Heads:
-    """Linear heads (weight [C, D], bias [C] or None) on the device, and the weight of the KL term through them."""
+    """Linear heads (weight [C, D], bias [C] or None) on the device, and the weight of the KL term through them;
+    with `owners` (each head's lineage position), each input is read by its own task's head only."""
 
     heads: list[tuple[torch.Tensor, torch.Tensor | None]]
     weight: float
+    owners: list[int] | None = None
 
-    def divergence(self, features: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        """weight · KL(the teacher's class distribution ‖ the features'), averaged over inputs and heads."""
+    def divergence(self, features: torch.Tensor, teacher: torch.Tensor, tasks: torch.Tensor | None) -> torch.Tensor:
+        """weight · KL(the teacher's class distribution ‖ the features'), averaged over inputs and heads, or with
+        `owners` over inputs through their own task's head (`tasks`: each input's lineage position; inputs of a
+        task without a head add nothing)."""
+        if self.owners is None:
+            total = sum(_kl(features, teacher, w, b) for w, b in self.heads)
+            return total * (self.weight / len(self.heads))
         total = features.new_zeros(())
-        for w, b in self.heads:
-            student, target = F.log_softmax(F.linear(features, w, b), -1), F.log_softmax(F.linear(teacher, w, b), -1)
-            total = total + F.kl_div(student, target, reduction="batchmean", log_target=True)
-        return total * (self.weight / len(self.heads))
+        if tasks is None:  # inputs of no known task (the current task's standing in for an empty reservoir)
+            return total
+        for owner, (w, b) in zip(self.owners, self.heads, strict=True):
+            rows = tasks == owner
+            if rows.any():  # the head's KL, weighted by its share of the batch
+                total = total + _kl(features[rows], teacher[rows], w, b) * (rows.sum() / rows.numel())
+        return total * self.weight
+
+
+def _kl(features: torch.Tensor, teacher: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """KL(the teacher's class distribution ‖ the features') through one head, averaged over inputs."""
+    student, target = F.log_softmax(F.linear(features, w, b), -1), F.log_softmax(F.linear(teacher, w, b), -1)
+    return F.kl_div(student, target, reduction="batchmean", log_target=True)
 
 
 def _aligned_heads(heads: StepHeads, params: OTMFParams, device: torch.device) -> tuple[_Heads, _Heads]:
@@ -362,7 +378,8 @@ def _aligned_heads(heads: StepHeads, params: OTMFParams, device: torch.device) -
         return (head["weight"].to(device, torch.float32),
                 None if bias is None else bias.to(device, torch.float32))
 
-    return (_Heads([on_device(h) for h in heads.earlier], params.head_alignment),
+    owners = list(heads.earlier) if params.replay_heads == "own" else None
+    return (_Heads([on_device(h) for h in heads.earlier.values()], params.head_alignment, owners),
             _Heads([on_device(heads.task)], params.head_alignment))
 
 
@@ -381,7 +398,10 @@ class _Side:
         term when the side has heads."""
         teacher = self.teacher.take(index)
         loss = sinkhorn_divergence(features, teacher, blur)
-        return loss + self.heads.divergence(features, teacher) if self.heads.heads else loss
+        if not self.heads.heads:
+            return loss
+        tasks = None if self.source.tasks is None else self.source.tasks[index].to(features.device)
+        return loss + self.heads.divergence(features, teacher, tasks)
 
 
 # A sigmoid mask starts from this logit (mask 0.95): at 1 exactly the logit would be infinite.

@@ -39,6 +39,7 @@ class InputSource:
 
     tensors: dict[str, torch.Tensor]
     dtypes: dict[str, torch.dtype]
+    tasks: torch.Tensor | None = None  # [N] int32: each input's lineage position, where known (the reservoir's)
 
     @classmethod
     def from_inputs(cls, inputs: Inputs) -> InputSource:
@@ -132,7 +133,7 @@ class Reservoir:
         return res
 
     def source(self) -> InputSource:
-        return InputSource(self.inputs, self.dtypes)
+        return InputSource(self.inputs, self.dtypes, self.task_index)
 
     def check(self, inputs: Inputs) -> None:
         """Raise InvalidInput if `inputs` cannot join the reservoir (called before a step's work, not after)."""
