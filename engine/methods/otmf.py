@@ -348,20 +348,18 @@ class _Heads:
         if self.owners is None:
             total = sum(_kl(features, teacher, w, b) for w, b in self.heads)
             return total * (self.weight / len(self.heads))
-        total = features.new_zeros(())
         if tasks is None:  # inputs of no known task (the current task's standing in for an empty reservoir)
-            return total
-        for owner, (w, b) in zip(self.owners, self.heads, strict=True):
-            rows = tasks == owner
-            if rows.any():  # the head's KL, weighted by its share of the batch
-                total = total + _kl(features[rows], teacher[rows], w, b) * (rows.sum() / rows.numel())
-        return total * self.weight
+            return features.new_zeros(())
+        total = sum(_kl(features[tasks == owner], teacher[tasks == owner], w, b, reduction="sum")
+                    for owner, (w, b) in zip(self.owners, self.heads, strict=True))
+        return total * (self.weight / len(tasks))
 
 
-def _kl(features: torch.Tensor, teacher: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """KL(the teacher's class distribution ‖ the features') through one head, averaged over inputs."""
+def _kl(features: torch.Tensor, teacher: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+        reduction: str = "batchmean") -> torch.Tensor:
+    """KL(the teacher's class distribution ‖ the features') through one head, averaged (or summed) over inputs."""
     student, target = F.log_softmax(F.linear(features, w, b), -1), F.log_softmax(F.linear(teacher, w, b), -1)
-    return F.kl_div(student, target, reduction="batchmean", log_target=True)
+    return F.kl_div(student, target, reduction=reduction, log_target=True)
 
 
 def _aligned_heads(heads: StepHeads, params: OTMFParams, device: torch.device) -> tuple[_Heads, _Heads]:
