@@ -86,6 +86,11 @@ METHODS: dict[str, tuple[str, dict, bool]] = {
     "otmf-replay-additive-aligned-own-anchored-1024-b32": ("otmf", {
         **_ANCHORED, "composition": "additive", "head_alignment": 3.0, "replay_heads": "own",
         "reservoir_per_task": 128, "reservoir_size": 1024, "batch_size": 32}, False),
+    # ... and 200 iterations per step (chosen on the validation split of build 36251161fbef,
+    # otmf_replay_own_heads_3625.json).
+    "otmf-replay-additive-aligned-own-anchored-1024-b32-200": ("otmf", {
+        **_ANCHORED, "composition": "additive", "head_alignment": 3.0, "replay_heads": "own",
+        "reservoir_per_task": 128, "reservoir_size": 1024, "batch_size": 32, "steps": 200}, False),
     # One mask value per output row of each 2-D weight instead of per element (the low-memory masks).
     "otmf-paper-row": ("otmf", {"pre_data": "current", "alpha": 0.8, "mask_granularity": "row"}, False),
     "otmf-replay-row": ("otmf", {**_REPLAY, "mask_granularity": "row"}, False),
@@ -123,6 +128,10 @@ LABELS = {
                                                           "features, additive composition, each replayed input "
                                                           "aligned through its own task's head (extensions), "
                                                           "batches of 32",
+    "otmf-replay-additive-aligned-own-anchored-1024-b32-200": "OTMF + replay of 1024 inputs against stored task "
+                                                              "features, additive composition, each replayed "
+                                                              "input aligned through its own task's head "
+                                                              "(extensions), batches of 32, 200 iterations",
     "otmf-paper-row": "OTMF (paper: no replay), row masks",
     "otmf-replay-row": "OTMF + replay (extension), row masks",
     "task_arithmetic": "task arithmetic",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bench.common import DOCS, ROOT
-from bench.report import PROSE_DOCS, unsupported_figures
+from bench.report import PROSE_DOCS, accuracy_targets, unsupported_figures
 
 TABLES = "| method | average |\n| --- | ---: |\n| OTMF | 65.7 |\n"
 
@@ -37,3 +37,17 @@ def test_the_committed_prose_is_supported_by_the_committed_results():
 
 def test_version_numbers_are_not_figures():
     assert unsupported_figures("Needs Python 3.11 and torch==2.14.1 (arXiv 2511.19561).", TABLES) == []
+
+
+def _replay_row(normalized: float) -> dict:
+    return {"method": "otmf", "head_tuning": False, "params": {"pre_data": "reservoir"}, "label": "OTMF + replay",
+            "avg_accuracy": {"mean": 0.81}, "normalized": {"mean": normalized}}
+
+
+def test_a_normalized_accuracy_just_under_its_floor_is_not_rounded_onto_it():
+    free = {"method": "weight_average", "head_tuning": False, "params": {}, "label": "weight averaging",
+            "avg_accuracy": {"mean": 0.62}, "normalized": {"mean": 0.69}}
+    rows = lambda n: accuracy_targets("image", {"orders": [[0]], "methods": {"weight_average": free, "r": _replay_row(n)}})  # noqa: E731
+    assert [r for r in rows(0.89968) if "normalized" in r] == [
+        "| OTMF + replay ≥ 0.90 normalized (image, 1 task order) | 0.8997 | **missed** |"]
+    assert "| 0.912 | **met** |" in rows(0.91234)[-1]
