@@ -46,6 +46,9 @@ from core.uris import file_uri_path
 # stored task features became the default later.
 _REPLAY = {"pre_data": "reservoir", "replay_targets": "head"}
 _ANCHORED = {"pre_data": "reservoir", "replay_targets": "task"}
+# The best replay setting: 1024 stored inputs, batches of 32, additive, each replayed input through its own head.
+_OWN_HEADS = {**_ANCHORED, "composition": "additive", "head_alignment": 3.0, "replay_heads": "own",
+              "reservoir_per_task": 128, "reservoir_size": 1024, "batch_size": 32}
 METHODS: dict[str, tuple[str, dict, bool]] = {
     "otmf-paper": ("otmf", {"pre_data": "current", "alpha": 0.8}, False),
     "otmf-paper+heads": ("otmf", {"pre_data": "current", "alpha": 0.8}, True),
@@ -83,14 +86,10 @@ METHODS: dict[str, tuple[str, dict, bool]] = {
         **_ANCHORED, "composition": "additive", "head_alignment": 3.0, "reservoir_per_task": 128,
         "reservoir_size": 1024, "batch_size": 32}, False),
     # ... with each replayed input aligned through its own task's head only (otmf_replay_own_heads.json).
-    "otmf-replay-additive-aligned-own-anchored-1024-b32": ("otmf", {
-        **_ANCHORED, "composition": "additive", "head_alignment": 3.0, "replay_heads": "own",
-        "reservoir_per_task": 128, "reservoir_size": 1024, "batch_size": 32}, False),
+    "otmf-replay-additive-aligned-own-anchored-1024-b32": ("otmf", _OWN_HEADS, False),
     # ... and 200 iterations per step (chosen on the validation split of build 36251161fbef,
     # otmf_replay_own_heads_3625.json).
-    "otmf-replay-additive-aligned-own-anchored-1024-b32-200": ("otmf", {
-        **_ANCHORED, "composition": "additive", "head_alignment": 3.0, "replay_heads": "own",
-        "reservoir_per_task": 128, "reservoir_size": 1024, "batch_size": 32, "steps": 200}, False),
+    "otmf-replay-additive-aligned-own-anchored-1024-b32-200": ("otmf", {**_OWN_HEADS, "steps": 200}, False),
     # One mask value per output row of each 2-D weight instead of per element (the low-memory masks).
     "otmf-paper-row": ("otmf", {"pre_data": "current", "alpha": 0.8, "mask_granularity": "row"}, False),
     "otmf-replay-row": ("otmf", {**_REPLAY, "mask_granularity": "row"}, False),
