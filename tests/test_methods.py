@@ -533,8 +533,29 @@ def test_otmf_replay_targets_fall_back_to_the_head_for_inputs_stored_without_one
     third = step("otmf", world, second.merged, 2, second.state, anchored)
     assert 0 < third.metrics["pre_inputs_anchored"] < third.metrics["pre_inputs"]
     with pytest.raises(ValueError, match="pre_data: reservoir"):
-        OTMFParams(pre_data="current", replay_targets="task")
+        OTMFParams(pre_data="current", replay_targets="fine_tune")
     assert OTMFParams(pre_data="current").replay_targets == "task"  # the default means nothing without replay
+
+
+@pytest.mark.parametrize("given", [{}, {"pre_data": "current"}, {"pre_data": "current", "alpha": 0.8},
+                                   {"pre_data": "current", "composition": "convex"}, {"composition": "additive"}])
+def test_otmf_params_a_manifest_records_validate_to_the_same_params(given: dict):
+    """A manifest records every param resolved (model_dump); `mergeline rebuild` validates them again."""
+    params = OTMFParams(**given)
+    assert OTMFParams.model_validate(params.model_dump()) == params
+
+
+def test_otmf_defaults_follow_the_mode():
+    """Without replay: the additive composition at lr 0.03; with replay, or with an α (the convex blend's weight),
+    the paper's convex blend at lr 0.1. Whatever is given stays."""
+    assert (OTMFParams().composition, OTMFParams().lr) == ("convex", 0.1)
+    no_replay = OTMFParams(pre_data="current")
+    assert (no_replay.composition, no_replay.lr) == ("additive", 0.03)
+    assert OTMFParams(pre_data="current", alpha=0.8).composition == "convex"
+    assert OTMFParams(pre_data="current", alpha=0.8).lr == 0.1
+    assert OTMFParams(pre_data="current", lr=0.2).lr == 0.2
+    assert OTMFParams(composition="additive").lr == 0.1
+    assert OTMFParams(pre_data="current", composition="convex").lr == 0.1
 
 
 def test_otmf_replay_targets_follow_a_refitted_head_to_the_merged_tower(world: World):
@@ -744,7 +765,7 @@ def test_otmf_auto_alpha_trains_at_the_candidate_with_the_lowest_held_out_loss(w
     assert auto["loss_initial"] == pytest.approx(losses[auto["alpha"]], rel=1e-5)
     # With one candidate, "auto" is that α: the masks train, and the head is merged, at it.
     monkeypatch.setattr(OTMFParams, "ALPHA_CANDIDATES", (0.3,))
-    params = OTMFParams(steps=20, eval_every=2, pre_data="current")
+    params = OTMFParams(steps=20, eval_every=2, pre_data="current", composition="convex")
     one = step("otmf", world, world.tasks[0], 1, MethodState(), params.model_copy(update={"alpha": "auto"}))
     fixed = step("otmf", world, world.tasks[0], 1, MethodState(), params.model_copy(update={"alpha": 0.3}))
     assert one.metrics["alpha"] == fixed.metrics["alpha"] == 0.3
