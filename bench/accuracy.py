@@ -44,8 +44,10 @@ from core.uris import file_uri_path
 # arithmetic is run with the same labels to compare like with like.
 # Replay rows measured with the head's features as the replayed inputs' teacher say so (replay_targets "head"):
 # stored task features became the default later.
-_REPLAY = {"pre_data": "reservoir", "replay_targets": "head"}
-_ANCHORED = {"pre_data": "reservoir", "replay_targets": "task"}
+# Rows without `composition` or `alpha` in their stored params ran the convex blend, the default before the additive
+# composition: the replay rows name it here, so that running them again measures the same thing.
+_REPLAY = {"pre_data": "reservoir", "replay_targets": "head", "composition": "convex"}
+_ANCHORED = {"pre_data": "reservoir", "replay_targets": "task", "composition": "convex"}
 # The best replay setting: 1024 stored inputs, batches of 32, additive, each replayed input through its own head.
 _OWN_HEADS = {**_ANCHORED, "composition": "additive", "head_alignment": 3.0, "replay_heads": "own",
               "reservoir_per_task": 128, "reservoir_size": 1024, "batch_size": 32}
@@ -72,6 +74,10 @@ METHODS: dict[str, tuple[str, dict, bool]] = {
     # Replayed inputs matched against the features their own task's fine-tune gave them, stored with them
     # (replay_targets "task", ours), instead of against the lineage head's (otmf_replay_targets.json).
     "otmf-replay-anchored": ("otmf", _ANCHORED, False),
+    # ... with the additive composition (the default with replay since it led on the validation split,
+    # otmf_replay_composition.json).
+    "otmf-replay-additive-anchored": ("otmf", {**_ANCHORED, "composition": "additive"}, False),
+    "otmf-replay-additive-anchored+heads": ("otmf", {**_ANCHORED, "composition": "additive"}, True),
     # With head tuning the stored targets are the merged tower's, the one the re-fitted head reads; rows with
     # "fine-tune" kept the fine-tune's features even there (replay_targets "fine_tune").
     "otmf-replay-anchored+heads": ("otmf", _ANCHORED, True),
@@ -116,6 +122,10 @@ LABELS = {
     "otmf-replay-additive-aligned": "OTMF + replay, additive composition, aligned through the heads (extensions)",
     "otmf-replay-anchored": "OTMF + replay against stored task features (extensions)",
     "otmf-replay-anchored+heads": "OTMF + replay against stored task features (extensions) + heads",
+    "otmf-replay-additive-anchored": "OTMF + replay against stored task features, additive composition "
+                                     "(extensions)",
+    "otmf-replay-additive-anchored+heads": "OTMF + replay against stored task features, additive composition "
+                                           "(extensions) + heads",
     "otmf-replay-anchored-fine-tune+heads": "OTMF + replay against stored fine-tune features (extensions) + heads",
     "otmf-replay-additive-aligned-anchored": "OTMF + replay against stored task features, additive composition, "
                                              "aligned through the heads (extensions)",

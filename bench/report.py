@@ -540,9 +540,9 @@ def main(argv: list[str] | None = None) -> None:
              "otmf_head_alignment", "otmf_head_alignment_wide", "otmf_lr_schedule", "otmf_replay_targets",
              "otmf_replay_targets_more", "otmf_replay_size", "otmf_replay_scaling", "otmf_replay_longer",
              "otmf_replay_batch", "otmf_replay_batch_more", "otmf_replay_own_heads", "otmf_epochs",
-             "otmf_replay_own_heads_3625",
+             "otmf_replay_own_heads_3625", "otmf_replay_composition",
              "accuracy-validation-build-8402", "accuracy-build-8402",
-             "accuracy-text-3", "accuracy-text", "peers",
+             "accuracy-text-3", "accuracy-text", "accuracy-text-rebuild", "peers",
              "engine_cost", "service_load", "lora_cost")
     r = {n: read_result(n) for n in names}
     old = DOC.read_text() if DOC.exists() else ""
@@ -568,7 +568,9 @@ def main(argv: list[str] | None = None) -> None:
     lines += marked("targets", targets_section({"image suite": r["accuracy"],
                                                 "image suite, build `8402f270caef` (§1c)": r["accuracy-build-8402"],
                                                 "text suite": r["accuracy-text-3"],
-                                                "text suite, every row": r["accuracy-text"]}, r["engine_cost"]))
+                                                "text suite, every row": r["accuracy-text"],
+                                                "text suite, rebuild": r["accuracy-text-rebuild"]},
+                                               r["engine_cost"]))
     lines += marked("accuracy", accuracy_section(r["accuracy"], "## 1. Continual-merging accuracy: image suite, eval"))
     lines += marked("accuracy-validation", [
         *selection_section(r["otmf_select"], "## 1a. Choosing OTMF's defaults: image suite, validation split"),
@@ -584,6 +586,8 @@ def main(argv: list[str] | None = None) -> None:
         *selection_section(r["otmf_epochs"], "### The paper's training length (`epochs: 100`), validation split"),
         *selection_section(r["otmf_replay_own_heads_3625"], "### Each replayed input through its own task's head, "
                            "with 1024 stored inputs and batches of 32 (§1c's settings), validation split"),
+        *selection_section(r["otmf_replay_composition"], "### The composition with replay against stored task "
+                           "features, validation split"),
         *accuracy_section(r["accuracy-validation"], "### The data-free methods on the validation split",
                           "benchmarks-accuracy-validation.png")])
     lines += marked("accuracy-build-8402", [
@@ -606,7 +610,9 @@ def main(argv: list[str] | None = None) -> None:
     lines += marked("accuracy-text", [
         *accuracy_section(r["accuracy-text-3"], "## 1b. Continual-merging accuracy: text suite (report only)",
                           "benchmarks-accuracy-text-3.png"),
-        *accuracy_section(r["accuracy-text"], "### Every row, first task order", "benchmarks-accuracy-text.png")])
+        *accuracy_section(r["accuracy-text"], "### Every row, first task order", "benchmarks-accuracy-text.png"),
+        *accuracy_section(r["accuracy-text-rebuild"], "### The composition with replay, on a rebuild of the text suite",
+                          "benchmarks-accuracy-text-rebuild.png")])
     lines += section("peers", r["peers"], peers_section(r["peers"]))
     lines += section("engine-cost", r["engine_cost"], cost_section(r["engine_cost"]))
     for name, part in (("otmf-memory", otmf_memory_section()), ("service", service_section(r["service_load"])),

@@ -73,8 +73,7 @@ class OTMFParams(CommonParams):
         None, description="how the masked task vectors make θ_M. convex: θ0 + α·M_pre⊙τ_pre + "
                           "(1 − α)·M_post⊙τ_post (the paper's); additive: θ0 + M_pre⊙τ_pre + λ·M_post⊙τ_post, task "
                           "arithmetic's sum at all-ones masks, the first task's version θ0 + λ·τ_1 (an extension). "
-                          "Default: additive without replay (`pre_data: current`) unless `alpha` is given, convex "
-                          "otherwise")
+                          "Default: additive, unless `alpha` (the convex blend's weight) is given")
     scaling_factor: float = Field(0.3, gt=0.0, le=10.0, description="λ of the additive composition")
     steps: int | None = Field(None, ge=1, le=100_000, description="mask-training iterations (100 unless `epochs` "
                               "is given), alternating M_pre and M_post")
@@ -127,13 +126,12 @@ class OTMFParams(CommonParams):
 
     @model_validator(mode="after")
     def _mode_defaults(self) -> OTMFParams:
-        """Defaults that depend on the mode, chosen on the validation split of two image suite builds (docs/otmf.md):
-        without replay the additive composition at lr 0.03 led the paper's convex blend by 3 to 3.6 points; with
-        replay the two were level, and the paper's stays. A given `alpha` is the convex blend's weight: it keeps
-        that blend."""
+        """The additive composition, chosen on the validation split (docs/otmf.md): without replay, at lr 0.03, it led
+        the paper's convex blend by 3 to 3.6 points on two image suite builds; with replay against stored task
+        features, at lr 0.1, by 1.5. A given `alpha` is the convex blend's weight: it keeps that blend."""
         no_replay = self.pre_data == "current"
         if self.composition is None:
-            self.composition = "additive" if no_replay and "alpha" not in self.model_fields_set else "convex"
+            self.composition = "convex" if "alpha" in self.model_fields_set else "additive"
         if self.lr is None:
             self.lr = 0.03 if no_replay and self.composition == "additive" else 0.1
         return self

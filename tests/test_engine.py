@@ -90,10 +90,12 @@ def test_cli_merge_says_when_a_step_kept_the_all_ones_masks(env, tmp_path, monke
 
     get_settings.cache_clear()
     folder, runner = str(tmp_path / "store"), CliRunner()
-    # The same checkpoint merged onto itself: the all-ones masks already match both teachers, training cannot win.
+    # The same checkpoint merged onto itself in the paper's convex blend: the all-ones masks already match both
+    # teachers, training cannot win.
     again = {**task_entry(data, "mnist"), "name": "mnist-again"}
-    for i, spec in enumerate((job(data, ["mnist"]).model_dump(),
-                              {**job(data, ["mnist"], base=False).model_dump(), "tasks": [again]})):
+    convex = {"steps": 6, "batch_size": 8, "eval_every": 2, "composition": "convex"}
+    for i, spec in enumerate((job(data, ["mnist"], params=convex).model_dump(),
+                              {**job(data, ["mnist"], params=convex, base=False).model_dump(), "tasks": [again]})):
         (tmp_path / f"job{i}.json").write_text(json.dumps(spec))
         out = runner.invoke(app, ["merge", str(tmp_path / f"job{i}.json"), "--store", folder])
         assert out.exit_code == 0, out.output

@@ -18,7 +18,10 @@ from engine.families import get_family
 from engine.heads import features_of
 from engine.job import run_job
 
-PARAMS = {"steps": 4, "batch_size": 8, "eval_every": 2, "head_steps": 60}
+# The paper's convex blend: a lineage's first version is the first fine-tune itself, so a lineage whose first head was
+# tuned and one whose head was not differ in that head only (the additive first version θ0 + λ·τ_1 would also store
+# other replay targets for the tuned head: the merged tower's features instead of the fine-tune's).
+PARAMS = {"steps": 4, "batch_size": 8, "eval_every": 2, "head_steps": 60, "composition": "convex"}
 
 
 def spec(data, names, *, base, tune=True, lineage="tuned"):

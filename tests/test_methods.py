@@ -345,9 +345,9 @@ def test_otmf_composition_with_unit_masks_is_the_alpha_blend(world: World):
         assert torch.equal(implicit[k], merged[k])
 
 
-def test_otmf_first_step_is_the_first_checkpoint(world: World):
+def test_otmf_first_step_is_the_first_checkpoint_in_the_convex_blend(world: World):
     calls: list[tuple] = []
-    params = OTMFParams(reservoir_per_task=10)
+    params = OTMFParams(reservoir_per_task=10, composition="convex")
     out = step("otmf", world, world.base, 0, MethodState(), params, lambda *a: calls.append(a))
     assert all(torch.equal(out.merged[k], world.tasks[0][k]) for k in world.base)
     assert calls == [(1, 1, None, None)] and out.metrics["iterations"] == 0
@@ -457,12 +457,12 @@ def test_otmf_says_plainly_when_its_masks_never_beat_the_all_ones_start(world: W
             events.append((type, message, data or {}))
 
     task = StepTask("again", lambda: world.tasks[0], calibration=Inputs({"x": world.calibration[0]}))
-    result = merge_steps(world.family, world.loaded, get_method("otmf"), OTMFParams(steps=6, eval_every=2), [task],
+    params = OTMFParams(steps=6, eval_every=2, composition="convex")
+    result = merge_steps(world.family, world.loaded, get_method("otmf"), params, [task],
                          merged=world.tasks[0], state=MethodState(), position=1, device=CPU, progress=Events())
     m = result.steps[0]
     assert m["best_iteration"] == 0 and m["masks_kept_all_ones"] is True and "α-blend" in m["warning"]
-    defaults = OTMFParams()
-    blend = merge_from_masks(world.base, world.tasks[0], world.tasks[0], None, None, defaults.scales(defaults.alpha))
+    blend = merge_from_masks(world.base, world.tasks[0], world.tasks[0], None, None, params.scales(params.alpha))
     assert all(torch.equal(result.tower[k], blend[k]) for k in world.base)
     merged_event = next(data for type, _, data in events if type == "task_merged")
     assert merged_event["masks_kept_all_ones"] is True
@@ -546,9 +546,10 @@ def test_otmf_params_a_manifest_records_validate_to_the_same_params(given: dict)
 
 
 def test_otmf_defaults_follow_the_mode():
-    """Without replay: the additive composition at lr 0.03; with replay, or with an α (the convex blend's weight),
+    """The additive composition, at lr 0.03 without replay and 0.1 with it; with an α (the convex blend's weight),
     the paper's convex blend at lr 0.1. Whatever is given stays."""
-    assert (OTMFParams().composition, OTMFParams().lr) == ("convex", 0.1)
+    assert (OTMFParams().composition, OTMFParams().lr) == ("additive", 0.1)
+    assert OTMFParams(alpha=0.7).composition == "convex"
     no_replay = OTMFParams(pre_data="current")
     assert (no_replay.composition, no_replay.lr) == ("additive", 0.03)
     assert OTMFParams(pre_data="current", alpha=0.8).composition == "convex"
