@@ -48,8 +48,9 @@ from core.uris import file_uri_path
 # composition: the replay rows name it here, so that running them again measures the same thing.
 _REPLAY = {"pre_data": "reservoir", "replay_targets": "head", "composition": "convex"}
 _ANCHORED = {"pre_data": "reservoir", "replay_targets": "task", "composition": "convex"}
+_ANCHORED_ADDITIVE = {**_ANCHORED, "composition": "additive"}  # OTMF's defaults with replay
 # The best replay setting: 1024 stored inputs, batches of 32, additive, each replayed input through its own head.
-_OWN_HEADS = {**_ANCHORED, "composition": "additive", "head_alignment": 3.0, "replay_heads": "own",
+_OWN_HEADS = {**_ANCHORED_ADDITIVE, "head_alignment": 3.0, "replay_heads": "own",
               "reservoir_per_task": 128, "reservoir_size": 1024, "batch_size": 32}
 METHODS: dict[str, tuple[str, dict, bool]] = {
     "otmf-paper": ("otmf", {"pre_data": "current", "alpha": 0.8}, False),
@@ -58,7 +59,7 @@ METHODS: dict[str, tuple[str, dict, bool]] = {
     "otmf-replay+heads": ("otmf", _REPLAY, True),
     # The additive composition (θ0 + M_pre⊙τ_pre + λ·M_post⊙τ_post, task arithmetic's sum at all-ones masks) is
     # ours; lr 0.03 is what the no-replay mode scored best with on the validation split (otmf_composition.json). Both
-    # are now the defaults without replay; the rows keep them explicit, as they were measured.
+    # are now OTMF's defaults without replay; the rows keep them explicit, as they were measured.
     "otmf-additive": ("otmf", {"pre_data": "current", "composition": "additive", "lr": 0.03}, False),
     "otmf-additive+heads": ("otmf", {"pre_data": "current", "composition": "additive", "lr": 0.03}, True),
     "otmf-replay-additive": ("otmf", {**_REPLAY, "composition": "additive"}, False),
@@ -76,8 +77,8 @@ METHODS: dict[str, tuple[str, dict, bool]] = {
     "otmf-replay-anchored": ("otmf", _ANCHORED, False),
     # ... with the additive composition (the default with replay since it led on the validation split,
     # otmf_replay_composition.json).
-    "otmf-replay-additive-anchored": ("otmf", {**_ANCHORED, "composition": "additive"}, False),
-    "otmf-replay-additive-anchored+heads": ("otmf", {**_ANCHORED, "composition": "additive"}, True),
+    "otmf-replay-additive-anchored": ("otmf", _ANCHORED_ADDITIVE, False),
+    "otmf-replay-additive-anchored+heads": ("otmf", _ANCHORED_ADDITIVE, True),
     # With head tuning the stored targets are the merged tower's, the one the re-fitted head reads; rows with
     # "fine-tune" kept the fine-tune's features even there (replay_targets "fine_tune").
     "otmf-replay-anchored+heads": ("otmf", _ANCHORED, True),

@@ -129,11 +129,10 @@ class OTMFParams(CommonParams):
         """The additive composition, chosen on the validation split (docs/otmf.md): without replay, at lr 0.03, it led
         the paper's convex blend by 3 to 3.6 points on two image suite builds; with replay against stored task
         features, at lr 0.1, by 1.5. A given `alpha` is the convex blend's weight: it keeps that blend."""
-        no_replay = self.pre_data == "current"
         if self.composition is None:
             self.composition = "convex" if "alpha" in self.model_fields_set else "additive"
         if self.lr is None:
-            self.lr = 0.03 if no_replay and self.composition == "additive" else 0.1
+            self.lr = 0.03 if self.pre_data == "current" and self.composition == "additive" else 0.1
         return self
 
     @model_validator(mode="after")

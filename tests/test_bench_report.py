@@ -49,7 +49,6 @@ def _target_rows(replay_normalized: float) -> list[str]:
 
 
 def test_a_normalized_accuracy_just_under_its_floor_is_not_rounded_onto_it():
-    rows = _target_rows
-    assert [r for r in rows(0.89968) if "normalized" in r] == [
+    assert [r for r in _target_rows(0.89968) if "normalized" in r] == [
         "| OTMF + replay ≥ 0.90 normalized (image, 1 task order) | 0.8997 | **missed** |"]
-    assert "| 0.912 | **met** |" in rows(0.91234)[-1]
+    assert "| 0.912 | **met** |" in _target_rows(0.91234)[-1]
