@@ -45,13 +45,17 @@ from core.uris import file_uri_path
 # Replay rows measured with the head's features as the replayed inputs' teacher say so (replay_targets "head"):
 # stored task features became the default later.
 # Rows without `composition` or `alpha` in their stored params ran the convex blend, the default before the additive
-# composition: the replay rows name it here, so that running them again measures the same thing.
-_REPLAY = {"pre_data": "reservoir", "replay_targets": "head", "composition": "convex"}
-_ANCHORED = {"pre_data": "reservoir", "replay_targets": "task", "composition": "convex"}
-_ANCHORED_ADDITIVE = {**_ANCHORED, "composition": "additive"}  # OTMF's defaults with replay
-# The best replay setting: 1024 stored inputs, batches of 32, additive, each replayed input through its own head.
-_OWN_HEADS = {**_ANCHORED_ADDITIVE, "head_alignment": 3.0, "replay_heads": "own",
-              "reservoir_per_task": 128, "reservoir_size": 1024, "batch_size": 32}
+# composition, and replay rows without `reservoir_per_task` or `batch_size` stored 64 inputs per task, 512 in all, and
+# read batches of 16, the defaults before 1024 and 32: the replay rows name both here, so that running them again
+# measures the same thing.
+_REPLAY_SIZES_BEFORE = {"reservoir_per_task": 64, "reservoir_size": 512, "batch_size": 16}
+_REPLAY = {"pre_data": "reservoir", "replay_targets": "head", "composition": "convex", **_REPLAY_SIZES_BEFORE}
+_ANCHORED = {"pre_data": "reservoir", "replay_targets": "task", "composition": "convex", **_REPLAY_SIZES_BEFORE}
+_ANCHORED_ADDITIVE = {**_ANCHORED, "composition": "additive"}
+# OTMF's defaults with replay: 1024 stored inputs (128 per task) and batches of 32 (otmf_replay_default_levers.json).
+_DEFAULT_REPLAY = {**_ANCHORED_ADDITIVE, "reservoir_per_task": 128, "reservoir_size": 1024, "batch_size": 32}
+# The defaults with replay, each replayed input aligned through its own task's head as well.
+_OWN_HEADS = {**_DEFAULT_REPLAY, "head_alignment": 3.0, "replay_heads": "own"}
 METHODS: dict[str, tuple[str, dict, bool]] = {
     "otmf-paper": ("otmf", {"pre_data": "current", "alpha": 0.8}, False),
     "otmf-paper+heads": ("otmf", {"pre_data": "current", "alpha": 0.8}, True),
@@ -75,10 +79,13 @@ METHODS: dict[str, tuple[str, dict, bool]] = {
     # Replayed inputs matched against the features their own task's fine-tune gave them, stored with them
     # (replay_targets "task", ours), instead of against the lineage head's (otmf_replay_targets.json).
     "otmf-replay-anchored": ("otmf", _ANCHORED, False),
-    # ... with the additive composition (the default with replay since it led on the validation split,
-    # otmf_replay_composition.json).
+    # ... with the additive composition (it led on the validation split, otmf_replay_composition.json).
     "otmf-replay-additive-anchored": ("otmf", _ANCHORED_ADDITIVE, False),
     "otmf-replay-additive-anchored+heads": ("otmf", _ANCHORED_ADDITIVE, True),
+    # ... with 1024 stored inputs and batches of 32: the defaults with replay since they led on the validation split
+    # (otmf_replay_default_levers.json).
+    "otmf-replay-default": ("otmf", _DEFAULT_REPLAY, False),
+    "otmf-replay-default+heads": ("otmf", _DEFAULT_REPLAY, True),
     # With head tuning the stored targets are the merged tower's, the one the re-fitted head reads; rows with
     # "fine-tune" kept the fine-tune's features even there (replay_targets "fine_tune").
     "otmf-replay-anchored+heads": ("otmf", _ANCHORED, True),
@@ -128,6 +135,10 @@ LABELS = {
     "otmf-replay-additive-anchored+heads": "OTMF + replay against stored task features, additive composition "
                                            "(extensions) + heads",
     "otmf-replay-anchored-fine-tune+heads": "OTMF + replay against stored fine-tune features (extensions) + heads",
+    "otmf-replay-default": "OTMF + replay of 1024 inputs against stored task features, additive composition "
+                           "(extensions), batches of 32",
+    "otmf-replay-default+heads": "OTMF + replay of 1024 inputs against stored task features, additive composition "
+                                 "(extensions), batches of 32 + heads",
     "otmf-replay-additive-aligned-anchored": "OTMF + replay against stored task features, additive composition, "
                                              "aligned through the heads (extensions)",
     "otmf-replay-additive-aligned-anchored-1024": "OTMF + replay of 1024 inputs against stored task features, "

@@ -540,9 +540,11 @@ def main(argv: list[str] | None = None) -> None:
              "otmf_head_alignment", "otmf_head_alignment_wide", "otmf_lr_schedule", "otmf_replay_targets",
              "otmf_replay_targets_more", "otmf_replay_size", "otmf_replay_scaling", "otmf_replay_longer",
              "otmf_replay_batch", "otmf_replay_batch_more", "otmf_replay_own_heads", "otmf_epochs",
-             "otmf_replay_own_heads_3625", "otmf_replay_composition",
+             "otmf_replay_own_heads_3625", "otmf_replay_composition", "otmf_replay_default_levers",
+             "otmf_replay_default_levers_parts", "otmf_batch_no_replay",
              "accuracy-validation-build-8402", "accuracy-build-8402",
-             "accuracy-text-3", "accuracy-text", "accuracy-text-rebuild", "peers",
+             "accuracy-text-3", "accuracy-text", "accuracy-text-rebuild", "accuracy-text-build-371d",
+             "accuracy-text-build-371d-default", "peers",
              "engine_cost", "service_load", "lora_cost")
     r = {n: read_result(n) for n in names}
     old = DOC.read_text() if DOC.exists() else ""
@@ -569,7 +571,8 @@ def main(argv: list[str] | None = None) -> None:
                                                 "image suite, build `8402f270caef` (§1c)": r["accuracy-build-8402"],
                                                 "text suite": r["accuracy-text-3"],
                                                 "text suite, every row": r["accuracy-text"],
-                                                "text suite, rebuild": r["accuracy-text-rebuild"]},
+                                                "text suite, rebuild": r["accuracy-text-rebuild"],
+                                                "text suite, build `371d1a8bb0c2`": r["accuracy-text-build-371d"]},
                                                r["engine_cost"]))
     lines += marked("accuracy", accuracy_section(r["accuracy"], "## 1. Continual-merging accuracy: image suite, eval"))
     lines += marked("accuracy-validation", [
@@ -603,6 +606,10 @@ def main(argv: list[str] | None = None) -> None:
         *selection_section(r["otmf_replay_batch_more"], "### Other settings at batches of 32, validation split"),
         *selection_section(r["otmf_replay_own_heads"], "### Each replayed input through its own task's head (an "
                            "extension), validation split"),
+        *selection_section(r["otmf_replay_default_levers"], "### More stored inputs and larger batches at the "
+                           "defaults, validation split"),
+        *selection_section(r["otmf_replay_default_levers_parts"], "### Each of the two alone, validation split"),
+        *selection_section(r["otmf_batch_no_replay"], "### Batches of 32 without replay, validation split"),
         *accuracy_section(r["accuracy-validation-build-8402"], "### Stored targets with head tuning, validation split",
                           "benchmarks-accuracy-validation-build-8402.png"),
         *accuracy_section(r["accuracy-build-8402"], "### Every row measured on build `8402f270caef`, eval",
@@ -612,7 +619,12 @@ def main(argv: list[str] | None = None) -> None:
                           "benchmarks-accuracy-text-3.png"),
         *accuracy_section(r["accuracy-text"], "### Every row, first task order", "benchmarks-accuracy-text.png"),
         *accuracy_section(r["accuracy-text-rebuild"], "### The composition with replay, on a rebuild of the text suite",
-                          "benchmarks-accuracy-text-rebuild.png")])
+                          "benchmarks-accuracy-text-rebuild.png"),
+        *accuracy_section(r["accuracy-text-build-371d"], "### Replay with the additive composition over three orders, "
+                          "text suite build `371d1a8bb0c2`", "benchmarks-accuracy-text-build-371d.png"),
+        *accuracy_section(r["accuracy-text-build-371d-default"], "### The defaults with replay (1024 stored inputs, "
+                          "batches of 32), first order, text suite build `371d1a8bb0c2`",
+                          "benchmarks-accuracy-text-build-371d-default.png")])
     lines += section("peers", r["peers"], peers_section(r["peers"]))
     lines += section("engine-cost", r["engine_cost"], cost_section(r["engine_cost"]))
     for name, part in (("otmf-memory", otmf_memory_section()), ("service", service_section(r["service_load"])),

@@ -527,7 +527,8 @@ def test_otmf_replay_targets_fall_back_to_the_head_for_inputs_stored_without_one
     assert "reservoir.targets" not in first.state.tensors
     anchored = OTMFParams(steps=2)  # replay_targets "task", the default
     second = step("otmf", world, first.merged, 1, first.state, anchored)
-    assert second.metrics["pre_inputs"] == 64 and second.metrics["pre_inputs_anchored"] == 0
+    stored = min(len(world.calibration[0]), anchored.reservoir_per_task)
+    assert second.metrics["pre_inputs"] == stored and second.metrics["pre_inputs_anchored"] == 0
     targets, held = second.state.tensors["reservoir.targets"], second.state.tensors["reservoir.task_index"]
     assert targets[held == 0].isnan().all() and not targets[held == 1].isnan().any()
     third = step("otmf", world, second.merged, 2, second.state, anchored)
@@ -547,8 +548,10 @@ def test_otmf_params_a_manifest_records_validate_to_the_same_params(given: dict)
 
 def test_otmf_defaults_follow_the_mode():
     """The additive composition, at lr 0.03 without replay and 0.1 with it; with an α (the convex blend's weight),
-    the paper's convex blend at lr 0.1. Whatever is given stays."""
-    assert (OTMFParams().composition, OTMFParams().lr) == ("additive", 0.1)
+    the paper's convex blend at lr 0.1. Batches of 32 with replay, 16 without. Whatever is given stays."""
+    assert (OTMFParams().composition, OTMFParams().lr, OTMFParams().batch_size) == ("additive", 0.1, 32)
+    assert OTMFParams(pre_data="current").batch_size == 16
+    assert OTMFParams(batch_size=8).batch_size == 8
     assert OTMFParams(alpha=0.7).composition == "convex"
     no_replay = OTMFParams(pre_data="current")
     assert (no_replay.composition, no_replay.lr) == ("additive", 0.03)
@@ -645,7 +648,7 @@ def test_reservoir_stores_compactly_and_pads_token_inputs():
 
 def test_otmf_falls_back_to_current_data_when_the_reservoir_is_empty(world: World):
     head = run("task_arithmetic", world, TaskArithmeticParams(), 1)[-1]
-    out = step("otmf", world, head.merged, 1, head.state, OTMFParams(steps=2))
+    out = step("otmf", world, head.merged, 1, head.state, OTMFParams(steps=2, reservoir_per_task=64))
     assert out.metrics["pre_data"] == "current" and "pre_data_fallback" in out.metrics
     assert out.state.tensors["reservoir.task_index"].tolist() == [1] * 64
 
