@@ -623,7 +623,7 @@ def main(argv: list[str] | None = None) -> None:
         *accuracy_section(r["accuracy-text-build-371d"], "### Replay with the additive composition over three orders, "
                           "text suite build `371d1a8bb0c2`", "benchmarks-accuracy-text-build-371d.png"),
         *accuracy_section(r["accuracy-text-build-371d-default"], "### The defaults with replay (1024 stored inputs, "
-                          "batches of 32), first order, text suite build `371d1a8bb0c2`",
+                          "batches of 32), text suite build `371d1a8bb0c2`",
                           "benchmarks-accuracy-text-build-371d-default.png")])
     lines += section("peers", r["peers"], peers_section(r["peers"]))
     lines += section("engine-cost", r["engine_cost"], cost_section(r["engine_cost"]))
